@@ -1,0 +1,1260 @@
+"""Classroom telemetry: what students do in JupyterLab, live on instructors' dashboards.
+
+Data path:
+    POST /api/v1/events -> validate -> group commit (students, events tables)
+    -> publish on the bus (Redis channel, or in-process) -> subscriber -> hub
+    -> every connected dashboard, over SSE (/api/v1/stream) or WebSocket (/api/v1/ws).
+
+Decisions a reader must not undo:
+- Ids are safe to resume from. Within one process a single committer task writes and
+  publishes batches one after another; across processes (PostgreSQL) the committer holds
+  an advisory lock from before its INSERT until after its PUBLISH. So an id is committed
+  and published only after every smaller id, and a dashboard that resumes after id N
+  can never miss a smaller id committed later.
+- The subscriber resubscribes itself. redis-py's own retry would reconnect silently and
+  lose what was published meanwhile, so it is switched off: every drop surfaces here, and
+  after each (re)subscription the hub catches up from the database before going live.
+- The hub never awaits a client. Each client has a bounded queue of shared, pre-encoded
+  frames; a client whose queue overflows is disconnected and resumes by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import sys
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+from databases import Database
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import AppStatus
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+logger = logging.getLogger("telemetry")
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+
+
+# Configuration
+
+
+class ConfigError(Exception):
+    """A configuration variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///telemetry.db"
+    database_pool_size: int = 5
+    redis_url: str | None = None
+    notification_channel: str = "telemetry:events"
+    max_body_bytes: int = 1_048_576
+    max_batch_events: int = 500
+    max_outputs_bytes: int = 65_536
+    replay_limit: int = 5_000
+    client_queue_limit: int = 2_000
+    sse_retry_ms: int = 2_000
+    sse_ping_seconds: float = 15.0
+    send_timeout_seconds: float = 10.0
+
+
+def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def normalise_database_url(raw: str | None) -> str:
+    """Map DATABASE_URL onto what `databases` understands; unset means the SQLite file."""
+    if not raw or not raw.strip():
+        return Settings.database_url
+    parts = urlsplit(raw.strip())
+    scheme = parts.scheme.lower()
+    if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        # `databases` reads `ssl`, not libpq's `sslmode`, and would silently drop the latter:
+        # Heroku Postgres requires TLS, so carry the requirement over.
+        query = [
+            ("ssl" if key == "sslmode" else key, value) for key, value in parse_qsl(parts.query)
+        ]
+        if not parts.hostname or not parts.path.strip("/"):
+            raise ConfigError("DATABASE_URL must name a host and a database")
+        return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        return urlunsplit(("sqlite", parts.netloc, parts.path, parts.query, ""))
+    raise ConfigError(
+        f"DATABASE_URL has scheme {parts.scheme!r}; expected postgres://, postgresql:// or sqlite://"
+    )
+
+
+def normalise_redis_url(raw: str | None) -> str | None:
+    """Validate REDIS_URL; rediss:// skips certificate checks unless the URL says otherwise."""
+    if not raw or not raw.strip():
+        return None
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"REDIS_URL has scheme {parts.scheme!r}; expected redis:// or rediss://")
+    if not parts.hostname:
+        raise ConfigError("REDIS_URL must name a host")
+    query = dict(parse_qsl(parts.query))
+    # Heroku Redis presents a self-signed certificate.
+    if parts.scheme == "rediss" and "ssl_cert_reqs" not in query:
+        query["ssl_cert_reqs"] = "none"
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Read the configuration from environment variables; raise ConfigError naming a bad one."""
+    redis_url = normalise_redis_url(environ.get("REDIS_URL"))
+    if redis_url is None and env_int(environ, "WEB_CONCURRENCY", 1) > 1:
+        raise ConfigError(
+            "WEB_CONCURRENCY > 1 needs REDIS_URL: the in-process bus cannot reach other workers"
+        )
+    return Settings(
+        database_url=normalise_database_url(environ.get("DATABASE_URL")),
+        database_pool_size=env_int(environ, "DATABASE_POOL_SIZE", Settings.database_pool_size),
+        redis_url=redis_url,
+        notification_channel=environ.get("NOTIFICATION_CHANNEL", "").strip()
+        or Settings.notification_channel,
+        max_body_bytes=env_int(environ, "MAX_BODY_BYTES", Settings.max_body_bytes),
+        max_batch_events=env_int(environ, "MAX_BATCH_EVENTS", Settings.max_batch_events),
+        max_outputs_bytes=env_int(environ, "MAX_OUTPUTS_BYTES", Settings.max_outputs_bytes),
+        replay_limit=env_int(environ, "REPLAY_LIMIT", Settings.replay_limit),
+        client_queue_limit=env_int(environ, "CLIENT_QUEUE_LIMIT", Settings.client_queue_limit),
+    )
+
+
+# Validation
+
+
+class ApiError(Exception):
+    """An error answered to the client as one JSON shape: see error_body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+
+def error_body(status: int, code: str, message: str, details: list[dict[str, str]]) -> dict:
+    body: dict[str, Any] = {"status": status, "code": code, "message": message}
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+# cell-monitor-extension posts camelCase; these keys map one to one onto ours.
+CAMEL_CASE_ALIASES = {
+    "eventId": "event_id",
+    "eventType": "event_type",
+    "eventTime": "occurred_at",
+    "emailAddress": "student_id",
+    "userId": "student_id",
+    "userName": "student_name",
+    "teamName": "team",
+    "courseId": "course_id",
+    "sessionId": "session_id",
+    "notebookPath": "notebook_path",
+    "cellId": "cell_id",
+    "cellIndex": "cell_index",
+    "code": "source",
+    "executionCount": "execution_count",
+    "result": "outputs",
+    "executionDurationMs": "duration_ms",
+}
+
+IDENTIFIER_MAX_CHARS = 256
+TEXT_MAX_CHARS = 4_096
+SOURCE_MAX_CHARS = 262_144
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+# Client clocks drift, but an event from before 2000 or days ahead is a bug, not a clock.
+EARLIEST_OCCURRED_AT = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+LATEST_CLOCK_SKEW = dt.timedelta(days=2)
+
+REQUIRED_FIELDS = ("student_id", "event_type")
+IDENTIFIER_FIELDS = ("student_id", "event_type", "event_id")
+TEXT_FIELDS = ("student_name", "course_id", "team", "session_id", "notebook_path", "cell_id")
+COUNTER_FIELDS = {"cell_index": INT32_MAX, "execution_count": INT32_MAX, "seq": INT64_MAX}
+KNOWN_FIELDS = frozenset(
+    (*IDENTIFIER_FIELDS, *TEXT_FIELDS, *COUNTER_FIELDS)
+    + ("occurred_at", "source", "status", "error", "duration_ms", "outputs")
+)
+
+
+class FieldErrors:
+    """Collects every problem of a request so the client hears about all of them at once."""
+
+    def __init__(self) -> None:
+        self.details: list[dict[str, str]] = []
+
+    def add(self, field_path: str, problem: str) -> None:
+        self.details.append({"field": field_path, "problem": problem})
+
+
+def replace_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold U+0000: store U+FFFD in its place, everywhere."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [replace_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {replace_nul(key): replace_nul(item) for key, item in value.items()}
+    return value
+
+
+def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
+    """Map cell-monitor-extension's camelCase shape onto ours; snake_case passes through."""
+    event: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("hasError", "errorMessage"):
+            continue
+        target = CAMEL_CASE_ALIASES.get(key, key)
+        if target in event and target != key:
+            continue  # an explicit snake_case key wins over its alias
+        event[target] = value
+    if "hasError" in raw and "status" not in raw:
+        event["status"] = "error" if raw["hasError"] is True else "ok"
+    if raw.get("errorMessage") and "error" not in raw:
+        event["error"] = {"ename": None, "evalue": raw["errorMessage"], "traceback": []}
+    return event
+
+
+def parse_occurred_at(value: Any, now: dt.datetime) -> dt.datetime:
+    """ISO 8601 text or epoch milliseconds to an aware UTC datetime; ValueError if absurd."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError("must be an ISO 8601 string or epoch milliseconds")
+    if isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError("is not an ISO 8601 timestamp") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.UTC)
+    else:
+        if not math.isfinite(value) or abs(value) > 1e15:
+            raise ValueError("is not a plausible epoch-milliseconds value")
+        moment = dt.datetime.fromtimestamp(value / 1000, tz=dt.UTC)
+    moment = moment.astimezone(dt.UTC)
+    if not EARLIEST_OCCURRED_AT <= moment <= now + LATEST_CLOCK_SKEW:
+        raise ValueError("is outside the plausible range (2000-01-01 to two days from now)")
+    return moment
+
+
+def check_string(value: Any, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    if len(value) > max_chars:
+        raise ValueError(f"must be at most {max_chars} characters")
+    return value
+
+
+def check_identifier(value: Any) -> str:
+    value = check_string(value, IDENTIFIER_MAX_CHARS)
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def check_counter(value: Any, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"must be between 0 and {maximum}")
+    return value
+
+
+def check_duration(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number")
+    if not (math.isfinite(value) and 0 <= value <= 1e12):
+        raise ValueError("must be a non-negative number of milliseconds")
+    return float(value)
+
+
+def check_status(value: Any) -> str:
+    if value not in ("ok", "error"):
+        raise ValueError("must be 'ok' or 'error'")
+    return value
+
+
+def check_error(value: Any) -> dict[str, Any]:
+    """Jupyter's error triple; a bare message string is accepted as the evalue."""
+    if isinstance(value, str):
+        return {"ename": None, "evalue": check_string(value, TEXT_MAX_CHARS), "traceback": []}
+    if not isinstance(value, dict):
+        raise ValueError("must be an object with ename, evalue and traceback")
+    traceback = value.get("traceback", [])
+    if isinstance(traceback, str):
+        traceback = [traceback]
+    if not isinstance(traceback, list) or not all(isinstance(line, str) for line in traceback):
+        raise ValueError("traceback must be a list of strings")
+    for key in ("ename", "evalue"):
+        if value.get(key) is not None:
+            check_string(value[key], SOURCE_MAX_CHARS)
+    return {**value, "traceback": traceback}
+
+
+def cap_outputs(value: Any, max_bytes: int) -> tuple[Any, bool]:
+    """Outputs can be megabytes of plots: keep at most max_bytes of their JSON text."""
+    encoded = orjson.dumps(value)
+    if len(encoded) <= max_bytes:
+        return value, False
+    return encoded[:max_bytes].decode("utf-8", errors="ignore"), True
+
+
+FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
+    **{name: check_identifier for name in IDENTIFIER_FIELDS},
+    **{name: lambda value: check_string(value, TEXT_MAX_CHARS) for name in TEXT_FIELDS},
+    **{
+        name: lambda value, top=top: check_counter(value, top)
+        for name, top in COUNTER_FIELDS.items()
+    },
+    "source": lambda value: check_string(value, SOURCE_MAX_CHARS),
+    "status": check_status,
+    "error": check_error,
+    "duration_ms": check_duration,
+}
+
+
+def normalise_event(
+    raw: Any, path: str, now: dt.datetime, settings: Settings, errors: FieldErrors
+) -> dict[str, Any] | None:
+    """One posted event to our normalised dict, or None with its problems added to errors."""
+    if not isinstance(raw, dict):
+        errors.add(path, "must be a JSON object")
+        return None
+    source = replace_nul(from_camel_case(raw))
+    before = len(errors.details)
+    event: dict[str, Any] = {name: None for name in KNOWN_FIELDS}
+    for name in REQUIRED_FIELDS:
+        if source.get(name) is None:
+            errors.add(f"{path}.{name}", "is required")
+    for name, check in FIELD_CHECKS.items():
+        if source.get(name) is not None:
+            try:
+                event[name] = check(source[name])
+            except ValueError as problem:
+                errors.add(f"{path}.{name}", str(problem))
+    try:
+        event["occurred_at"] = (
+            now
+            if source.get("occurred_at") is None
+            else parse_occurred_at(source["occurred_at"], now)
+        )
+    except ValueError as problem:
+        errors.add(f"{path}.occurred_at", str(problem))
+    if len(errors.details) > before:
+        return None
+    event["outputs"], event["outputs_truncated"] = cap_outputs(
+        source.get("outputs"), settings.max_outputs_bytes
+    )
+    event["event_id"] = event["event_id"] or str(uuid.uuid4())
+    event["extra"] = {key: value for key, value in source.items() if key not in KNOWN_FIELDS}
+    return event
+
+
+def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dict[str, Any]]:
+    """A request body (one event or an array of them) to normalised events, or an ApiError."""
+    if isinstance(body, list):
+        items, prefix = body, "events"
+    else:
+        items, prefix = [body], "event"
+    if not items:
+        raise ApiError(422, "empty_batch", "the request holds no events")
+    if len(items) > settings.max_batch_events:
+        raise ApiError(
+            413,
+            "batch_too_large",
+            f"a batch holds at most {settings.max_batch_events} events; this one has {len(items)}",
+        )
+    errors = FieldErrors()
+    paths = (
+        [f"{prefix}[{index}]" for index in range(len(items))] if prefix == "events" else [prefix]
+    )
+    events = [
+        normalise_event(item, path, now, settings, errors)
+        for item, path in zip(items, paths, strict=True)
+    ]
+    if errors.details:
+        raise ApiError(
+            422, "invalid_event", "some events are invalid; none was stored", errors.details
+        )
+    return events  # type: ignore[return-value]
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def parse_json_body(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as problem:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {problem}") from None
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """Last-Event-ID / last_event_id: a non-negative integer, or None when absent or garbage."""
+    if value is None or not value.strip().isdigit():
+        return None
+    number = int(value.strip())
+    return number if number <= INT64_MAX else None
+
+
+# Storage
+
+UPSERT_STUDENT = """
+INSERT INTO students (student_id, name, course_id, team, first_seen, last_seen)
+VALUES (:student_id, :name, :course_id, :team, :seen, :seen)
+ON CONFLICT (student_id) DO UPDATE SET
+    name = COALESCE(excluded.name, students.name),
+    course_id = COALESCE(excluded.course_id, students.course_id),
+    team = COALESCE(excluded.team, students.team),
+    last_seen = excluded.last_seen
+RETURNING name, course_id, team
+"""
+
+SELECT_EVENT_ID = "SELECT id FROM events WHERE event_id = :event_id"
+
+INSERT_EVENT = """
+INSERT INTO events (
+    event_id, student_id, event_type, occurred_at, received_at, course_id, session_id,
+    notebook_path, cell_id, cell_index, execution_count, source, status, error,
+    duration_ms, seq, outputs, outputs_truncated, extra
+) VALUES (
+    :event_id, :student_id, :event_type, :occurred_at, :received_at, :course_id, :session_id,
+    :notebook_path, :cell_id, :cell_index, :execution_count, :source, :status, {json_error},
+    :duration_ms, :seq, {json_outputs}, :outputs_truncated, {json_extra}
+)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING id
+"""
+
+SELECT_EVENTS_AFTER = """
+SELECT e.id, e.event_id, e.event_type, e.student_id, s.name AS student_name, s.team,
+       e.course_id, e.session_id, e.notebook_path, e.cell_id, e.cell_index,
+       e.execution_count, e.source, e.status, e.error, e.duration_ms, e.seq, e.outputs,
+       e.outputs_truncated, e.occurred_at, e.received_at, e.extra
+FROM events e JOIN students s ON s.student_id = e.student_id
+WHERE e.id > :after_id
+ORDER BY e.id
+LIMIT :limit
+"""
+
+SELECT_MAX_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
+
+# Serialises commit-and-publish across processes, so ids reach the bus in id order.
+COMMIT_LOCK_KEY = 0x7E1E_3E7E
+LOCK_COMMITS = "SELECT pg_advisory_lock(:key)"
+UNLOCK_COMMITS = "SELECT pg_advisory_unlock(:key)"
+# Several dynos may start at once; CREATE ... IF NOT EXISTS races without this.
+LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(:key)"
+SCHEMA_LOCK_KEY = 0x7E1E_5C4E
+
+# The whole of the SQLite/PostgreSQL difference in DDL: SQLite needs INTEGER PRIMARY KEY
+# for its row ids and has no jsonb.
+SQLITE_REWRITES = {
+    "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "JSONB": "TEXT",
+}
+
+EVENT_COLUMNS = (
+    "id event_id event_type student_id student_name team course_id session_id notebook_path "
+    "cell_id cell_index execution_count source status error duration_ms seq outputs "
+    "outputs_truncated occurred_at received_at extra"
+).split()
+JSON_COLUMNS = ("error", "outputs", "extra")
+
+
+class StorageUnavailable(Exception):
+    """The database could not store or read right now; the client should retry."""
+
+
+def format_timestamp(value: dt.datetime | str) -> str:
+    """One text form for every timestamp we emit, sortable as text (SQLite stores this form)."""
+    if isinstance(value, str):
+        return value
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def split_statements(sql: str) -> list[str]:
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+def event_document(event: dict[str, Any], event_id: int, student: Mapping[str, Any]) -> dict:
+    """The stored event as dashboards see it, live and on replay alike."""
+    document = {column: event.get(column) for column in EVENT_COLUMNS}
+    document.update(
+        id=event_id,
+        student_name=student["name"],
+        team=student["team"],
+        course_id=event["course_id"] or student["course_id"],
+        occurred_at=format_timestamp(event["occurred_at"]),
+        received_at=format_timestamp(event["received_at"]),
+    )
+    return document
+
+
+def row_document(row: Mapping[str, Any]) -> dict:
+    document = {column: row[column] for column in EVENT_COLUMNS}
+    for column in JSON_COLUMNS:
+        if document[column] is not None:
+            document[column] = orjson.loads(document[column])
+    document["outputs_truncated"] = bool(document["outputs_truncated"])
+    document["occurred_at"] = format_timestamp(document["occurred_at"])
+    document["received_at"] = format_timestamp(document["received_at"])
+    return document
+
+
+@dataclass
+class StoredEvent:
+    document: dict
+    duplicate: bool
+
+    def receipt(self) -> dict:
+        return {
+            "id": self.document["id"],
+            "event_id": self.document["event_id"],
+            "duplicate": self.duplicate,
+        }
+
+
+class Storage:
+    """Events and students in PostgreSQL or SQLite, behind a few verbs."""
+
+    def __init__(self, url: str, pool_size: int) -> None:
+        self.is_postgres = url.startswith("postgresql")
+        options = {"min_size": 1, "max_size": pool_size} if self.is_postgres else {}
+        self.database = Database(url, **options)
+        json_param = "CAST(:{} AS jsonb)" if self.is_postgres else ":{}"
+        self._insert_event = INSERT_EVENT.format(
+            **{f"json_{column}": json_param.format(column) for column in JSON_COLUMNS}
+        )
+
+    async def connect(self) -> None:
+        await self.database.connect()
+        await self.apply_schema()
+
+    async def disconnect(self) -> None:
+        await self.database.disconnect()
+
+    def schema_statements(self) -> list[str]:
+        sql = SCHEMA_PATH.read_text()
+        if not self.is_postgres:
+            for postgres_only, sqlite_form in SQLITE_REWRITES.items():
+                sql = sql.replace(postgres_only, sqlite_form)
+        return split_statements(sql)
+
+    async def apply_schema(self) -> None:
+        async with self.database.transaction():
+            if self.is_postgres:
+                await self.database.execute(LOCK_SCHEMA, {"key": SCHEMA_LOCK_KEY})
+            for statement in self.schema_statements():
+                await self.database.execute(statement)
+
+    def db_timestamp(self, moment: dt.datetime) -> dt.datetime | str:
+        # asyncpg wants aware datetimes; SQLite keeps our sortable UTC text.
+        return moment if self.is_postgres else format_timestamp(moment)
+
+    async def ping(self) -> None:
+        await self.database.fetch_val("SELECT 1")
+
+    async def max_event_id(self) -> int:
+        return int(await self.database.fetch_val(SELECT_MAX_EVENT_ID))
+
+    async def events_after(self, after_id: int, limit: int) -> list[dict]:
+        rows = await self.database.fetch_all(
+            SELECT_EVENTS_AFTER, {"after_id": after_id, "limit": limit}
+        )
+        return [row_document(row._mapping) for row in rows]
+
+    async def store(
+        self, events: list[dict], after_commit: Callable[[list[StoredEvent]], Awaitable[None]]
+    ) -> list[StoredEvent]:
+        """Store a batch in one transaction, then call after_commit while still holding the
+        commit order (see the module docstring)."""
+        async with self.database.connection() as connection:
+            if self.is_postgres:
+                await connection.execute(LOCK_COMMITS, {"key": COMMIT_LOCK_KEY})
+            try:
+                async with connection.transaction():
+                    stored = [await self._store_one(connection, event) for event in events]
+                await after_commit(stored)
+            finally:
+                if self.is_postgres:
+                    await connection.execute(UNLOCK_COMMITS, {"key": COMMIT_LOCK_KEY})
+        return stored
+
+    async def _store_one(self, connection: Any, event: dict) -> StoredEvent:
+        existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
+        if existing is not None:
+            return StoredEvent({"id": existing, "event_id": event["event_id"]}, duplicate=True)
+        student = await connection.fetch_one(
+            UPSERT_STUDENT,
+            {
+                "student_id": event["student_id"],
+                "name": event["student_name"],
+                "course_id": event["course_id"],
+                "team": event["team"],
+                "seen": self.db_timestamp(event["received_at"]),
+            },
+        )
+        new_id = await connection.fetch_val(self._insert_event, self._event_values(event))
+        if new_id is None:  # a concurrent writer stored the same event_id first
+            existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
+            return StoredEvent({"id": existing, "event_id": event["event_id"]}, duplicate=True)
+        return StoredEvent(event_document(event, new_id, student._mapping), duplicate=False)
+
+    def _event_values(self, event: dict) -> dict[str, Any]:
+        values = {column: event[column] for column in EVENT_COLUMNS[1:] if column in event}
+        del values["student_name"], values["team"]
+        for column in JSON_COLUMNS:
+            if values[column] is not None:
+                values[column] = orjson.dumps(values[column]).decode()
+        values["occurred_at"] = self.db_timestamp(event["occurred_at"])
+        values["received_at"] = self.db_timestamp(event["received_at"])
+        return values
+
+
+# Bus
+
+
+class MemoryBus:
+    """Fan-out within this one process: the embedded default, needing no server."""
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue[bytes]] = set()
+
+    async def publish(self, payload: bytes) -> None:
+        # The subscriber only parses and hands frames to client queues, never awaiting a
+        # client, so this queue drains every tick and needs no bound.
+        for queue in self._queues:
+            queue.put_nowait(payload)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[AsyncIterator[bytes]]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._queues.add(queue)
+        try:
+            yield self._drain(queue)
+        finally:
+            self._queues.discard(queue)
+
+    @staticmethod
+    async def _drain(queue: asyncio.Queue[bytes]) -> AsyncIterator[bytes]:
+        while True:
+            yield await queue.get()
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RedisBus:
+    """Fan-out across processes through a Redis pub/sub channel."""
+
+    PUBLISH_TIMEOUT_SECONDS = 2.0
+    HEALTH_CHECK_SECONDS = 10
+
+    def __init__(self, url: str, channel: str) -> None:
+        self.url = url
+        self.channel = channel
+        self._publisher = aioredis.from_url(
+            url,
+            socket_timeout=self.PUBLISH_TIMEOUT_SECONDS,
+            socket_connect_timeout=self.PUBLISH_TIMEOUT_SECONDS,
+        )
+
+    async def publish(self, payload: bytes) -> None:
+        await self._publisher.publish(self.channel, payload)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[AsyncIterator[bytes]]:
+        # No retry: a silent reconnect would hide the messages lost meanwhile (see docstring).
+        client = aioredis.from_url(
+            self.url,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=self.PUBLISH_TIMEOUT_SECONDS,
+            health_check_interval=self.HEALTH_CHECK_SECONDS,
+        )
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(self.channel)
+            yield self._messages(pubsub)
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+
+    @staticmethod
+    async def _messages(pubsub: Any) -> AsyncIterator[bytes]:
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                yield message["data"]
+
+    async def ping(self) -> None:
+        await self._publisher.ping()
+
+    async def aclose(self) -> None:
+        await self._publisher.aclose()
+
+
+def encode_batch(stored: Iterable[StoredEvent]) -> bytes | None:
+    """One bus message per committed batch: the new events' documents, duplicates left out."""
+    documents = [item.document for item in stored if not item.duplicate]
+    return orjson.dumps(documents) if documents else None
+
+
+# Hub
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One event, encoded once for every client and transport."""
+
+    id: int
+    document: dict
+    sse: bytes
+    ws: str
+
+    @classmethod
+    def of(cls, document: dict) -> Frame:
+        data = orjson.dumps(document)
+        sse = b"id: %d\ndata: %s\n\n" % (document["id"], data)
+        return cls(document["id"], document, sse, data.decode())
+
+
+@dataclass(frozen=True)
+class StreamFilter:
+    student_id: str | None = None
+    course_id: str | None = None
+    event_type: str | None = None
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> StreamFilter:
+        return cls(query.get("student_id"), query.get("course_id"), query.get("event_type"))
+
+    def matches(self, document: Mapping[str, Any]) -> bool:
+        return all(
+            wanted is None or document.get(name) == wanted
+            for name, wanted in (
+                ("student_id", self.student_id),
+                ("course_id", self.course_id),
+                ("event_type", self.event_type),
+            )
+        )
+
+
+@dataclass(eq=False)
+class Client:
+    """One connected dashboard: a bounded queue of shared frames and a wake-up flag."""
+
+    filter: StreamFilter
+    limit: int
+    frames: deque[Frame] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    overflowed: bool = False
+    closed: bool = False
+
+    def offer(self, frame: Frame) -> None:
+        if self.overflowed or not self.filter.matches(frame.document):
+            return
+        if len(self.frames) >= self.limit:
+            self.overflowed = True
+            self.frames.clear()
+        else:
+            self.frames.append(frame)
+        self.wakeup.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wakeup.set()
+
+    async def next_frames(self) -> list[Frame]:
+        """Everything queued since the last call; empty once the client must be let go."""
+        while not self.frames and not (self.closed or self.overflowed):
+            self.wakeup.clear()
+            await self.wakeup.wait()
+        if self.closed or self.overflowed:
+            return []
+        frames = list(self.frames)
+        self.frames.clear()
+        return frames
+
+
+class Hub:
+    """Local fan-out: delivers each event at most once, in id order, to every client."""
+
+    def __init__(self, queue_limit: int) -> None:
+        self.queue_limit = queue_limit
+        self.clients: set[Client] = set()
+        self.last_id = 0
+        self.bus_connected = False
+
+    @contextlib.contextmanager
+    def subscribe(self, stream_filter: StreamFilter) -> Iterator[Client]:
+        client = Client(stream_filter, self.queue_limit)
+        self.clients.add(client)
+        try:
+            yield client
+        finally:
+            self.clients.discard(client)
+
+    def deliver(self, documents: Iterable[dict]) -> None:
+        # Events at or below last_id were already delivered (a replay after a reconnect).
+        for document in documents:
+            if document["id"] <= self.last_id:
+                continue
+            self.last_id = document["id"]
+            frame = Frame.of(document)
+            for client in self.clients:
+                client.offer(frame)
+
+    def deliver_payload(self, payload: bytes) -> None:
+        try:
+            documents = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            logger.warning("ignored a malformed bus message of %d bytes", len(payload))
+            return
+        self.deliver(documents)
+
+    def close_all(self) -> None:
+        for client in list(self.clients):
+            client.close()
+
+
+async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
+    """Deliver from the database whatever was committed while the bus was not listening."""
+    while True:
+        documents = await storage.events_after(hub.last_id, page_size)
+        hub.deliver(documents)
+        if len(documents) < page_size:
+            return
+
+
+async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage) -> None:
+    """The background subscriber: bus -> hub, for ever, reconnecting with backoff."""
+    delay = RECONNECT_MIN_SECONDS
+    while True:
+        try:
+            async with bus.subscribe() as messages:
+                await catch_up(hub, storage)
+                hub.bus_connected = True
+                if delay > RECONNECT_MIN_SECONDS:
+                    logger.info("bus subscription restored")
+                delay = RECONNECT_MIN_SECONDS
+                async for payload in messages:
+                    hub.deliver_payload(payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure means: reconnect
+            logger.warning("bus subscription lost (%s); retrying in %.1f s", error, delay)
+        hub.bus_connected = False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+
+RECONNECT_MIN_SECONDS = 0.25
+RECONNECT_MAX_SECONDS = 8.0
+
+
+# Ingest: group commit
+
+
+@dataclass
+class PendingWrite:
+    events: list[dict]
+    done: asyncio.Future[list[StoredEvent]]
+
+
+class Committer:
+    """Coalesces concurrent POSTs into one transaction and one bus message.
+
+    Batches form naturally: whatever queued while the previous commit ran goes into the
+    next one, so an idle service adds no wait at all.
+    """
+
+    def __init__(self, storage: Storage, bus: MemoryBus | RedisBus, max_events: int) -> None:
+        self.storage = storage
+        self.bus = bus
+        self.max_events = max_events
+        self._queue: asyncio.Queue[PendingWrite] = asyncio.Queue()
+
+    async def submit(self, events: list[dict]) -> list[StoredEvent]:
+        pending = PendingWrite(events, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(pending)
+        return await asyncio.shield(pending.done)
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0].events)
+            while not self._queue.empty() and size < self.max_events:
+                batch.append(self._queue.get_nowait())
+                size += len(batch[-1].events)
+            await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[PendingWrite]) -> None:
+        try:
+            await self._commit(batch)
+        except Exception as error:  # noqa: BLE001
+            if len(batch) == 1:
+                logger.warning("could not store %d events: %r", len(batch[0].events), error)
+                if not batch[0].done.done():
+                    batch[0].done.set_exception(StorageUnavailable(str(error)))
+                return
+            # One request's bad row must not fail its neighbours: retry them one by one.
+            for pending in batch:
+                await self._commit_batch([pending])
+
+    async def _commit(self, batch: list[PendingWrite]) -> None:
+        received_at = dt.datetime.now(dt.UTC)
+        events = [
+            {**event, "received_at": received_at} for pending in batch for event in pending.events
+        ]
+        stored = await self.storage.store(events, self._publish)
+        start = 0
+        for pending in batch:
+            end = start + len(pending.events)
+            if not pending.done.done():
+                pending.done.set_result(stored[start:end])
+            start = end
+
+    async def _publish(self, stored: list[StoredEvent]) -> None:
+        payload = encode_batch(stored)
+        if payload is None:
+            return
+        try:
+            await self.bus.publish(payload)
+        except Exception as error:  # noqa: BLE001
+            # Stored is what we promised; subscribers catch up from the database on reconnect.
+            logger.warning("could not publish %d bytes to the bus: %r", len(payload), error)
+
+
+# HTTP endpoints
+
+
+def api_error_response(error: ApiError) -> JSONResponse:
+    body = error_body(error.status, error.code, error.message, error.details)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing with 413 before more than `limit` bytes are read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def post_events(request: Request) -> Response:
+    """Store one event or a batch; 201 with each event's id once all are committed."""
+    state = request.app.state
+    if not is_json_content_type(request.headers.get("content-type")):
+        raise ApiError(415, "unsupported_media_type", "send the events as application/json")
+    try:
+        body = await read_body(request, state.settings.max_body_bytes)
+    except ClientDisconnect:
+        return Response(status_code=400)
+    events = normalise_batch(parse_json_body(body), dt.datetime.now(dt.UTC), state.settings)
+    try:
+        stored = await state.committer.submit(events)
+    except StorageUnavailable:
+        raise ApiError(
+            503,
+            "storage_unavailable",
+            "the events could not be stored; retry shortly",
+            headers={"Retry-After": "2"},
+        ) from None
+    return JSONResponse({"events": [item.receipt() for item in stored]}, status_code=201)
+
+
+async def replay_frames(storage: Storage, after_id: int, limit: int) -> tuple[list[Frame], bool]:
+    """Stored events after `after_id`, at most `limit`, and whether more were left out."""
+    documents = await storage.events_after(after_id, limit + 1)
+    return [Frame.of(document) for document in documents[:limit]], len(documents) > limit
+
+
+def resync_notice(limit: int, latest_id: int) -> dict:
+    return {
+        "type": "resync",
+        "reason": "too_far_behind",
+        "message": f"more than {limit} events were missed; reload state from the read API",
+        "latest_id": latest_id,
+    }
+
+
+async def open_stream(
+    state: Any, client: Client, after_id: int | None
+) -> tuple[list[Frame], dict | None]:
+    """What a (re)connecting client gets before the live stream: the replay, or a resync."""
+    if after_id is None:
+        return [], None
+    try:
+        frames, truncated = await replay_frames(
+            state.storage, after_id, state.settings.replay_limit
+        )
+    except Exception as error:  # noqa: BLE001
+        raise StorageUnavailable(f"cannot replay right now: {error!r}") from error
+    if truncated:
+        return [], resync_notice(state.settings.replay_limit, state.hub.last_id)
+    return [frame for frame in frames if client.filter.matches(frame.document)], None
+
+
+async def sse_body(
+    state: Any, stream_filter: StreamFilter, after_id: int | None
+) -> AsyncIterator[bytes]:
+    """retry hint, then the replay (or a resync notice), then live frames, each id once."""
+    with state.hub.subscribe(stream_filter) as client:
+        yield b"retry: %d\n\n" % state.settings.sse_retry_ms
+        try:
+            replay, notice = await open_stream(state, client, after_id)
+        except StorageUnavailable as error:
+            # Ending the stream makes EventSource reconnect after the retry hint.
+            logger.warning("SSE replay failed: %s", error)
+            return
+        if notice is not None:
+            yield b"event: resync\ndata: %s\n\n" % orjson.dumps(notice)
+        last_sent = after_id or 0
+        if replay:
+            yield b"".join(frame.sse for frame in replay)
+            last_sent = replay[-1].id
+        while frames := await client.next_frames():
+            fresh = [frame for frame in frames if frame.id > last_sent]
+            if fresh:
+                last_sent = fresh[-1].id
+                yield b"".join(frame.sse for frame in fresh)
+
+
+async def stream_events(request: Request) -> Response:
+    """Server-Sent Events: replay after Last-Event-ID, then every new event."""
+    state = request.app.state
+    after_id = parse_last_event_id(
+        request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    )
+    body = sse_body(state, StreamFilter.from_query(request.query_params), after_id)
+    return EventSourceResponse(
+        body, ping=state.settings.sse_ping_seconds, send_timeout=state.settings.send_timeout_seconds
+    )
+
+
+async def websocket_events(websocket: WebSocket) -> None:
+    """WebSocket: one JSON text frame per event; `last_event_id` resumes like SSE."""
+    state = websocket.app.state
+    after_id = parse_last_event_id(websocket.query_params.get("last_event_id"))
+    await websocket.accept()
+    with state.hub.subscribe(StreamFilter.from_query(websocket.query_params)) as client:
+        try:
+            replay, notice = await open_stream(state, client, after_id)
+        except StorageUnavailable:
+            await websocket.close(code=1011, reason="storage_unavailable")
+            return
+        receiver = asyncio.create_task(watch_for_close(websocket, client))
+        try:
+            code = await send_websocket_frames(websocket, client, replay, notice, state.settings)
+        finally:
+            receiver.cancel()
+        with contextlib.suppress(Exception):
+            await websocket.close(code=code)
+
+
+async def watch_for_close(websocket: WebSocket, client: Client) -> None:
+    # A push-only socket would never notice the client leaving (see STACK.md).
+    with contextlib.suppress(Exception):
+        while True:
+            await websocket.receive_text()
+    client.close()
+
+
+async def send_websocket_frames(
+    websocket: WebSocket,
+    client: Client,
+    replay: list[Frame],
+    notice: dict | None,
+    settings: Settings,
+) -> int:
+    """Send until the client leaves or must go; return the close code to use."""
+    timeout = settings.send_timeout_seconds
+    try:
+        if notice is not None:
+            await asyncio.wait_for(websocket.send_text(orjson.dumps(notice).decode()), timeout)
+        last_sent = replay[-1].id if replay else 0
+        for frame in replay:
+            await asyncio.wait_for(websocket.send_text(frame.ws), timeout)
+        while frames := await client.next_frames():
+            for frame in frames:
+                if frame.id > last_sent:
+                    await asyncio.wait_for(websocket.send_text(frame.ws), timeout)
+                    last_sent = frame.id
+    except Exception:  # noqa: BLE001 - timed out, reset or closed: the client must go
+        return 1013  # too slow to write to, or gone: try again later
+    if client.overflowed:
+        return 1013
+    return 1012 if client.closed and AppStatus.should_exit else 1000
+
+
+async def healthz(request: Request) -> Response:
+    """200 when the database and the bus answer; 503 naming what is down."""
+    state = request.app.state
+    checks = {"database": state.storage.ping, "bus": state.bus.ping}
+    report: dict[str, str] = {}
+    for name, check in checks.items():
+        try:
+            await asyncio.wait_for(check(), timeout=2.0)
+            report[name] = "up"
+        except Exception as error:  # noqa: BLE001
+            report[name] = f"down: {error!r}"
+    if report["bus"] == "up" and not state.hub.bus_connected:
+        report["bus"] = "down: subscriber not connected"
+    healthy = all(value == "up" for value in report.values())
+    return JSONResponse(
+        {"status": "ok" if healthy else "unavailable", **report},
+        status_code=200 if healthy else 503,
+    )
+
+
+# Application
+
+
+async def handle_api_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, ApiError)
+    return api_error_response(error)
+
+
+async def handle_http_error(request: Request, error: Exception) -> Response:
+    status = getattr(error, "status_code", 500)
+    detail = getattr(error, "detail", "error")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+    headers = getattr(error, "headers", None) or {}
+    return JSONResponse(
+        error_body(status, code, str(detail), []), status_code=status, headers=headers
+    )
+
+
+async def close_streams_on_shutdown(hub: Hub) -> None:
+    """WebSockets do not end by themselves on SIGTERM: close them so clients reconnect elsewhere."""
+    while not AppStatus.should_exit:
+        await asyncio.sleep(0.25)
+    hub.close_all()
+
+
+def build_bus(settings: Settings) -> MemoryBus | RedisBus:
+    if settings.redis_url is None:
+        return MemoryBus()
+    return RedisBus(settings.redis_url, settings.notification_channel)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    storage = Storage(settings.database_url, settings.database_pool_size)
+    await storage.connect()
+    bus = build_bus(settings)
+    hub = Hub(settings.client_queue_limit)
+    hub.last_id = await storage.max_event_id()
+    committer = Committer(storage, bus, settings.max_batch_events)
+    app.state.storage, app.state.bus, app.state.hub, app.state.committer = (
+        storage,
+        bus,
+        hub,
+        committer,
+    )
+    tasks = [
+        asyncio.create_task(committer.run(), name="committer"),
+        asyncio.create_task(relay_bus_to_hub(bus, hub, storage), name="subscriber"),
+        asyncio.create_task(close_streams_on_shutdown(hub), name="shutdown-watch"),
+    ]
+    logger.info(
+        "telemetry started: %s, %s bus",
+        "PostgreSQL" if storage.is_postgres else "SQLite",
+        type(bus).__name__,
+    )
+    try:
+        yield
+    finally:
+        # Connections have drained by now (uvicorn closes them first): stop the tasks, close.
+        hub.close_all()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await bus.aclose()
+        await storage.disconnect()
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The ASGI app; tests pass Settings for another database or bus."""
+    app = Starlette(
+        routes=[
+            Route("/api/v1/events", post_events, methods=["POST"]),
+            Route("/api/v1/stream", stream_events, methods=["GET"]),
+            WebSocketRoute("/api/v1/ws", websocket_events),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        exception_handlers={
+            ApiError: handle_api_error,
+            404: handle_http_error,
+            405: handle_http_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or Settings()
+    return app
+
+
+def app_from_environment() -> Starlette:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return create_app(load_settings(os.environ))
+    except ConfigError as error:
+        # One clear line, not a traceback: exits the process before uvicorn binds.
+        sys.exit(f"telemetry: configuration error: {error}")
+
+
+app = app_from_environment()
