@@ -466,6 +466,73 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING id
 """
 
+# PostgreSQL stores a whole group-committed batch in three set-based statements (issue 5):
+# the already stored event_ids, the students' upsert, the events' insert. Arrays travel as
+# typed parameters and unnest into rows, so the statement text is the same for any batch.
+SELECT_EXISTING_EVENT_IDS = """
+SELECT event_id, id FROM events WHERE event_id = ANY(CAST(:event_ids AS text[]))
+"""
+
+# Returns each student's row as it was before this statement: the batch's documents show
+# the student as each event's own upsert left it, which Python replays from there.
+UPSERT_STUDENTS = """
+WITH incoming AS (
+    SELECT * FROM unnest(
+        CAST(:student_ids AS text[]), CAST(:names AS text[]),
+        CAST(:course_ids AS text[]), CAST(:teams AS text[])
+    ) AS t (student_id, name, course_id, team)
+), previous AS (
+    SELECT s.student_id, s.name, s.course_id, s.team
+    FROM students s JOIN incoming i ON i.student_id = s.student_id
+), upserted AS (
+    INSERT INTO students (student_id, name, course_id, team, first_seen, last_seen)
+    SELECT student_id, name, course_id, team,
+           CAST(:seen AS timestamptz), CAST(:seen AS timestamptz)
+    FROM incoming
+    ON CONFLICT (student_id) DO UPDATE SET
+        name = COALESCE(excluded.name, students.name),
+        course_id = COALESCE(excluded.course_id, students.course_id),
+        team = COALESCE(excluded.team, students.team),
+        last_seen = excluded.last_seen
+)
+SELECT student_id, name, course_id, team FROM previous
+"""
+
+# ORDER BY position makes the identity hand out ids in the batch's order.
+INSERT_EVENTS = """
+INSERT INTO events (
+    event_id, student_id, event_type, occurred_at, received_at, course_id, session_id,
+    notebook_path, cell_id, cell_index, execution_count, source, status, error,
+    duration_ms, seq, outputs, outputs_truncated, extra
+)
+SELECT event_id, student_id, event_type, occurred_at, CAST(:received_at AS timestamptz),
+       course_id, session_id, notebook_path, cell_id, cell_index, execution_count, source,
+       status, error, duration_ms, seq, outputs, outputs_truncated, extra
+FROM unnest(
+    CAST(:event_id AS text[]), CAST(:student_id AS text[]), CAST(:event_type AS text[]),
+    CAST(:occurred_at AS timestamptz[]), CAST(:course_id AS text[]),
+    CAST(:session_id AS text[]), CAST(:notebook_path AS text[]), CAST(:cell_id AS text[]),
+    CAST(:cell_index AS integer[]), CAST(:execution_count AS integer[]),
+    CAST(:source AS text[]), CAST(:status AS text[]), CAST(:error AS jsonb[]),
+    CAST(:duration_ms AS double precision[]), CAST(:seq AS bigint[]),
+    CAST(:outputs AS jsonb[]), CAST(:outputs_truncated AS boolean[]), CAST(:extra AS jsonb[])
+) WITH ORDINALITY AS t (
+    event_id, student_id, event_type, occurred_at, course_id, session_id, notebook_path,
+    cell_id, cell_index, execution_count, source, status, error, duration_ms, seq, outputs,
+    outputs_truncated, extra, position
+)
+ORDER BY position
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id, id
+"""
+
+INSERT_EVENTS_ARRAYS = (
+    "event_id student_id event_type occurred_at course_id session_id notebook_path cell_id "
+    "cell_index execution_count source status error duration_ms seq outputs outputs_truncated "
+    "extra"
+).split()
+STUDENT_FIELDS = {"name": "student_name", "course_id": "course_id", "team": "team"}
+
 SELECT_EVENTS_AFTER = """
 SELECT e.id, e.event_id, e.event_type, e.student_id, s.name AS student_name, s.team,
        e.course_id, e.session_id, e.notebook_path, e.cell_id, e.cell_index,
@@ -556,6 +623,62 @@ class StoredEvent:
         }
 
 
+def first_occurrences(events: list[dict], known: Mapping[str, int]) -> list[dict]:
+    """The events to insert: not stored before, and the first of any repeated event_id."""
+    seen: set[str] = set(known)
+    fresh = []
+    for event in events:
+        if event["event_id"] not in seen:
+            seen.add(event["event_id"])
+            fresh.append(event)
+    return fresh
+
+
+def upserted_student(student: Mapping[str, Any] | None, event: Mapping[str, Any]) -> dict:
+    """UPSERT_STUDENT's effect in Python: an event's non-null fields win over the row's."""
+    student = student or {"name": None, "course_id": None, "team": None}
+    return {
+        column: student[column] if event[key] is None else event[key]
+        for column, key in STUDENT_FIELDS.items()
+    }
+
+
+def replay_students(previous: dict[str, dict], events: list[dict]) -> dict[str, dict]:
+    """Each student as the events' one-by-one upserts, in order, leave it."""
+    students = dict(previous)
+    for event in events:
+        students[event["student_id"]] = upserted_student(students.get(event["student_id"]), event)
+    return students
+
+
+def batch_results(
+    events: list[dict],
+    fresh: list[dict],
+    known: Mapping[str, int],
+    inserted: Mapping[str, int],
+    previous: dict[str, dict],
+) -> list[StoredEvent]:
+    """Per event, in the request's order, what storing them one by one would have returned."""
+    students = dict(previous)
+    documents = {}
+    for event in fresh:
+        student = upserted_student(students.get(event["student_id"]), event)
+        students[event["student_id"]] = student
+        if event["event_id"] in inserted:
+            documents[event["event_id"]] = event_document(
+                event, inserted[event["event_id"]], student
+            )
+    results = []
+    for event in events:
+        document = documents.pop(event["event_id"], None)
+        if document is not None:
+            results.append(StoredEvent(document, duplicate=False))
+        else:
+            stored_id = inserted.get(event["event_id"]) or known[event["event_id"]]
+            results.append(StoredEvent({"id": stored_id, "event_id": event["event_id"]}, True))
+    return results
+
+
 class Storage:
     """Events and students in PostgreSQL or SQLite, behind a few verbs."""
 
@@ -615,12 +738,54 @@ class Storage:
                 await connection.execute(LOCK_COMMITS, {"key": COMMIT_LOCK_KEY})
             try:
                 async with connection.transaction():
-                    stored = [await self._store_one(connection, event) for event in events]
+                    stored = await self._store_batch(connection, events)
                 await after_commit(stored)
             finally:
                 if self.is_postgres:
                     await connection.execute(UNLOCK_COMMITS, {"key": COMMIT_LOCK_KEY})
         return stored
+
+    async def _store_batch(self, connection: Any, events: list[dict]) -> list[StoredEvent]:
+        if not self.is_postgres:  # SQLite has no arrays: one event at a time, same results
+            return [await self._store_one(connection, event) for event in events]
+        known = await self._existing_ids(connection, [event["event_id"] for event in events])
+        fresh = first_occurrences(events, known)
+        previous = await self._upsert_students(connection, fresh)
+        inserted = await self._insert_events(connection, fresh)
+        lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
+        if lost:  # a writer outside the commit lock stored them first
+            known.update(await self._existing_ids(connection, lost))
+        return batch_results(events, fresh, known, inserted, previous)
+
+    async def _existing_ids(self, connection: Any, event_ids: list[str]) -> dict[str, int]:
+        rows = await connection.fetch_all(SELECT_EXISTING_EVENT_IDS, {"event_ids": event_ids})
+        return {row._mapping["event_id"]: row._mapping["id"] for row in rows}
+
+    async def _upsert_students(self, connection: Any, fresh: list[dict]) -> dict[str, dict]:
+        if not fresh:
+            return {}
+        latest = replay_students({}, fresh)
+        rows = await connection.fetch_all(
+            UPSERT_STUDENTS,
+            {
+                "student_ids": list(latest),
+                "names": [student["name"] for student in latest.values()],
+                "course_ids": [student["course_id"] for student in latest.values()],
+                "teams": [student["team"] for student in latest.values()],
+                "seen": fresh[0]["received_at"],
+            },
+        )
+        return {row._mapping["student_id"]: dict(row._mapping) for row in rows}
+
+    async def _insert_events(self, connection: Any, fresh: list[dict]) -> dict[str, int]:
+        if not fresh:
+            return {}
+        values = [self._event_values(event) for event in fresh]
+        arrays = {column: [row[column] for row in values] for column in INSERT_EVENTS_ARRAYS}
+        rows = await connection.fetch_all(
+            INSERT_EVENTS, {**arrays, "received_at": fresh[0]["received_at"]}
+        )
+        return {row._mapping["event_id"]: row._mapping["id"] for row in rows}
 
     async def _store_one(self, connection: Any, event: dict) -> StoredEvent:
         existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
