@@ -469,8 +469,12 @@ RETURNING id
 # PostgreSQL stores a whole group-committed batch in three set-based statements (issue 5):
 # the already stored event_ids, the students' upsert, the events' insert. Arrays travel as
 # typed parameters and unnest into rows, so the statement text is the same for any batch.
+# A join, not `= ANY(array)`: once asyncpg's prepared statement gets a generic plan, the
+# latter scans the whole table (measured: 90 ms per 500-event batch at 100k rows).
 SELECT_EXISTING_EVENT_IDS = """
-SELECT event_id, id FROM events WHERE event_id = ANY(CAST(:event_ids AS text[]))
+SELECT e.event_id, e.id
+FROM unnest(CAST(:event_ids AS text[])) AS t (event_id)
+JOIN events e ON e.event_id = t.event_id
 """
 
 # Returns each student's row as it was before this statement: the batch's documents show
