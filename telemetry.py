@@ -466,74 +466,88 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING id
 """
 
-# PostgreSQL stores a whole group-committed batch in three set-based statements (issue 5):
-# the already stored event_ids, the students' upsert, the events' insert. Arrays travel as
-# typed parameters and unnest into rows, so the statement text is the same for any batch.
-# A join, not `= ANY(array)`: once asyncpg's prepared statement gets a generic plan, the
-# latter scans the whole table (measured: 90 ms per 500-event batch at 100k rows).
+# PostgreSQL stores a whole group-committed batch in one statement (issue 5): arrays travel
+# as typed parameters and unnest into rows, so the text is the same for any batch size, and
+# being one statement it is one transaction with no BEGIN/COMMIT round trips. It answers
+# with the batch's already stored event_ids, the new ids, and each student's row as it was
+# before, from which Python replays the documents that one-by-one upserts would have given.
+# Events join their known ids rather than `= ANY(array)`: once asyncpg's prepared statement
+# gets a generic plan, the latter scans the whole table (90 ms per 500 events at 100k rows).
+STORE_EVENTS = """
+WITH incoming AS (
+    SELECT * FROM unnest(
+        CAST(:event_id AS text[]), CAST(:student_id AS text[]), CAST(:event_type AS text[]),
+        CAST(:occurred_at AS timestamptz[]), CAST(:course_id AS text[]),
+        CAST(:session_id AS text[]), CAST(:notebook_path AS text[]), CAST(:cell_id AS text[]),
+        CAST(:cell_index AS integer[]), CAST(:execution_count AS integer[]),
+        CAST(:source AS text[]), CAST(:status AS text[]), CAST(:error AS jsonb[]),
+        CAST(:duration_ms AS double precision[]), CAST(:seq AS bigint[]),
+        CAST(:outputs AS jsonb[]), CAST(:outputs_truncated AS boolean[]),
+        CAST(:extra AS jsonb[]), CAST(:student_name AS text[]), CAST(:team AS text[])
+    ) WITH ORDINALITY AS t (
+        event_id, student_id, event_type, occurred_at, course_id, session_id, notebook_path,
+        cell_id, cell_index, execution_count, source, status, error, duration_ms, seq,
+        outputs, outputs_truncated, extra, student_name, team, position
+    )
+), known AS (
+    SELECT e.event_id, e.id FROM incoming i JOIN events e ON e.event_id = i.event_id
+), fresh AS (
+    SELECT DISTINCT ON (i.event_id) i.* FROM incoming i
+    WHERE NOT EXISTS (SELECT FROM known k WHERE k.event_id = i.event_id)
+    ORDER BY i.event_id, i.position
+), student_updates AS (
+    SELECT student_id,
+        (array_agg(student_name ORDER BY position DESC)
+            FILTER (WHERE student_name IS NOT NULL))[1] AS name,
+        (array_agg(course_id ORDER BY position DESC)
+            FILTER (WHERE course_id IS NOT NULL))[1] AS course_id,
+        (array_agg(team ORDER BY position DESC) FILTER (WHERE team IS NOT NULL))[1] AS team
+    FROM fresh GROUP BY student_id
+), previous AS (
+    SELECT s.student_id, s.name, s.course_id, s.team
+    FROM students s JOIN student_updates u ON u.student_id = s.student_id
+), upserted_students AS (
+    INSERT INTO students (student_id, name, course_id, team, first_seen, last_seen)
+    SELECT student_id, name, course_id, team,
+           CAST(:received_at AS timestamptz), CAST(:received_at AS timestamptz)
+    FROM student_updates
+    ON CONFLICT (student_id) DO UPDATE SET
+        name = COALESCE(excluded.name, students.name),
+        course_id = COALESCE(excluded.course_id, students.course_id),
+        team = COALESCE(excluded.team, students.team),
+        last_seen = excluded.last_seen
+), inserted AS (
+    -- ORDER BY position makes the identity hand out ids in the batch's order.
+    INSERT INTO events (
+        event_id, student_id, event_type, occurred_at, received_at, course_id, session_id,
+        notebook_path, cell_id, cell_index, execution_count, source, status, error,
+        duration_ms, seq, outputs, outputs_truncated, extra
+    )
+    SELECT event_id, student_id, event_type, occurred_at, CAST(:received_at AS timestamptz),
+           course_id, session_id, notebook_path, cell_id, cell_index, execution_count,
+           source, status, error, duration_ms, seq, outputs, outputs_truncated, extra
+    FROM fresh ORDER BY position
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id, id
+)
+SELECT 'known' AS kind, event_id AS key, id, NULL AS name, NULL AS course_id, NULL AS team
+FROM known
+UNION ALL
+SELECT 'inserted', event_id, id, NULL, NULL, NULL FROM inserted
+UNION ALL
+SELECT 'student', student_id, NULL, name, course_id, team FROM previous
+"""
+
 SELECT_EXISTING_EVENT_IDS = """
 SELECT e.event_id, e.id
 FROM unnest(CAST(:event_ids AS text[])) AS t (event_id)
 JOIN events e ON e.event_id = t.event_id
 """
 
-# Returns each student's row as it was before this statement: the batch's documents show
-# the student as each event's own upsert left it, which Python replays from there.
-UPSERT_STUDENTS = """
-WITH incoming AS (
-    SELECT * FROM unnest(
-        CAST(:student_ids AS text[]), CAST(:names AS text[]),
-        CAST(:course_ids AS text[]), CAST(:teams AS text[])
-    ) AS t (student_id, name, course_id, team)
-), previous AS (
-    SELECT s.student_id, s.name, s.course_id, s.team
-    FROM students s JOIN incoming i ON i.student_id = s.student_id
-), upserted AS (
-    INSERT INTO students (student_id, name, course_id, team, first_seen, last_seen)
-    SELECT student_id, name, course_id, team,
-           CAST(:seen AS timestamptz), CAST(:seen AS timestamptz)
-    FROM incoming
-    ON CONFLICT (student_id) DO UPDATE SET
-        name = COALESCE(excluded.name, students.name),
-        course_id = COALESCE(excluded.course_id, students.course_id),
-        team = COALESCE(excluded.team, students.team),
-        last_seen = excluded.last_seen
-)
-SELECT student_id, name, course_id, team FROM previous
-"""
-
-# ORDER BY position makes the identity hand out ids in the batch's order.
-INSERT_EVENTS = """
-INSERT INTO events (
-    event_id, student_id, event_type, occurred_at, received_at, course_id, session_id,
-    notebook_path, cell_id, cell_index, execution_count, source, status, error,
-    duration_ms, seq, outputs, outputs_truncated, extra
-)
-SELECT event_id, student_id, event_type, occurred_at, CAST(:received_at AS timestamptz),
-       course_id, session_id, notebook_path, cell_id, cell_index, execution_count, source,
-       status, error, duration_ms, seq, outputs, outputs_truncated, extra
-FROM unnest(
-    CAST(:event_id AS text[]), CAST(:student_id AS text[]), CAST(:event_type AS text[]),
-    CAST(:occurred_at AS timestamptz[]), CAST(:course_id AS text[]),
-    CAST(:session_id AS text[]), CAST(:notebook_path AS text[]), CAST(:cell_id AS text[]),
-    CAST(:cell_index AS integer[]), CAST(:execution_count AS integer[]),
-    CAST(:source AS text[]), CAST(:status AS text[]), CAST(:error AS jsonb[]),
-    CAST(:duration_ms AS double precision[]), CAST(:seq AS bigint[]),
-    CAST(:outputs AS jsonb[]), CAST(:outputs_truncated AS boolean[]), CAST(:extra AS jsonb[])
-) WITH ORDINALITY AS t (
-    event_id, student_id, event_type, occurred_at, course_id, session_id, notebook_path,
-    cell_id, cell_index, execution_count, source, status, error, duration_ms, seq, outputs,
-    outputs_truncated, extra, position
-)
-ORDER BY position
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id, id
-"""
-
-INSERT_EVENTS_ARRAYS = (
+STORE_EVENTS_ARRAYS = (
     "event_id student_id event_type occurred_at course_id session_id notebook_path cell_id "
     "cell_index execution_count source status error duration_ms seq outputs outputs_truncated "
-    "extra"
+    "extra student_name team"
 ).split()
 STUDENT_FIELDS = {"name": "student_name", "course_id": "course_id", "team": "team"}
 
@@ -647,14 +661,6 @@ def upserted_student(student: Mapping[str, Any] | None, event: Mapping[str, Any]
     }
 
 
-def replay_students(previous: dict[str, dict], events: list[dict]) -> dict[str, dict]:
-    """Each student as the events' one-by-one upserts, in order, leave it."""
-    students = dict(previous)
-    for event in events:
-        students[event["student_id"]] = upserted_student(students.get(event["student_id"]), event)
-    return students
-
-
 def batch_results(
     events: list[dict],
     fresh: list[dict],
@@ -741,8 +747,7 @@ class Storage:
             if self.is_postgres:
                 await connection.execute(LOCK_COMMITS, {"key": COMMIT_LOCK_KEY})
             try:
-                async with connection.transaction():
-                    stored = await self._store_batch(connection, events)
+                stored = await self._store_batch(connection, events)
                 await after_commit(stored)
             finally:
                 if self.is_postgres:
@@ -751,45 +756,35 @@ class Storage:
 
     async def _store_batch(self, connection: Any, events: list[dict]) -> list[StoredEvent]:
         if not self.is_postgres:  # SQLite has no arrays: one event at a time, same results
-            return [await self._store_one(connection, event) for event in events]
-        known = await self._existing_ids(connection, [event["event_id"] for event in events])
+            async with connection.transaction():
+                return [await self._store_one(connection, event) for event in events]
+        rows = await connection.fetch_all(STORE_EVENTS, self._batch_values(events))
+        found: dict[str, dict] = {"known": {}, "inserted": {}, "student": {}}
+        for row in rows:
+            kind, key = row._mapping["kind"], row._mapping["key"]
+            found[kind][key] = row._mapping["id"] if kind != "student" else dict(row._mapping)
+        known, inserted = found["known"], found["inserted"]
         fresh = first_occurrences(events, known)
-        previous = await self._upsert_students(connection, fresh)
-        inserted = await self._insert_events(connection, fresh)
         lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
         if lost:  # a writer outside the commit lock stored them first
             known.update(await self._existing_ids(connection, lost))
-        return batch_results(events, fresh, known, inserted, previous)
+        return batch_results(events, fresh, known, inserted, found["student"])
 
     async def _existing_ids(self, connection: Any, event_ids: list[str]) -> dict[str, int]:
         rows = await connection.fetch_all(SELECT_EXISTING_EVENT_IDS, {"event_ids": event_ids})
         return {row._mapping["event_id"]: row._mapping["id"] for row in rows}
 
-    async def _upsert_students(self, connection: Any, fresh: list[dict]) -> dict[str, dict]:
-        if not fresh:
-            return {}
-        latest = replay_students({}, fresh)
-        rows = await connection.fetch_all(
-            UPSERT_STUDENTS,
+    def _batch_values(self, events: list[dict]) -> dict[str, Any]:
+        rows = [
             {
-                "student_ids": list(latest),
-                "names": [student["name"] for student in latest.values()],
-                "course_ids": [student["course_id"] for student in latest.values()],
-                "teams": [student["team"] for student in latest.values()],
-                "seen": fresh[0]["received_at"],
-            },
-        )
-        return {row._mapping["student_id"]: dict(row._mapping) for row in rows}
-
-    async def _insert_events(self, connection: Any, fresh: list[dict]) -> dict[str, int]:
-        if not fresh:
-            return {}
-        values = [self._event_values(event) for event in fresh]
-        arrays = {column: [row[column] for row in values] for column in INSERT_EVENTS_ARRAYS}
-        rows = await connection.fetch_all(
-            INSERT_EVENTS, {**arrays, "received_at": fresh[0]["received_at"]}
-        )
-        return {row._mapping["event_id"]: row._mapping["id"] for row in rows}
+                **self._event_values(event),
+                "student_name": event["student_name"],
+                "team": event["team"],
+            }
+            for event in events
+        ]
+        arrays = {column: [row[column] for row in rows] for column in STORE_EVENTS_ARRAYS}
+        return {**arrays, "received_at": events[0]["received_at"]}
 
     async def _store_one(self, connection: Any, event: dict) -> StoredEvent:
         existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
