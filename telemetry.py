@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
 import os
@@ -627,6 +628,9 @@ class StorageUnavailable(Exception):
     """The database could not store or read right now; the client should retry."""
 
 
+# A batch's events share received_at, and often occurred_at: strftime was 14% of the
+# 50-event ingest profile (issue 5).
+@functools.lru_cache(maxsize=1024)
 def format_timestamp(value: dt.datetime | str) -> str:
     """One text form for every timestamp we emit, sortable as text (SQLite stores this form)."""
     if isinstance(value, str):
