@@ -105,7 +105,7 @@ def normalise_database_url(raw: str | None) -> str:
             raise ConfigError("DATABASE_URL must name a host and a database")
         return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
     if scheme in ("sqlite", "sqlite+aiosqlite"):
-        return urlunsplit(("sqlite", parts.netloc, parts.path, parts.query, ""))
+        return "sqlite:" + raw.strip().split(":", 1)[1]  # urlunsplit would drop the empty host
     raise ConfigError(
         f"DATABASE_URL has scheme {parts.scheme!r}; expected postgres://, postgresql:// or sqlite://"
     )
@@ -827,7 +827,11 @@ class Hub:
         self.queue_limit = queue_limit
         self.clients: set[Client] = set()
         self.last_id = 0
-        self.bus_connected = False
+        self.subscribed = asyncio.Event()
+
+    @property
+    def bus_connected(self) -> bool:
+        return self.subscribed.is_set()
 
     @contextlib.contextmanager
     def subscribe(self, stream_filter: StreamFilter) -> Iterator[Client]:
@@ -877,7 +881,7 @@ async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage
         try:
             async with bus.subscribe() as messages:
                 await catch_up(hub, storage)
-                hub.bus_connected = True
+                hub.subscribed.set()
                 if delay > RECONNECT_MIN_SECONDS:
                     logger.info("bus subscription restored")
                 delay = RECONNECT_MIN_SECONDS
@@ -887,13 +891,14 @@ async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage
             raise
         except Exception as error:  # noqa: BLE001 - any failure means: reconnect
             logger.warning("bus subscription lost (%s); retrying in %.1f s", error, delay)
-        hub.bus_connected = False
+        hub.subscribed.clear()
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
 
 RECONNECT_MIN_SECONDS = 0.25
 RECONNECT_MAX_SECONDS = 8.0
+STARTUP_BUS_WAIT_SECONDS = 3.0
 
 
 # Ingest: group commit
@@ -1208,6 +1213,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         asyncio.create_task(relay_bus_to_hub(bus, hub, storage), name="subscriber"),
         asyncio.create_task(close_streams_on_shutdown(hub), name="shutdown-watch"),
     ]
+    # Serve once live (or after a bounded wait if Redis is down: POSTs are stored meanwhile).
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hub.subscribed.wait(), STARTUP_BUS_WAIT_SECONDS)
     logger.info(
         "telemetry started: %s, %s bus",
         "PostgreSQL" if storage.is_postgres else "SQLite",
