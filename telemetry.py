@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import anyio
 import orjson
 import redis.asyncio as aioredis
 from databases import Database
@@ -86,6 +87,19 @@ def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def env_seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={raw!r} must be a positive number of seconds")
     return value
 
 
@@ -145,6 +159,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         max_outputs_bytes=env_int(environ, "MAX_OUTPUTS_BYTES", Settings.max_outputs_bytes),
         replay_limit=env_int(environ, "REPLAY_LIMIT", Settings.replay_limit),
         client_queue_limit=env_int(environ, "CLIENT_QUEUE_LIMIT", Settings.client_queue_limit),
+        sse_retry_ms=env_int(environ, "SSE_RETRY_MS", Settings.sse_retry_ms),
+        sse_ping_seconds=env_seconds(environ, "SSE_PING_SECONDS", Settings.sse_ping_seconds),
+        send_timeout_seconds=env_seconds(
+            environ, "SEND_TIMEOUT_SECONDS", Settings.send_timeout_seconds
+        ),
     )
 
 
@@ -791,14 +810,18 @@ class Client:
     limit: int
     frames: deque[Frame] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    overflowed: bool = False
+    overflow: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+
+    @property
+    def overflowed(self) -> bool:
+        return self.overflow.is_set()
 
     def offer(self, frame: Frame) -> None:
         if self.overflowed or not self.filter.matches(frame.document):
             return
         if len(self.frames) >= self.limit:
-            self.overflowed = True
+            self.overflow.set()
             self.frames.clear()
         else:
             self.frames.append(frame)
@@ -835,12 +858,16 @@ class Hub:
 
     @contextlib.contextmanager
     def subscribe(self, stream_filter: StreamFilter) -> Iterator[Client]:
-        client = Client(stream_filter, self.queue_limit)
-        self.clients.add(client)
+        client = self.add(stream_filter)
         try:
             yield client
         finally:
             self.clients.discard(client)
+
+    def add(self, stream_filter: StreamFilter) -> Client:
+        client = Client(stream_filter, self.queue_limit)
+        self.clients.add(client)
+        return client
 
     def deliver(self, documents: Iterable[dict]) -> None:
         # Events at or below last_id were already delivered (a replay after a reconnect).
@@ -1050,29 +1077,59 @@ async def open_stream(
     return [frame for frame in frames if client.filter.matches(frame.document)], None
 
 
-async def sse_body(
-    state: Any, stream_filter: StreamFilter, after_id: int | None
-) -> AsyncIterator[bytes]:
+async def sse_body(state: Any, client: Client, after_id: int | None) -> AsyncIterator[bytes]:
     """retry hint, then the replay (or a resync notice), then live frames, each id once."""
-    with state.hub.subscribe(stream_filter) as client:
-        yield b"retry: %d\n\n" % state.settings.sse_retry_ms
+    yield b"retry: %d\n\n" % state.settings.sse_retry_ms
+    try:
+        replay, notice = await open_stream(state, client, after_id)
+    except StorageUnavailable as error:
+        # Ending the stream makes EventSource reconnect after the retry hint.
+        logger.warning("SSE replay failed: %s", error)
+        return
+    if notice is not None:
+        yield b"event: resync\ndata: %s\n\n" % orjson.dumps(notice)
+    last_sent = after_id or 0
+    if replay:
+        yield b"".join(frame.sse for frame in replay)
+        last_sent = replay[-1].id
+    while frames := await client.next_frames():
+        fresh = [frame for frame in frames if frame.id > last_sent]
+        if fresh:
+            last_sent = fresh[-1].id
+            yield b"".join(frame.sse for frame in fresh)
+
+
+async def until_overflow(client: Client, work: Awaitable[Any]) -> Any | None:
+    """Run work (a client's sender) but stop it the moment the client's queue overflows:
+    a sender blocked on a full socket would otherwise hold the client until send timeout.
+    Returns work's result, or None when it was cut off."""
+    result = None
+    async with anyio.create_task_group() as group:
+
+        async def cut_off() -> None:
+            await client.overflow.wait()
+            logger.warning("slow dashboard cut off after %d queued events", client.limit)
+            group.cancel_scope.cancel()
+
+        group.start_soon(cut_off)
+        result = await work
+        group.cancel_scope.cancel()
+    return result
+
+
+@dataclass
+class ClientStream:
+    """An ASGI response streaming SSE to one hub client, and unregistering it at the end."""
+
+    response: Response
+    client: Client
+    hub: Hub
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            replay, notice = await open_stream(state, client, after_id)
-        except StorageUnavailable as error:
-            # Ending the stream makes EventSource reconnect after the retry hint.
-            logger.warning("SSE replay failed: %s", error)
-            return
-        if notice is not None:
-            yield b"event: resync\ndata: %s\n\n" % orjson.dumps(notice)
-        last_sent = after_id or 0
-        if replay:
-            yield b"".join(frame.sse for frame in replay)
-            last_sent = replay[-1].id
-        while frames := await client.next_frames():
-            fresh = [frame for frame in frames if frame.id > last_sent]
-            if fresh:
-                last_sent = fresh[-1].id
-                yield b"".join(frame.sse for frame in fresh)
+            await until_overflow(self.client, self.response(scope, receive, send))
+        finally:
+            self.hub.clients.discard(self.client)
 
 
 async def stream_events(request: Request) -> Response:
@@ -1081,10 +1138,13 @@ async def stream_events(request: Request) -> Response:
     after_id = parse_last_event_id(
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
-    body = sse_body(state, StreamFilter.from_query(request.query_params), after_id)
-    return EventSourceResponse(
-        body, ping=state.settings.sse_ping_seconds, send_timeout=state.settings.send_timeout_seconds
+    client = state.hub.add(StreamFilter.from_query(request.query_params))
+    response = EventSourceResponse(
+        sse_body(state, client, after_id),
+        ping=state.settings.sse_ping_seconds,
+        send_timeout=state.settings.send_timeout_seconds,
     )
+    return ClientStream(response, client, state.hub)  # type: ignore[return-value]
 
 
 async def websocket_events(websocket: WebSocket) -> None:
@@ -1099,12 +1159,14 @@ async def websocket_events(websocket: WebSocket) -> None:
             await websocket.close(code=1011, reason="storage_unavailable")
             return
         receiver = asyncio.create_task(watch_for_close(websocket, client))
+        sender = send_websocket_frames(websocket, client, replay, notice, after_id, state.settings)
         try:
-            code = await send_websocket_frames(websocket, client, replay, notice, state.settings)
+            # Cut off on overflow: 1013, try again later (and resume by id).
+            code = await until_overflow(client, sender) or 1013
         finally:
             receiver.cancel()
         with contextlib.suppress(Exception):
-            await websocket.close(code=code)
+            await asyncio.wait_for(websocket.close(code=code), 1.0)
 
 
 async def watch_for_close(websocket: WebSocket, client: Client) -> None:
@@ -1120,6 +1182,7 @@ async def send_websocket_frames(
     client: Client,
     replay: list[Frame],
     notice: dict | None,
+    after_id: int | None,
     settings: Settings,
 ) -> int:
     """Send until the client leaves or must go; return the close code to use."""
@@ -1127,7 +1190,7 @@ async def send_websocket_frames(
     try:
         if notice is not None:
             await asyncio.wait_for(websocket.send_text(orjson.dumps(notice).decode()), timeout)
-        last_sent = replay[-1].id if replay else 0
+        last_sent = replay[-1].id if replay else after_id or 0
         for frame in replay:
             await asyncio.wait_for(websocket.send_text(frame.ws), timeout)
         while frames := await client.next_frames():
@@ -1157,7 +1220,7 @@ async def healthz(request: Request) -> Response:
         report["bus"] = "down: subscriber not connected"
     healthy = all(value == "up" for value in report.values())
     return JSONResponse(
-        {"status": "ok" if healthy else "unavailable", **report},
+        {"status": "ok" if healthy else "unavailable", **report, "clients": len(state.hub.clients)},
         status_code=200 if healthy else 503,
     )
 

@@ -121,7 +121,7 @@ async def test_unknown_routes_and_methods_get_json_errors(client, method, path, 
 async def test_healthz_reports_database_and_bus(client) -> None:
     response = await client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "up", "bus": "up"}
+    assert response.json() == {"status": "ok", "database": "up", "bus": "up", "clients": 0}
 
 
 async def test_healthz_is_503_naming_the_database_when_it_is_gone(postgres_database_url) -> None:
