@@ -23,12 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
+import hmac
 import logging
 import math
 import os
+import re
 import sys
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +47,9 @@ from redis.retry import Retry
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
@@ -75,6 +80,10 @@ class Settings:
     sse_retry_ms: int = 2_000
     sse_ping_seconds: float = 15.0
     send_timeout_seconds: float = 10.0
+    ingest_tokens: tuple[str, ...] = ()
+    dashboard_tokens: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    max_streams_per_client: int = 20
 
 
 def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -141,6 +150,10 @@ def normalise_redis_url(raw: str | None) -> str | None:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
 
 
+def env_list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+
+
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Read the configuration from environment variables; raise ConfigError naming a bad one."""
     redis_url = normalise_redis_url(environ.get("REDIS_URL"))
@@ -163,6 +176,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         sse_ping_seconds=env_seconds(environ, "SSE_PING_SECONDS", Settings.sse_ping_seconds),
         send_timeout_seconds=env_seconds(
             environ, "SEND_TIMEOUT_SECONDS", Settings.send_timeout_seconds
+        ),
+        ingest_tokens=env_list(environ, "INGEST_TOKENS"),
+        dashboard_tokens=env_list(environ, "DASHBOARD_TOKENS"),
+        cors_origins=env_list(environ, "CORS_ORIGINS"),
+        max_streams_per_client=env_int(
+            environ, "MAX_STREAMS_PER_CLIENT", Settings.max_streams_per_client
         ),
     )
 
@@ -808,6 +827,7 @@ class Client:
 
     filter: StreamFilter
     limit: int
+    owner: str = ""
     frames: deque[Frame] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     overflow: asyncio.Event = field(default_factory=asyncio.Event)
@@ -849,6 +869,7 @@ class Hub:
     def __init__(self, queue_limit: int) -> None:
         self.queue_limit = queue_limit
         self.clients: set[Client] = set()
+        self.per_owner: Counter[str] = Counter()
         self.last_id = 0
         self.subscribed = asyncio.Event()
 
@@ -857,17 +878,25 @@ class Hub:
         return self.subscribed.is_set()
 
     @contextlib.contextmanager
-    def subscribe(self, stream_filter: StreamFilter) -> Iterator[Client]:
-        client = self.add(stream_filter)
+    def subscribe(self, stream_filter: StreamFilter, owner: str = "") -> Iterator[Client]:
+        client = self.add(stream_filter, owner)
         try:
             yield client
         finally:
-            self.clients.discard(client)
+            self.remove(client)
 
-    def add(self, stream_filter: StreamFilter) -> Client:
-        client = Client(stream_filter, self.queue_limit)
+    def add(self, stream_filter: StreamFilter, owner: str = "") -> Client:
+        client = Client(stream_filter, self.queue_limit, owner)
         self.clients.add(client)
+        self.per_owner[owner] += 1
         return client
+
+    def remove(self, client: Client) -> None:
+        if client in self.clients:
+            self.clients.discard(client)
+            self.per_owner[client.owner] -= 1
+            if not self.per_owner[client.owner]:
+                del self.per_owner[client.owner]
 
     def deliver(self, documents: Iterable[dict]) -> None:
         # Events at or below last_id were already delivered (a replay after a reconnect).
@@ -1001,6 +1030,112 @@ class Committer:
             logger.warning("could not publish %d bytes to the bus: %r", len(payload), error)
 
 
+# Access control
+
+TOKEN_COOKIE = "telemetry_token"
+# Query-string tokens would otherwise be written to the access log with the path.
+TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
+
+
+def token_is_valid(candidate: str | None, tokens: tuple[str, ...]) -> bool:
+    """Compare in constant time against every configured token (several allow rotation)."""
+    if not candidate:
+        return False
+    given = candidate.encode()
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(given, token.encode())
+    return matched
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def presented_tokens(connection: HTTPConnection) -> list[str | None]:
+    """Where a token may come from, header first: EventSource can send only cookie or query."""
+    return [
+        bearer_token(connection.headers),
+        connection.cookies.get(TOKEN_COOKIE),
+        connection.query_params.get("token"),
+    ]
+
+
+def require_token(tokens: tuple[str, ...], candidates: Iterable[str | None], realm: str) -> None:
+    """No tokens configured means open (the embedded default); otherwise one must match."""
+    if tokens and not any(token_is_valid(candidate, tokens) for candidate in candidates):
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"a valid {realm} token is required",
+            headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
+        )
+
+
+def envelope_token(body: Any) -> str | None:
+    """jupyterlab-pioneer's exporter cannot set headers: it sends the token in params."""
+    if not (isinstance(body, dict) and isinstance(body.get("data"), dict)):
+        return None
+    params = body.get("params")
+    token = params.get("token") if isinstance(params, dict) else None
+    return token if isinstance(token, str) else None
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Cross-site WebSocket hijacking guard: browsers always send Origin, others need not."""
+    if origin is None or origin in allowed:
+        return True
+    return urlsplit(origin).netloc == host
+
+
+def client_key(connection: HTTPConnection) -> str:
+    """Whom to count connections against: the dashboard token, else the client address."""
+    token = next((candidate for candidate in presented_tokens(connection) if candidate), None)
+    if token:
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return "address:" + (connection.client.host if connection.client else "unknown")
+
+
+class RedactTokens(logging.Filter):
+    """Keeps `?token=` values out of uvicorn's access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                TOKEN_IN_QUERY.sub("REDACTED", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'"),
+]
+
+
+class SecurityHeaders:
+    """Adds the headers browsers need to keep student-provided text inert, to every response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 # HTTP endpoints
 
 
@@ -1026,13 +1161,20 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def post_events(request: Request) -> Response:
     """Store one event or a batch; 201 with each event's id once all are committed."""
     state = request.app.state
+    settings: Settings = state.settings
     if not is_json_content_type(request.headers.get("content-type")):
         raise ApiError(415, "unsupported_media_type", "send the events as application/json")
     try:
-        body = await read_body(request, state.settings.max_body_bytes)
+        body = parse_json_body(await read_body(request, settings.max_body_bytes))
     except ClientDisconnect:
         return Response(status_code=400)
-    events = normalise_batch(parse_json_body(body), dt.datetime.now(dt.UTC), state.settings)
+    tokens = [
+        bearer_token(request.headers),
+        request.query_params.get("token"),
+        envelope_token(body),
+    ]
+    require_token(settings.ingest_tokens, tokens, "ingest")
+    events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
     try:
         stored = await state.committer.submit(events)
     except StorageUnavailable:
@@ -1129,7 +1271,20 @@ class ClientStream:
         try:
             await until_overflow(self.client, self.response(scope, receive, send))
         finally:
-            self.hub.clients.discard(self.client)
+            self.hub.remove(self.client)
+
+
+def admit_stream(connection: HTTPConnection) -> str:
+    """The owner key of a new stream, or 429 once that owner holds too many."""
+    state = connection.app.state
+    owner = client_key(connection)
+    if state.hub.per_owner[owner] >= state.settings.max_streams_per_client:
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"at most {state.settings.max_streams_per_client} streams per token or address",
+        )
+    return owner
 
 
 async def stream_events(request: Request) -> Response:
@@ -1138,7 +1293,8 @@ async def stream_events(request: Request) -> Response:
     after_id = parse_last_event_id(
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
-    client = state.hub.add(StreamFilter.from_query(request.query_params))
+    require_token(state.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    client = state.hub.add(StreamFilter.from_query(request.query_params), admit_stream(request))
     response = EventSourceResponse(
         sse_body(state, client, after_id),
         ping=state.settings.sse_ping_seconds,
@@ -1151,8 +1307,16 @@ async def websocket_events(websocket: WebSocket) -> None:
     """WebSocket: one JSON text frame per event; `last_event_id` resumes like SSE."""
     state = websocket.app.state
     after_id = parse_last_event_id(websocket.query_params.get("last_event_id"))
+    try:
+        owner = admit_websocket(websocket)
+    except ApiError as refusal:
+        # Closing before accept answers the handshake with HTTP 403.
+        logger.info("WebSocket refused: %s", refusal.message)
+        await websocket.close(code=1008, reason=refusal.code)
+        return
     await websocket.accept()
-    with state.hub.subscribe(StreamFilter.from_query(websocket.query_params)) as client:
+    stream_filter = StreamFilter.from_query(websocket.query_params)
+    with state.hub.subscribe(stream_filter, owner) as client:
         try:
             replay, notice = await open_stream(state, client, after_id)
         except StorageUnavailable:
@@ -1167,6 +1331,15 @@ async def websocket_events(websocket: WebSocket) -> None:
             receiver.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(websocket.close(code=code), 1.0)
+
+
+def admit_websocket(websocket: WebSocket) -> str:
+    settings: Settings = websocket.app.state.settings
+    origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
+    if not origin_allowed(origin, host, settings.cors_origins):
+        raise ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
+    require_token(settings.dashboard_tokens, presented_tokens(websocket), "dashboard")
+    return admit_stream(websocket)
 
 
 async def watch_for_close(websocket: WebSocket, client: Client) -> None:
@@ -1203,6 +1376,23 @@ async def send_websocket_frames(
     if client.overflowed:
         return 1013
     return 1012 if client.closed and AppStatus.should_exit else 1000
+
+
+async def create_session(request: Request) -> Response:
+    """Trade a dashboard token (Authorization: Bearer) for the HttpOnly cookie that
+    EventSource, which cannot send headers, presents by itself."""
+    token = bearer_token(request.headers)
+    require_token(request.app.state.settings.dashboard_tokens, [token], "dashboard")
+    response = JSONResponse({"status": "ok"})
+    if token:
+        response.set_cookie(
+            TOKEN_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+    return response
 
 
 async def healthz(request: Request) -> Response:
@@ -1276,6 +1466,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         asyncio.create_task(relay_bus_to_hub(bus, hub, storage), name="subscriber"),
         asyncio.create_task(close_streams_on_shutdown(hub), name="shutdown-watch"),
     ]
+    if not (settings.ingest_tokens and settings.dashboard_tokens):
+        logger.warning(
+            "running open: set INGEST_TOKENS and DASHBOARD_TOKENS before exposing this service"
+        )
     # Serve once live (or after a bounded wait if Redis is down: POSTs are stored meanwhile).
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(hub.subscribed.wait(), STARTUP_BUS_WAIT_SECONDS)
@@ -1298,11 +1492,13 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app; tests pass Settings for another database or bus."""
+    settings = settings or Settings()
     app = Starlette(
         routes=[
             Route("/api/v1/events", post_events, methods=["POST"]),
             Route("/api/v1/stream", stream_events, methods=["GET"]),
             WebSocketRoute("/api/v1/ws", websocket_events),
+            Route("/api/v1/session", create_session, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
         ],
         exception_handlers={
@@ -1310,9 +1506,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
             404: handle_http_error,
             405: handle_http_error,
         },
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                max_age=600,
+            ),
+        ],
         lifespan=lifespan,
     )
-    app.state.settings = settings or Settings()
+    app.state.settings = settings
     return app
 
 
@@ -1321,6 +1527,7 @@ def app_from_environment() -> Starlette:
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     try:
         return create_app(load_settings(os.environ))
     except ConfigError as error:
