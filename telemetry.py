@@ -26,6 +26,7 @@ import datetime as dt
 import logging
 import math
 import os
+import re
 import sys
 import uuid
 from collections import deque
@@ -74,6 +75,8 @@ class Settings:
     sse_retry_ms: int = 2_000
     sse_ping_seconds: float = 15.0
     send_timeout_seconds: float = 10.0
+    pioneer_student_env: str = "JUPYTERHUB_USER"
+    pioneer_environ_allow: frozenset[str] = frozenset()
 
 
 def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -87,6 +90,26 @@ def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
     return value
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_names(environ: Mapping[str, str], name: str) -> frozenset[str]:
+    """A comma-separated list of environment variable names; empty when unset."""
+    names = frozenset(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+    for item in sorted(names):
+        if not ENV_NAME.fullmatch(item):
+            raise ConfigError(f"{name} holds {item!r}, which is not an environment variable name")
+    return names
+
+
+def env_name(environ: Mapping[str, str], name: str, default: str) -> str:
+    """One environment variable name; the default when unset or empty."""
+    names = env_names(environ, name)
+    if len(names) > 1:
+        raise ConfigError(f"{name} must name one variable, not {len(names)}")
+    return next(iter(names), default)
 
 
 def normalise_database_url(raw: str | None) -> str:
@@ -145,6 +168,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         max_outputs_bytes=env_int(environ, "MAX_OUTPUTS_BYTES", Settings.max_outputs_bytes),
         replay_limit=env_int(environ, "REPLAY_LIMIT", Settings.replay_limit),
         client_queue_limit=env_int(environ, "CLIENT_QUEUE_LIMIT", Settings.client_queue_limit),
+        pioneer_student_env=env_name(environ, "PIONEER_STUDENT_ENV", Settings.pioneer_student_env),
+        pioneer_environ_allow=env_names(environ, "PIONEER_ENVIRON_ALLOW"),
     )
 
 
