@@ -1483,6 +1483,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/api/v1/events", post_events, methods=["POST"]),
+            # jupyterlab-pioneer's remote_exporter appends /YYYY/MM/DD/HH to its url when the
+            # exporter's id contains "s3": the same endpoint, whatever the id.
+            Route(
+                "/api/v1/events/{year:int}/{month:int}/{day:int}/{hour:int}",
+                post_events,
+                methods=["POST"],
+            ),
             Route("/api/v1/stream", stream_events, methods=["GET"]),
             WebSocketRoute("/api/v1/ws", websocket_events),
             Route("/healthz", healthz, methods=["GET"]),
