@@ -489,7 +489,8 @@ def check_pioneer_shape(envelope: dict) -> None:
     if not isinstance(envelope["data"]["eventDetail"], dict):
         raise PioneerError("data.eventDetail", "must be an object")
     for path, kind in PIONEER_CONTAINERS.items():
-        if dig(envelope, path) is not None and not isinstance(dig(envelope, path), kind):
+        value = dig(envelope, path)
+        if value is not None and not isinstance(value, kind):
             raise PioneerError(path, f"must be {'an object' if kind is dict else 'a list'} or null")
     for position, entry in enumerate(envelope.get("env") or []):
         if not isinstance(entry, dict):
