@@ -53,10 +53,22 @@ def test_ingest_with_a_valid_token_is_stored(server, kwargs) -> None:
     assert post(server, event(1), **kwargs).status_code == 201
 
 
-def test_pioneer_envelope_token_is_accepted(server) -> None:
-    body = {"data": {}, "params": {"token": INGEST}, "student_id": "s", "event_type": "x"}
+async def test_pioneer_envelope_token_is_accepted_and_never_stored(server) -> None:
+    body = {
+        "data": {
+            "eventDetail": {"eventName": "NotebookSaveEvent", "eventTime": 1795687200000},
+            "notebookState": {"sessionID": "sess", "notebookPath": "hw.ipynb"},
+        },
+        "params": {"token": INGEST, "student_id": "ada"},
+        "env": [],
+    }
     response = post(server, body)
-    assert response.status_code != 401
+    assert response.status_code == 201, response.text
+    replay = await SseClient(server.url, last_event_id=0, token=DASHBOARD).start()
+    await replay.wait_for_ids([response.json()["events"][0]["id"]])
+    assert replay.documents[0]["student_id"] == "ada"
+    assert INGEST not in str(replay.documents)
+    await replay.close()
 
 
 async def test_dashboard_streams_need_a_token(server) -> None:

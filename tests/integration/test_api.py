@@ -110,7 +110,13 @@ async def test_body_larger_than_declared_is_cut_off(client) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("GET", "/api/v1/events", 405), ("GET", "/nope", 404), ("DELETE", "/api/v1/events", 405)],
+    [
+        ("GET", "/api/v1/events", 405),
+        ("GET", "/nope", 404),
+        ("DELETE", "/api/v1/events", 405),
+        ("POST", "/api/v1/events/anything", 404),
+        ("POST", "/api/v1/events/2026/11/27", 404),
+    ],
 )
 async def test_unknown_routes_and_methods_get_json_errors(client, method, path, status) -> None:
     response = await client.request(method, path)
@@ -132,3 +138,15 @@ async def test_healthz_is_503_naming_the_database_when_it_is_gone(postgres_datab
         body = response.json()
         assert body["database"].startswith("down") and body["bus"] == "up"
         await client.app.state.storage.database.connect()
+
+
+async def test_pioneer_s3_date_suffix_reaches_the_same_endpoint(client) -> None:
+    # jupyterlab-pioneer appends /YYYY/MM/DD/HH when its exporter id contains "s3".
+    envelope = {
+        "data": {"eventDetail": {"eventName": "NotebookSaveEvent", "eventTime": 1795737731762}},
+        "params": {"student_id": "s-42"},
+        "env": [],
+    }
+    response = await client.post("/api/v1/events/2026/11/27/00", json=envelope)
+    assert response.status_code == 201, response.text
+    assert await count_events(client) == 1

@@ -12,6 +12,7 @@ from telemetry import (
 )
 
 TOKENS = ("old-token", "new-token")
+ENVELOPE = {"data": {"eventDetail": {}, "notebookState": {}}}
 
 
 @pytest.mark.parametrize(
@@ -34,9 +35,10 @@ def test_bearer_token(header: str, token) -> None:
 
 @pytest.mark.parametrize(
     ("body", "token"),
-    [({"data": {}, "params": {"token": "t"}}, "t"), ({"data": {}, "params": None}, None),
-     ({"data": {}, "params": {"token": 5}}, None), ({"params": {"token": "t"}}, None),
-     ([{"data": {}, "params": {"token": "t"}}], None), ({}, None)],
+    [(ENVELOPE | {"params": {"token": "t"}}, "t"), (ENVELOPE | {"params": None}, None),
+     (ENVELOPE | {"params": {"token": 5}}, None), ({"params": {"token": "t"}}, None),
+     ({"data": {}, "params": {"token": "t"}}, None),
+     ([ENVELOPE | {"params": {"token": "t"}}], None), ({}, None)],
 )  # fmt: skip
 def test_token_in_a_pioneer_envelope(body, token) -> None:
     assert envelope_token(body) == token

@@ -102,3 +102,44 @@ def test_bad_numbers_fail_with_the_variable_named(environ: dict, variable: str) 
 
 def test_several_workers_are_allowed_with_redis() -> None:
     assert load_settings({"WEB_CONCURRENCY": "2", "REDIS_URL": "redis://h"}).redis_url
+
+
+def test_pioneer_defaults_keep_no_server_variable() -> None:
+    settings = load_settings({})
+    assert settings.pioneer_student_env == "JUPYTERHUB_USER"
+    assert settings.pioneer_environ_allow == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("environ", "student_env", "allow"),
+    [
+        ({"PIONEER_STUDENT_ENV": " LMS_USER "}, "LMS_USER", frozenset()),
+        ({"PIONEER_STUDENT_ENV": ""}, "JUPYTERHUB_USER", frozenset()),
+        ({"PIONEER_ENVIRON_ALLOW": "COURSE"}, "JUPYTERHUB_USER", {"COURSE"}),
+        (
+            {"PIONEER_ENVIRON_ALLOW": "COURSE, HOME,,LANG "},
+            "JUPYTERHUB_USER",
+            {"COURSE", "HOME", "LANG"},
+        ),
+        ({"PIONEER_ENVIRON_ALLOW": " , "}, "JUPYTERHUB_USER", frozenset()),
+    ],
+)
+def test_pioneer_variables_are_read(environ: dict, student_env: str, allow: set) -> None:
+    settings = load_settings(environ)
+    assert (settings.pioneer_student_env, settings.pioneer_environ_allow) == (student_env, allow)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"PIONEER_STUDENT_ENV": "JUPYTERHUB USER"}, "PIONEER_STUDENT_ENV"),
+        ({"PIONEER_STUDENT_ENV": "A,B"}, "PIONEER_STUDENT_ENV"),
+        ({"PIONEER_ENVIRON_ALLOW": "HOME;PATH"}, "PIONEER_ENVIRON_ALLOW"),
+        ({"PIONEER_ENVIRON_ALLOW": "HOME,1ST"}, "PIONEER_ENVIRON_ALLOW"),
+    ],
+)
+def test_bad_pioneer_variable_names_fail_with_the_variable_named(
+    environ: dict, variable: str
+) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(environ)
