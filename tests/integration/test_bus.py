@@ -43,14 +43,6 @@ async def test_a_killed_subscription_raises_instead_of_silently_reconnecting(pri
     await bus.aclose()
 
 
-@pytest.fixture
-async def storage(database_url: str):
-    storage = Storage(database_url, pool_size=2)
-    await storage.connect()
-    yield storage
-    await storage.disconnect()
-
-
 async def store_and_publish(storage: Storage, bus, student: str) -> int:
     now = dt.datetime.now(dt.UTC)
     events = normalise_batch({"student_id": student, "event_type": "x"}, now, Settings())

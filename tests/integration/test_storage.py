@@ -19,14 +19,6 @@ async def no_publish(stored) -> None:
     return None
 
 
-@pytest.fixture
-async def storage(database_url: str):
-    storage = Storage(database_url, pool_size=3)
-    await storage.connect()
-    yield storage
-    await storage.disconnect()
-
-
 async def test_events_are_stored_with_increasing_ids_and_the_student_upserted(storage) -> None:
     stored = await storage.store(
         events(
