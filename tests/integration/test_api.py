@@ -110,7 +110,7 @@ async def test_body_larger_than_declared_is_cut_off(client) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("GET", "/api/v1/events", 405), ("GET", "/nope", 404), ("DELETE", "/api/v1/events", 405)],
+    [("PUT", "/api/v1/events", 405), ("GET", "/nope", 404), ("DELETE", "/api/v1/events", 405)],
 )
 async def test_unknown_routes_and_methods_get_json_errors(client, method, path, status) -> None:
     response = await client.request(method, path)
