@@ -465,7 +465,7 @@ def query_int(
     if not raw:
         return default
     low, high = bounds
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         errors.add(name, f"must be a whole number from {low} to {high}")
         return default
     return int(raw)
@@ -593,7 +593,7 @@ LIMIT :limit
 # Correlated subqueries, each an index range on events (student_id, id): the cost follows
 # the page's students, not the whole table.
 SELECT_STUDENT_PAGE = """
-SELECT page.*, last.event_type AS last_event_type, last.notebook_path AS last_notebook_path,
+SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
        help.event_type AS last_help_type
 FROM (
     SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
@@ -604,6 +604,8 @@ FROM (
          WHERE e.student_id = s.student_id AND e.status = 'error') AS error_count,
         (SELECT MAX(e.id) FROM events e WHERE e.student_id = s.student_id) AS last_event_id,
         (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL) AS last_notebook_id,
+        (SELECT MAX(e.id) FROM events e
          WHERE e.student_id = s.student_id AND e.event_type IN ('help', 'help_stop')
         ) AS last_help_id
     FROM students s
@@ -613,6 +615,7 @@ FROM (
     LIMIT :limit
 ) page
 LEFT JOIN events last ON last.id = page.last_event_id
+LEFT JOIN events notebook ON notebook.id = page.last_notebook_id
 LEFT JOIN events help ON help.id = page.last_help_id
 ORDER BY page.student_id
 """
