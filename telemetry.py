@@ -44,8 +44,9 @@ from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 logger = logging.getLogger("telemetry")
@@ -1386,6 +1387,21 @@ async def list_students(request: Request) -> Response:
     return JSONResponse({"students": page, "next_after": page[-1]["student_id"] if more else None})
 
 
+STATIC_DIR = Path(__file__).with_name("static")
+# The page has no inline script or style, so the strictest policy applies.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+async def dashboard_page(request: Request) -> Response:
+    """The instructors' live dashboard: static HTML, its script and style under /static."""
+    return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+
 async def healthz(request: Request) -> Response:
     """200 when the database and the bus answer; 503 naming what is down."""
     state = request.app.state
@@ -1481,12 +1497,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app; tests pass Settings for another database or bus."""
     app = Starlette(
         routes=[
+            Route("/", dashboard_page, methods=["GET"]),
             Route("/api/v1/events", post_events, methods=["POST"]),
             Route("/api/v1/events", list_events, methods=["GET"]),
             Route("/api/v1/students", list_students, methods=["GET"]),
             Route("/api/v1/stream", stream_events, methods=["GET"]),
             WebSocketRoute("/api/v1/ws", websocket_events),
             Route("/healthz", healthz, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers={
             ApiError: handle_api_error,
