@@ -46,7 +46,8 @@
 
   function formatTime(iso) {
     const moment = new Date(iso);
-    return Number.isNaN(moment.getTime()) ? String(iso || "") : moment.toLocaleTimeString();
+    if (Number.isNaN(moment.getTime())) return String(iso || "");
+    return moment.toLocaleTimeString([], { hour12: false });
   }
 
   function statusClass(status) {
@@ -352,7 +353,7 @@
 
   function attentionCell(student) {
     const cell = el("td", "attention");
-    if (student.hand_raised) cell.append(el("span", "badge hand", "✋ help"));
+    if (student.hand_raised) cell.append(el("span", "badge hand", "hand raised"));
     if (student.stuck) {
       const badge = el("span", "badge stuck", `stuck: ${student.error_streak} errors`);
       badge.title = `cell ${student.streak_cell_id || "?"}`;
@@ -368,8 +369,9 @@
       hands += student.hand_raised ? 1 : 0;
       stuck += student.stuck ? 1 : 0;
     });
+    const students = state.students.size;
     $("#student-summary").textContent =
-      `${state.students.size} · ${hands} hands raised · ${stuck} stuck`;
+      `${students} ${students === 1 ? "student" : "students"} · ${hands} raised a hand · ${stuck} stuck`;
   }
 
   // Filters: the course narrows everything on the server; notebook and type narrow the feed.
