@@ -36,6 +36,7 @@
   };
 
   const $ = (selector) => document.querySelector(selector);
+  const collator = new Intl.Collator(undefined, { sensitivity: "base", numeric: true });
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -305,7 +306,7 @@
     if (first) return first;
     const nameA = a.name || a.student_id;
     const nameB = b.name || b.student_id;
-    return nameA.localeCompare(nameB) || a.student_id.localeCompare(b.student_id);
+    return collator.compare(nameA, nameB) || collator.compare(a.student_id, b.student_id);
   }
 
   function drawStudents() {
