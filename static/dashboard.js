@@ -340,10 +340,12 @@
     if (student.name) who.append(el("span", "id", student.student_id));
     const activity = el("td", "last-seen", formatTime(student.last_seen));
     activity.title = student.last_seen || "";
+    const notebook = el("td", "notebook", student.last_notebook_path || "");
+    notebook.title = student.last_notebook_path || "";
     row.replaceChildren(
       who,
       el("td", "course", student.course_id || ""),
-      el("td", "notebook", student.last_notebook_path || ""),
+      notebook,
       el("td", "last-type", student.last_event_type || ""),
       activity,
       el("td", "number executions", student.execution_count),
