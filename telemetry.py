@@ -53,8 +53,9 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 logger = logging.getLogger("telemetry")
@@ -721,6 +722,71 @@ def parse_last_event_id(value: str | None) -> int | None:
     return number if number <= INT64_MAX else None
 
 
+# Read API query parameters. Keyset pages on the event id (or student id), never OFFSET:
+# a page stays correct while events keep arriving.
+PAGE_LIMIT_DEFAULT = 100
+PAGE_LIMIT_MAX = 1_000
+EVENT_QUERY_FILTERS = {
+    "student_id": IDENTIFIER_MAX_CHARS,
+    "course_id": TEXT_MAX_CHARS,
+    "event_type": IDENTIFIER_MAX_CHARS,
+    "notebook_path": TEXT_MAX_CHARS,
+}
+
+
+def query_text(query: Mapping[str, str], name: str, max_chars: int, errors: FieldErrors) -> Any:
+    """An optional text filter; empty means absent, as an HTML form sends it."""
+    value = query.get(name) or None
+    if value is not None and len(value) > max_chars:
+        errors.add(name, f"must be at most {max_chars} characters")
+        return None
+    return value
+
+
+def query_int(
+    query: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], errors: FieldErrors
+) -> int:
+    raw = query.get(name, "").strip()
+    if not raw:
+        return default
+    low, high = bounds
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        errors.add(name, f"must be a whole number from {low} to {high}")
+        return default
+    return int(raw)
+
+
+def raise_query_errors(errors: FieldErrors) -> None:
+    if errors.details:
+        raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
+
+
+def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/events parameters to the SQL parameters of SELECT_EVENT_PAGE, or a 422."""
+    errors = FieldErrors()
+    params = {
+        name: query_text(query, name, max_chars, errors)
+        for name, max_chars in EVENT_QUERY_FILTERS.items()
+    }
+    params["since_id"] = query_int(query, "since_id", 0, (0, INT64_MAX), errors)
+    params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
+    params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/students parameters to the SQL parameters of SELECT_STUDENT_PAGE, or a 422."""
+    errors = FieldErrors()
+    params = {
+        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
+        "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
+        "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
+    }
+    raise_query_errors(errors)
+    return params
+
+
 # Storage
 
 UPSERT_STUDENT = """
@@ -750,17 +816,6 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING id
 """
 
-SELECT_EVENTS_AFTER = """
-SELECT e.id, e.event_id, e.event_type, e.student_id, s.name AS student_name, s.team,
-       e.course_id, e.session_id, e.notebook_path, e.cell_id, e.cell_index,
-       e.execution_count, e.source, e.status, e.error, e.duration_ms, e.seq, e.outputs,
-       e.outputs_truncated, e.occurred_at, e.received_at, e.extra
-FROM events e JOIN students s ON s.student_id = e.student_id
-WHERE e.id > :after_id
-ORDER BY e.id
-LIMIT :limit
-"""
-
 SELECT_MAX_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
 
 # Serialises commit-and-publish across processes, so ids reach the bus in id order.
@@ -784,6 +839,87 @@ EVENT_COLUMNS = (
     "outputs_truncated occurred_at received_at extra"
 ).split()
 JSON_COLUMNS = ("error", "outputs", "extra")
+
+# The read API selects the same documents as the stream sends (see event_document): the
+# student's name and team, and the student's course when the event names none.
+EVENT_DOCUMENT_SOURCES = {
+    "student_name": "s.name",
+    "team": "s.team",
+    "course_id": "COALESCE(e.course_id, s.course_id)",
+}
+EVENT_DOCUMENT_COLUMNS = ", ".join(
+    f"{EVENT_DOCUMENT_SOURCES.get(column, 'e.' + column)} AS {column}" for column in EVENT_COLUMNS
+)
+
+# Replay and catch-up: the same documents as live delivery, in id order.
+SELECT_EVENTS_AFTER = f"""
+SELECT {EVENT_DOCUMENT_COLUMNS}
+FROM events e JOIN students s ON s.student_id = e.student_id
+WHERE e.id > :after_id
+ORDER BY e.id
+LIMIT :limit
+"""
+
+# Optional filters are `CAST(:x AS TEXT) IS NULL OR ...`: asyncpg cannot type a bare NULL.
+SELECT_EVENT_PAGE = f"""
+SELECT {EVENT_DOCUMENT_COLUMNS}
+FROM events e JOIN students s ON s.student_id = e.student_id
+WHERE e.id > :since_id AND e.id < :before_id
+  AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
+  AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
+  AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
+  AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
+ORDER BY e.id DESC
+LIMIT :limit
+"""
+
+# Correlated subqueries, each an index range on events (student_id, id): the cost follows
+# the page's students, not the whole table.
+SELECT_STUDENT_PAGE = """
+SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
+       help.event_type AS last_help_type
+FROM (
+    SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
+        (SELECT COUNT(*) FROM events e WHERE e.student_id = s.student_id) AS event_count,
+        (SELECT COUNT(e.status) FROM events e
+         WHERE e.student_id = s.student_id) AS execution_count,
+        (SELECT COUNT(*) FROM events e
+         WHERE e.student_id = s.student_id AND e.status = 'error') AS error_count,
+        (SELECT MAX(e.id) FROM events e WHERE e.student_id = s.student_id) AS last_event_id,
+        (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL) AS last_notebook_id,
+        (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND e.event_type IN ('help', 'help_stop')
+        ) AS last_help_id
+    FROM students s
+    WHERE s.student_id > :after
+      AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
+    ORDER BY s.student_id
+    LIMIT :limit
+) page
+LEFT JOIN events last ON last.id = page.last_event_id
+LEFT JOIN events notebook ON notebook.id = page.last_notebook_id
+LEFT JOIN events help ON help.id = page.last_help_id
+ORDER BY page.student_id
+"""
+
+# The latest executions of the students from `after` (exclusive) to `through`, newest
+# first, for the error streak (see error_streak).
+SELECT_RECENT_EXECUTIONS = """
+SELECT student_id, cell_id, status FROM (
+    SELECT e.student_id, e.cell_id, e.status,
+           ROW_NUMBER() OVER (PARTITION BY e.student_id ORDER BY e.id DESC) AS recency
+    FROM events e
+    WHERE e.student_id > :after AND e.student_id <= :through AND e.status IS NOT NULL
+) recent
+WHERE recency <= :depth
+ORDER BY student_id, recency DESC
+"""
+
+# A student is stuck after this many errors in a row on one cell; the dashboard uses the
+# same rule (static/dashboard.js) for live updates.
+STUCK_ERROR_STREAK = 3
+STREAK_LOOKBACK_EXECUTIONS = 20
 
 
 class StorageUnavailable(Exception):
@@ -825,6 +961,44 @@ def row_document(row: Mapping[str, Any]) -> dict:
     document["occurred_at"] = format_timestamp(document["occurred_at"])
     document["received_at"] = format_timestamp(document["received_at"])
     return document
+
+
+def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | None, int]:
+    """(cell_id, errors in a row) over (cell_id, status) executions, oldest first.
+
+    An error on another cell starts a new streak; a success on the streak's cell ends it;
+    successes elsewhere leave it alone (a student often re-runs earlier cells to fix one).
+    """
+    cell, count = None, 0
+    for cell_id, status in executions:
+        if status == "error":
+            cell, count = cell_id, (count + 1 if count and cell_id == cell else 1)
+        elif count and cell_id == cell:
+            cell, count = None, 0
+    return cell, count
+
+
+def student_document(row: Mapping[str, Any], streak: tuple[str | None, int]) -> dict:
+    """One student as the read API and the dashboard's table see them."""
+    cell, count = streak
+    return {
+        "student_id": row["student_id"],
+        "name": row["name"],
+        "course_id": row["course_id"],
+        "team": row["team"],
+        "first_seen": format_timestamp(row["first_seen"]),
+        "last_seen": format_timestamp(row["last_seen"]),
+        "event_count": row["event_count"],
+        "execution_count": row["execution_count"],
+        "error_count": row["error_count"],
+        "last_event_id": row["last_event_id"],
+        "last_event_type": row["last_event_type"],
+        "last_notebook_path": row["last_notebook_path"],
+        "hand_raised": row["last_help_type"] == "help",
+        "error_streak": count,
+        "streak_cell_id": cell,
+        "stuck": count >= STUCK_ERROR_STREAK,
+    }
 
 
 @dataclass
@@ -888,6 +1062,33 @@ class Storage:
             SELECT_EVENTS_AFTER, {"after_id": after_id, "limit": limit}
         )
         return [row_document(row._mapping) for row in rows]
+
+    async def events_page(self, params: Mapping[str, Any]) -> list[dict]:
+        """Events matching parse_events_query's params, newest first."""
+        rows = await self.database.fetch_all(SELECT_EVENT_PAGE, dict(params))
+        return [row_document(row._mapping) for row in rows]
+
+    async def students_page(self, params: Mapping[str, Any]) -> list[dict]:
+        """Students matching parse_students_query's params, by student_id, with their counts."""
+        rows = [row._mapping for row in await self.database.fetch_all(SELECT_STUDENT_PAGE, params)]
+        if not rows:
+            return []
+        executions: dict[str, list[tuple[str | None, str]]] = {}
+        recent = await self.database.fetch_all(
+            SELECT_RECENT_EXECUTIONS,
+            {
+                "after": params["after"],
+                "through": rows[-1]["student_id"],
+                "depth": STREAK_LOOKBACK_EXECUTIONS,
+            },
+        )
+        for row in recent:
+            execution = (row._mapping["cell_id"], row._mapping["status"])
+            executions.setdefault(row._mapping["student_id"], []).append(execution)
+        return [
+            student_document(row, error_streak(executions.get(row["student_id"], [])))
+            for row in rows
+        ]
 
     async def store(
         self, events: list[dict], after_commit: Callable[[list[StoredEvent]], Awaitable[None]]
@@ -1641,6 +1842,64 @@ async def create_session(request: Request) -> Response:
     return response
 
 
+async def read_storage(read: Awaitable[Any]) -> Any:
+    """A read for the read API; a database failure becomes 503, as for writes."""
+    try:
+        return await read
+    except Exception as error:  # noqa: BLE001 - the driver's errors differ by backend
+        logger.warning("read failed: %r", error)
+        raise ApiError(
+            503,
+            "storage_unavailable",
+            "the database could not be read; retry shortly",
+            headers={"Retry-After": "2"},
+        ) from None
+
+
+async def list_events(request: Request) -> Response:
+    """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    storage: Storage = request.app.state.storage
+    params = parse_events_query(request.query_params)
+    # Read before the page: resuming the stream from latest_id then misses nothing.
+    latest_id = await read_storage(storage.max_event_id())
+    documents = await read_storage(storage.events_page({**params, "limit": params["limit"] + 1}))
+    page = documents[: params["limit"]]
+    more = len(documents) > params["limit"]
+    return JSONResponse(
+        {
+            "events": page,
+            "next_before_id": page[-1]["id"] if more else None,
+            "latest_id": max([latest_id, *(document["id"] for document in page)]),
+        }
+    )
+
+
+async def list_students(request: Request) -> Response:
+    """Students by student_id with their counts; `next_after` fetches the next page."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    storage: Storage = request.app.state.storage
+    params = parse_students_query(request.query_params)
+    students = await read_storage(storage.students_page({**params, "limit": params["limit"] + 1}))
+    page = students[: params["limit"]]
+    more = len(students) > params["limit"]
+    return JSONResponse({"students": page, "next_after": page[-1]["student_id"] if more else None})
+
+
+STATIC_DIR = Path(__file__).with_name("static")
+# SecurityHeaders adds the CSP (the page has no inline script or style) and friends.
+PAGE_HEADERS = {"Cache-Control": "no-cache"}
+
+
+async def dashboard_page(request: Request) -> Response:
+    """The instructors' live dashboard: static HTML, its script and style under /static."""
+    return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+
 async def healthz(request: Request) -> Response:
     """200 when the database and the bus answer; 503 naming what is down."""
     state = request.app.state
@@ -1741,6 +2000,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     app = Starlette(
         routes=[
+            Route("/", dashboard_page, methods=["GET"]),
             Route("/api/v1/events", post_events, methods=["POST"]),
             # jupyterlab-pioneer's remote_exporter appends /YYYY/MM/DD/HH to its url when the
             # exporter's id contains "s3": the same endpoint, whatever the id.
@@ -1749,10 +2009,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 post_events,
                 methods=["POST"],
             ),
+            Route("/api/v1/events", list_events, methods=["GET"]),
+            Route("/api/v1/students", list_students, methods=["GET"]),
             Route("/api/v1/stream", stream_events, methods=["GET"]),
             WebSocketRoute("/api/v1/ws", websocket_events),
             Route("/api/v1/session", create_session, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers={
             ApiError: handle_api_error,

@@ -124,6 +124,11 @@ class Server:
         self.log.close()
         return self.process.returncode
 
+    def restart(self) -> Server:
+        """Stop, then start again on the same port with the same environment and database."""
+        self.stop()
+        return self.start()
+
     def logs(self) -> str:
         return self.log_path.read_text()
 

@@ -111,7 +111,7 @@ async def test_body_larger_than_declared_is_cut_off(client) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
-        ("GET", "/api/v1/events", 405),
+        ("PUT", "/api/v1/events", 405),
         ("GET", "/nope", 404),
         ("DELETE", "/api/v1/events", 405),
         ("POST", "/api/v1/events/anything", 404),

@@ -65,6 +65,19 @@ async def test_replay_returns_what_was_broadcast(storage) -> None:
     assert await storage.events_after(0, 1) == live[:1]
 
 
+async def test_replay_gives_the_students_course_as_live_delivery_does(storage) -> None:
+    stored = await storage.store(
+        events(
+            {"student_id": "s1", "event_type": "a", "course_id": "c1"},
+            {"student_id": "s1", "event_type": "b"},
+        ),
+        no_publish,
+    )
+    live = [item.document for item in stored]
+    assert [document["course_id"] for document in live] == ["c1", "c1"]
+    assert await storage.events_after(0, 10) == live
+
+
 async def test_failed_batch_stores_nothing(storage) -> None:
     good = events({"student_id": "s1", "event_type": "a"})[0]
     bad = {**good, "event_id": "other", "event_type": None}  # violates NOT NULL
