@@ -1402,6 +1402,7 @@ async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage
 RECONNECT_MIN_SECONDS = 0.25
 RECONNECT_MAX_SECONDS = 8.0
 STARTUP_BUS_WAIT_SECONDS = 3.0
+RETRY_AFTER_SECONDS = 2
 
 
 # Ingest: group commit
@@ -1586,6 +1587,16 @@ class SecurityHeaders:
 # HTTP endpoints
 
 
+def storage_unavailable(what_failed: str) -> ApiError:
+    # 503, not 4xx: the JupyterLab clients retry 5xx and drop an event on any 4xx.
+    return ApiError(
+        503,
+        "storage_unavailable",
+        f"{what_failed}; retry shortly",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 def api_error_response(error: ApiError) -> JSONResponse:
     body = error_body(error.status, error.code, error.message, error.details)
     return JSONResponse(body, status_code=error.status, headers=error.headers)
@@ -1625,12 +1636,7 @@ async def post_events(request: Request) -> Response:
     try:
         stored = await state.committer.submit(events)
     except StorageUnavailable:
-        raise ApiError(
-            503,
-            "storage_unavailable",
-            "the events could not be stored; retry shortly",
-            headers={"Retry-After": "2"},
-        ) from None
+        raise storage_unavailable("the events could not be stored") from None
     return JSONResponse({"events": [item.receipt() for item in stored]}, status_code=201)
 
 
@@ -1848,12 +1854,7 @@ async def read_storage(read: Awaitable[Any]) -> Any:
         return await read
     except Exception as error:  # noqa: BLE001 - the driver's errors differ by backend
         logger.warning("read failed: %r", error)
-        raise ApiError(
-            503,
-            "storage_unavailable",
-            "the database could not be read; retry shortly",
-            headers={"Retry-After": "2"},
-        ) from None
+        raise storage_unavailable("the database could not be read") from None
 
 
 async def list_events(request: Request) -> Response:
