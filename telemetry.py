@@ -16,6 +16,9 @@ Decisions a reader must not undo:
   after each (re)subscription the hub catches up from the database before going live.
 - The hub never awaits a client. Each client has a bounded queue of shared, pre-encoded
   frames; a client whose queue overflows is disconnected and resumes by id.
+- jupyterlab-pioneer's NotebookOpenEvent carries the Jupyter server's whole environment,
+  tokens included: only the variables named in PIONEER_ENVIRON_ALLOW are ever stored or
+  sent on, and its params.token never is.
 """
 
 from __future__ import annotations
@@ -24,19 +27,22 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import hashlib
+import hmac
 import logging
 import math
 import os
 import re
 import sys
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import anyio
 import orjson
 import redis.asyncio as aioredis
 from databases import Database
@@ -45,9 +51,12 @@ from redis.retry import Retry
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 logger = logging.getLogger("telemetry")
@@ -76,6 +85,12 @@ class Settings:
     sse_retry_ms: int = 2_000
     sse_ping_seconds: float = 15.0
     send_timeout_seconds: float = 10.0
+    ingest_tokens: tuple[str, ...] = ()
+    dashboard_tokens: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    max_streams_per_client: int = 20
+    pioneer_student_env: str = "JUPYTERHUB_USER"
+    pioneer_environ_allow: frozenset[str] = frozenset()
 
 
 def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -89,6 +104,44 @@ def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
     return value
+
+
+def env_seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def env_list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list; empty when unset."""
+    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_names(environ: Mapping[str, str], name: str) -> frozenset[str]:
+    """A comma-separated list of environment variable names; empty when unset."""
+    names = frozenset(env_list(environ, name))
+    for item in sorted(names):
+        if not ENV_NAME.fullmatch(item):
+            raise ConfigError(f"{name} holds {item!r}, which is not an environment variable name")
+    return names
+
+
+def env_name(environ: Mapping[str, str], name: str, default: str) -> str:
+    """One environment variable name; the default when unset or empty."""
+    names = env_names(environ, name)
+    if len(names) > 1:
+        raise ConfigError(f"{name} must name one variable, not {len(names)}")
+    return next(iter(names), default)
 
 
 def normalise_database_url(raw: str | None) -> str:
@@ -107,7 +160,7 @@ def normalise_database_url(raw: str | None) -> str:
             raise ConfigError("DATABASE_URL must name a host and a database")
         return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
     if scheme in ("sqlite", "sqlite+aiosqlite"):
-        return urlunsplit(("sqlite", parts.netloc, parts.path, parts.query, ""))
+        return "sqlite:" + raw.strip().split(":", 1)[1]  # urlunsplit would drop the empty host
     raise ConfigError(
         f"DATABASE_URL has scheme {parts.scheme!r}; expected postgres://, postgresql:// or sqlite://"
     )
@@ -147,6 +200,19 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         max_outputs_bytes=env_int(environ, "MAX_OUTPUTS_BYTES", Settings.max_outputs_bytes),
         replay_limit=env_int(environ, "REPLAY_LIMIT", Settings.replay_limit),
         client_queue_limit=env_int(environ, "CLIENT_QUEUE_LIMIT", Settings.client_queue_limit),
+        sse_retry_ms=env_int(environ, "SSE_RETRY_MS", Settings.sse_retry_ms),
+        sse_ping_seconds=env_seconds(environ, "SSE_PING_SECONDS", Settings.sse_ping_seconds),
+        send_timeout_seconds=env_seconds(
+            environ, "SEND_TIMEOUT_SECONDS", Settings.send_timeout_seconds
+        ),
+        ingest_tokens=env_list(environ, "INGEST_TOKENS"),
+        dashboard_tokens=env_list(environ, "DASHBOARD_TOKENS"),
+        cors_origins=env_list(environ, "CORS_ORIGINS"),
+        max_streams_per_client=env_int(
+            environ, "MAX_STREAMS_PER_CLIENT", Settings.max_streams_per_client
+        ),
+        pioneer_student_env=env_name(environ, "PIONEER_STUDENT_ENV", Settings.pioneer_student_env),
+        pioneer_environ_allow=env_names(environ, "PIONEER_ENVIRON_ALLOW"),
     )
 
 
@@ -390,6 +456,222 @@ def normalise_event(
     return event
 
 
+# jupyterlab-pioneer's remote_exporter (1.7.3) posts one event per request, as
+#   {"data": {"eventDetail": {eventName, eventTime, eventInfo},
+#             "notebookState": {sessionID, notebookPath, notebookContent}},
+#    "params": <its exporter's args.params> | null, "env": [{NAME: os.getenv(NAME)}, ...]}
+# and cannot set headers. Our field -> where the envelope carries it, taken as it is:
+PIONEER_FIELDS = {
+    "event_type": "data.eventDetail.eventName",
+    "occurred_at": "data.eventDetail.eventTime",
+    "session_id": "data.notebookState.sessionID",
+    "notebook_path": "data.notebookState.notebookPath",
+    "course_id": "params.course_id",
+    "student_name": "params.student_name",
+    "team": "params.team",
+}
+# The objects and lists the mapping walks through; null stands for absent.
+PIONEER_CONTAINERS = {
+    "data.eventDetail": dict,
+    "data.notebookState": dict,
+    "params": dict,
+    "env": list,
+}
+# Events about one cell, listed in eventInfo.cells. NotebookScrollEvent and
+# NotebookVisibleEvent list the cells on screen, which is no subject cell.
+PIONEER_CELL_EVENTS = frozenset(
+    (
+        "ActiveCellChangeEvent",
+        "CellAddEvent",
+        "CellExecuteEvent",
+        "CellRemoveEvent",
+        "ClipboardCopyEvent",
+        "ClipboardCutEvent",
+        "ClipboardPasteEvent",
+    )
+)
+# CellEditEvent has no cell list, only eventInfo.index; CellRemoveEvent before 1.7 sent oldIndex.
+PIONEER_INDEX_KEYS = ("index", "oldIndex")
+# JupyterLab's KernelError serialises as {errorName, errorValue, traceback}.
+PIONEER_ERROR_KEYS = {"errorName": "ename", "errorValue": "evalue"}
+# Mapped onto our fields, or never to be stored: the rest of eventDetail is kept.
+PIONEER_CONSUMED_DETAIL = frozenset(("eventName", "eventTime"))
+PIONEER_SECRET_PARAMS = frozenset(("token",))
+
+
+class PioneerError(ValueError):
+    """An envelope the mapping cannot walk; `field_path` is where, in the posted body."""
+
+    def __init__(self, field_path: str, problem: str) -> None:
+        super().__init__(f"{field_path}: {problem}")
+        self.field_path = field_path
+        self.problem = problem
+
+
+def is_pioneer_envelope(body: Any) -> bool:
+    """The remote_exporter's shape: a "data" object holding "eventDetail"."""
+    data = body.get("data") if isinstance(body, dict) else None
+    return isinstance(data, dict) and "eventDetail" in data
+
+
+def dig(document: Any, path: str) -> Any:
+    """The value at a dotted path of nested objects; None where any step is missing."""
+    for key in path.split("."):
+        document = document.get(key) if isinstance(document, dict) else None
+    return document
+
+
+def is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def check_pioneer_shape(envelope: dict) -> None:
+    if not isinstance(envelope["data"]["eventDetail"], dict):
+        raise PioneerError("data.eventDetail", "must be an object")
+    for path, kind in PIONEER_CONTAINERS.items():
+        value = dig(envelope, path)
+        if value is not None and not isinstance(value, kind):
+            raise PioneerError(path, f"must be {'an object' if kind is dict else 'a list'} or null")
+    for position, entry in enumerate(envelope.get("env") or []):
+        if not isinstance(entry, dict):
+            raise PioneerError(f"env[{position}]", "must be an object {NAME: value}")
+    occurred_at = dig(envelope, PIONEER_FIELDS["occurred_at"])
+    if isinstance(occurred_at, bool) or not isinstance(occurred_at, (int, float)):
+        raise PioneerError(PIONEER_FIELDS["occurred_at"], "must be epoch milliseconds (a number)")
+
+
+def pioneer_student(envelope: dict, env_name: str) -> tuple[Any, str]:
+    """params.student_id, else the value of the env entry named env_name."""
+    given = dig(envelope, "params.student_id")
+    if isinstance(given, int) and not isinstance(given, bool):
+        given = str(given)  # numeric ids written into the exporter's params
+    if not is_blank(given):
+        return given, "params.student_id"
+    for position, entry in enumerate(envelope.get("env") or []):
+        if not is_blank(entry.get(env_name)):
+            return entry[env_name], f"env[{position}].{env_name}"
+    raise PioneerError(
+        "params.student_id", f"is required, or a non-empty {env_name!r} entry in env"
+    )
+
+
+NO_CELL = {"cell_id": (None, ""), "cell_index": (None, "")}
+
+
+def pioneer_cell(event_name: Any, info: Any) -> dict[str, tuple[Any, str]]:
+    """cell_id and cell_index of a cell event, each with where it came from."""
+    where = "data.eventDetail.eventInfo"
+    if event_name == "CellEditEvent" and isinstance(info, dict):
+        cell = info
+    elif event_name in PIONEER_CELL_EVENTS and isinstance(info, dict) and info.get("cells"):
+        cells, where = info["cells"], f"{where}.cells"
+        if not isinstance(cells, list) or not all(isinstance(item, dict) for item in cells):
+            raise PioneerError(where, "must be a list of objects")
+        if len(cells) != 1:
+            return NO_CELL  # not a shape the producers send: kept in eventInfo only
+        cell, where = cells[0], f"{where}[0]"
+    else:
+        return NO_CELL
+    key = next((key for key in PIONEER_INDEX_KEYS if key in cell), "index")
+    # findIndex() gives -1 when the producer could not find the cell.
+    index = None if cell.get(key) == -1 else cell.get(key)
+    return {"cell_id": (cell.get("id"), f"{where}.id"), "cell_index": (index, f"{where}.{key}")}
+
+
+def pioneer_execution(
+    info: Any, notebook: Any, cell_id: Any, cell_index: Any
+) -> dict[str, tuple[Any, str]]:
+    """status, error and source of a CellExecuteEvent."""
+    info = info if isinstance(info, dict) else {}
+    where = "data.eventDetail.eventInfo"
+    success = info.get("success")
+    if success is not None and not isinstance(success, bool):
+        raise PioneerError(f"{where}.success", "must be true or false")
+    status = None if success is None else ("ok" if success else "error")
+    picked = {"status": (status, f"{where}.success")}
+    kernel_error = info.get("kernelError")
+    # Errors other than KernelError serialise as {}: nothing to keep.
+    if success is not True and kernel_error:
+        if isinstance(kernel_error, dict):
+            kernel_error = {PIONEER_ERROR_KEYS.get(k, k): v for k, v in kernel_error.items()}
+        picked["error"] = (kernel_error, f"{where}.kernelError")
+    picked["source"] = pioneer_source(notebook, cell_id, cell_index)
+    return picked
+
+
+def pioneer_source(notebook: Any, cell_id: Any, cell_index: Any) -> tuple[Any, str]:
+    """The executed cell's source in notebookContent (sent only with logWholeNotebook)."""
+    where = "data.notebookState.notebookContent.cells"
+    cells = dig(notebook, "cells")
+    if not isinstance(cells, list):
+        return None, where
+    cells = [cell if isinstance(cell, dict) else {} for cell in cells]
+    if any("id" in cell for cell in cells):
+        ids = [cell.get("id") for cell in cells]
+        position = ids.index(cell_id) if cell_id is not None and cell_id in ids else None
+    elif isinstance(cell_index, int) and 0 <= cell_index < len(cells):
+        position = cell_index  # nbformat before 4.5 has no cell ids: the position is the key
+    else:
+        position = None
+    if position is None:
+        return None, where
+    source = cells[position].get("source")
+    if isinstance(source, list) and all(isinstance(line, str) for line in source):
+        source = "".join(source)  # nbformat allows a list of lines
+    return source, f"{where}[{position}].source"
+
+
+def pioneer_rest(envelope: dict, environ_allow: frozenset[str]) -> dict[str, Any]:
+    """What the mapping does not use, kept verbatim but for the server's environ and secrets."""
+    detail = envelope["data"]["eventDetail"]
+    rest = {key: value for key, value in detail.items() if key not in PIONEER_CONSUMED_DETAIL}
+    info = rest.get("eventInfo")
+    if isinstance(info, dict) and "environ" in info:
+        # NotebookOpenEvent sends the Jupyter server's whole os.environ, tokens included.
+        environ = info["environ"] if isinstance(info["environ"], dict) else {}
+        allowed = {name: value for name, value in environ.items() if name in environ_allow}
+        rest["eventInfo"] = {**info, "environ": allowed}
+    params = envelope.get("params") or {}
+    kept_params = {key: value for key, value in params.items() if key not in PIONEER_SECRET_PARAMS}
+    if kept_params:
+        rest["params"] = kept_params
+    if envelope.get("env"):
+        rest["env"] = envelope["env"]
+    return rest
+
+
+def pioneer_to_event(envelope: dict, settings: Settings) -> tuple[dict[str, Any], dict[str, str]]:
+    """One remote_exporter body to our input event, and where each of its fields came from."""
+    check_pioneer_shape(envelope)
+    picked = {name: (dig(envelope, where), where) for name, where in PIONEER_FIELDS.items()}
+    picked["student_id"] = pioneer_student(envelope, settings.pioneer_student_env)
+    event_name, info = picked["event_type"][0], dig(envelope, "data.eventDetail.eventInfo")
+    picked |= pioneer_cell(event_name, info)
+    if event_name == "CellExecuteEvent":
+        notebook = dig(envelope, "data.notebookState.notebookContent")
+        picked |= pioneer_execution(info, notebook, picked["cell_id"][0], picked["cell_index"][0])
+    event = {name: value for name, (value, _) in picked.items()}
+    event["pioneer"] = pioneer_rest(envelope, settings.pioneer_environ_allow)
+    return event, {name: where for name, (_, where) in picked.items()}
+
+
+def normalise_pioneer(
+    raw: dict, path: str, now: dt.datetime, settings: Settings, errors: FieldErrors
+) -> dict[str, Any] | None:
+    """A pioneer envelope through normalise_event; problems name the envelope's fields."""
+    try:
+        mapped, origins = pioneer_to_event(raw, settings)
+    except PioneerError as problem:
+        errors.add(f"{path}.{problem.field_path}", problem.problem)
+        return None
+    own_errors = FieldErrors()
+    event = normalise_event(mapped, path, now, settings, own_errors)
+    for detail in own_errors.details:
+        name = detail["field"].removeprefix(f"{path}.")
+        errors.add(f"{path}.{origins.get(name, name)}", detail["problem"])
+    return event
+
+
 def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dict[str, Any]]:
     """A request body (one event or an array of them) to normalised events, or an ApiError."""
     if isinstance(body, list):
@@ -409,7 +691,9 @@ def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dic
         [f"{prefix}[{index}]" for index in range(len(items))] if prefix == "events" else [prefix]
     )
     events = [
-        normalise_event(item, path, now, settings, errors)
+        (normalise_pioneer if is_pioneer_envelope(item) else normalise_event)(
+            item, path, now, settings, errors
+        )
         for item, path in zip(items, paths, strict=True)
     ]
     if errors.details:
@@ -437,6 +721,71 @@ def parse_last_event_id(value: str | None) -> int | None:
         return None
     number = int(value.strip())
     return number if number <= INT64_MAX else None
+
+
+# Read API query parameters. Keyset pages on the event id (or student id), never OFFSET:
+# a page stays correct while events keep arriving.
+PAGE_LIMIT_DEFAULT = 100
+PAGE_LIMIT_MAX = 1_000
+EVENT_QUERY_FILTERS = {
+    "student_id": IDENTIFIER_MAX_CHARS,
+    "course_id": TEXT_MAX_CHARS,
+    "event_type": IDENTIFIER_MAX_CHARS,
+    "notebook_path": TEXT_MAX_CHARS,
+}
+
+
+def query_text(query: Mapping[str, str], name: str, max_chars: int, errors: FieldErrors) -> Any:
+    """An optional text filter; empty means absent, as an HTML form sends it."""
+    value = query.get(name) or None
+    if value is not None and len(value) > max_chars:
+        errors.add(name, f"must be at most {max_chars} characters")
+        return None
+    return value
+
+
+def query_int(
+    query: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], errors: FieldErrors
+) -> int:
+    raw = query.get(name, "").strip()
+    if not raw:
+        return default
+    low, high = bounds
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        errors.add(name, f"must be a whole number from {low} to {high}")
+        return default
+    return int(raw)
+
+
+def raise_query_errors(errors: FieldErrors) -> None:
+    if errors.details:
+        raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
+
+
+def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/events parameters to the SQL parameters of SELECT_EVENT_PAGE, or a 422."""
+    errors = FieldErrors()
+    params = {
+        name: query_text(query, name, max_chars, errors)
+        for name, max_chars in EVENT_QUERY_FILTERS.items()
+    }
+    params["since_id"] = query_int(query, "since_id", 0, (0, INT64_MAX), errors)
+    params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
+    params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/students parameters to the SQL parameters of SELECT_STUDENT_PAGE, or a 422."""
+    errors = FieldErrors()
+    params = {
+        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
+        "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
+        "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
+    }
+    raise_query_errors(errors)
+    return params
 
 
 # Storage
@@ -553,17 +902,6 @@ STORE_EVENTS_ARRAYS = (
 ).split()
 STUDENT_FIELDS = {"name": "student_name", "course_id": "course_id", "team": "team"}
 
-SELECT_EVENTS_AFTER = """
-SELECT e.id, e.event_id, e.event_type, e.student_id, s.name AS student_name, s.team,
-       e.course_id, e.session_id, e.notebook_path, e.cell_id, e.cell_index,
-       e.execution_count, e.source, e.status, e.error, e.duration_ms, e.seq, e.outputs,
-       e.outputs_truncated, e.occurred_at, e.received_at, e.extra
-FROM events e JOIN students s ON s.student_id = e.student_id
-WHERE e.id > :after_id
-ORDER BY e.id
-LIMIT :limit
-"""
-
 SELECT_MAX_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
 
 # Serialises commit-and-publish across processes, so ids reach the bus in id order.
@@ -587,6 +925,87 @@ EVENT_COLUMNS = (
     "outputs_truncated occurred_at received_at extra"
 ).split()
 JSON_COLUMNS = ("error", "outputs", "extra")
+
+# The read API selects the same documents as the stream sends (see event_document): the
+# student's name and team, and the student's course when the event names none.
+EVENT_DOCUMENT_SOURCES = {
+    "student_name": "s.name",
+    "team": "s.team",
+    "course_id": "COALESCE(e.course_id, s.course_id)",
+}
+EVENT_DOCUMENT_COLUMNS = ", ".join(
+    f"{EVENT_DOCUMENT_SOURCES.get(column, 'e.' + column)} AS {column}" for column in EVENT_COLUMNS
+)
+
+# Replay and catch-up: the same documents as live delivery, in id order.
+SELECT_EVENTS_AFTER = f"""
+SELECT {EVENT_DOCUMENT_COLUMNS}
+FROM events e JOIN students s ON s.student_id = e.student_id
+WHERE e.id > :after_id
+ORDER BY e.id
+LIMIT :limit
+"""
+
+# Optional filters are `CAST(:x AS TEXT) IS NULL OR ...`: asyncpg cannot type a bare NULL.
+SELECT_EVENT_PAGE = f"""
+SELECT {EVENT_DOCUMENT_COLUMNS}
+FROM events e JOIN students s ON s.student_id = e.student_id
+WHERE e.id > :since_id AND e.id < :before_id
+  AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
+  AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
+  AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
+  AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
+ORDER BY e.id DESC
+LIMIT :limit
+"""
+
+# Correlated subqueries, each an index range on events (student_id, id): the cost follows
+# the page's students, not the whole table.
+SELECT_STUDENT_PAGE = """
+SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
+       help.event_type AS last_help_type
+FROM (
+    SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
+        (SELECT COUNT(*) FROM events e WHERE e.student_id = s.student_id) AS event_count,
+        (SELECT COUNT(e.status) FROM events e
+         WHERE e.student_id = s.student_id) AS execution_count,
+        (SELECT COUNT(*) FROM events e
+         WHERE e.student_id = s.student_id AND e.status = 'error') AS error_count,
+        (SELECT MAX(e.id) FROM events e WHERE e.student_id = s.student_id) AS last_event_id,
+        (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL) AS last_notebook_id,
+        (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND e.event_type IN ('help', 'help_stop')
+        ) AS last_help_id
+    FROM students s
+    WHERE s.student_id > :after
+      AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
+    ORDER BY s.student_id
+    LIMIT :limit
+) page
+LEFT JOIN events last ON last.id = page.last_event_id
+LEFT JOIN events notebook ON notebook.id = page.last_notebook_id
+LEFT JOIN events help ON help.id = page.last_help_id
+ORDER BY page.student_id
+"""
+
+# The latest executions of the students from `after` (exclusive) to `through`, newest
+# first, for the error streak (see error_streak).
+SELECT_RECENT_EXECUTIONS = """
+SELECT student_id, cell_id, status FROM (
+    SELECT e.student_id, e.cell_id, e.status,
+           ROW_NUMBER() OVER (PARTITION BY e.student_id ORDER BY e.id DESC) AS recency
+    FROM events e
+    WHERE e.student_id > :after AND e.student_id <= :through AND e.status IS NOT NULL
+) recent
+WHERE recency <= :depth
+ORDER BY student_id, recency DESC
+"""
+
+# A student is stuck after this many errors in a row on one cell; the dashboard uses the
+# same rule (static/dashboard.js) for live updates.
+STUCK_ERROR_STREAK = 3
+STREAK_LOOKBACK_EXECUTIONS = 20
 
 
 NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
@@ -666,6 +1085,44 @@ def row_document(row: Mapping[str, Any]) -> dict:
     document["occurred_at"] = format_timestamp(document["occurred_at"])
     document["received_at"] = format_timestamp(document["received_at"])
     return document
+
+
+def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | None, int]:
+    """(cell_id, errors in a row) over (cell_id, status) executions, oldest first.
+
+    An error on another cell starts a new streak; a success on the streak's cell ends it;
+    successes elsewhere leave it alone (a student often re-runs earlier cells to fix one).
+    """
+    cell, count = None, 0
+    for cell_id, status in executions:
+        if status == "error":
+            cell, count = cell_id, (count + 1 if count and cell_id == cell else 1)
+        elif count and cell_id == cell:
+            cell, count = None, 0
+    return cell, count
+
+
+def student_document(row: Mapping[str, Any], streak: tuple[str | None, int]) -> dict:
+    """One student as the read API and the dashboard's table see them."""
+    cell, count = streak
+    return {
+        "student_id": row["student_id"],
+        "name": row["name"],
+        "course_id": row["course_id"],
+        "team": row["team"],
+        "first_seen": format_timestamp(row["first_seen"]),
+        "last_seen": format_timestamp(row["last_seen"]),
+        "event_count": row["event_count"],
+        "execution_count": row["execution_count"],
+        "error_count": row["error_count"],
+        "last_event_id": row["last_event_id"],
+        "last_event_type": row["last_event_type"],
+        "last_notebook_path": row["last_notebook_path"],
+        "hand_raised": row["last_help_type"] == "help",
+        "error_streak": count,
+        "streak_cell_id": cell,
+        "stuck": count >= STUCK_ERROR_STREAK,
+    }
 
 
 @dataclass
@@ -777,6 +1234,33 @@ class Storage:
             SELECT_EVENTS_AFTER, {"after_id": after_id, "limit": limit}
         )
         return [row_document(row._mapping) for row in rows]
+
+    async def events_page(self, params: Mapping[str, Any]) -> list[dict]:
+        """Events matching parse_events_query's params, newest first."""
+        rows = await self.database.fetch_all(SELECT_EVENT_PAGE, dict(params))
+        return [row_document(row._mapping) for row in rows]
+
+    async def students_page(self, params: Mapping[str, Any]) -> list[dict]:
+        """Students matching parse_students_query's params, by student_id, with their counts."""
+        rows = [row._mapping for row in await self.database.fetch_all(SELECT_STUDENT_PAGE, params)]
+        if not rows:
+            return []
+        executions: dict[str, list[tuple[str | None, str]]] = {}
+        recent = await self.database.fetch_all(
+            SELECT_RECENT_EXECUTIONS,
+            {
+                "after": params["after"],
+                "through": rows[-1]["student_id"],
+                "depth": STREAK_LOOKBACK_EXECUTIONS,
+            },
+        )
+        for row in recent:
+            execution = (row._mapping["cell_id"], row._mapping["status"])
+            executions.setdefault(row._mapping["student_id"], []).append(execution)
+        return [
+            student_document(row, error_streak(executions.get(row["student_id"], [])))
+            for row in rows
+        ]
 
     async def store(
         self, events: list[dict], after_commit: Callable[[list[StoredEvent]], Awaitable[None]]
@@ -1002,16 +1486,21 @@ class Client:
 
     filter: StreamFilter
     limit: int
+    owner: str = ""
     frames: deque[Frame] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    overflowed: bool = False
+    overflow: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+
+    @property
+    def overflowed(self) -> bool:
+        return self.overflow.is_set()
 
     def offer(self, frame: Frame) -> None:
         if self.overflowed or not self.filter.matches(frame.document):
             return
         if len(self.frames) >= self.limit:
-            self.overflowed = True
+            self.overflow.set()
             self.frames.clear()
         else:
             self.frames.append(frame)
@@ -1039,17 +1528,34 @@ class Hub:
     def __init__(self, queue_limit: int) -> None:
         self.queue_limit = queue_limit
         self.clients: set[Client] = set()
+        self.per_owner: Counter[str] = Counter()
         self.last_id = 0
-        self.bus_connected = False
+        self.subscribed = asyncio.Event()
+
+    @property
+    def bus_connected(self) -> bool:
+        return self.subscribed.is_set()
 
     @contextlib.contextmanager
-    def subscribe(self, stream_filter: StreamFilter) -> Iterator[Client]:
-        client = Client(stream_filter, self.queue_limit)
-        self.clients.add(client)
+    def subscribe(self, stream_filter: StreamFilter, owner: str = "") -> Iterator[Client]:
+        client = self.add(stream_filter, owner)
         try:
             yield client
         finally:
+            self.remove(client)
+
+    def add(self, stream_filter: StreamFilter, owner: str = "") -> Client:
+        client = Client(stream_filter, self.queue_limit, owner)
+        self.clients.add(client)
+        self.per_owner[owner] += 1
+        return client
+
+    def remove(self, client: Client) -> None:
+        if client in self.clients:
             self.clients.discard(client)
+            self.per_owner[client.owner] -= 1
+            if not self.per_owner[client.owner]:
+                del self.per_owner[client.owner]
 
     def deliver(self, documents: Iterable[dict]) -> None:
         # Events at or below last_id were already delivered (a replay after a reconnect).
@@ -1090,7 +1596,7 @@ async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage
         try:
             async with bus.subscribe() as messages:
                 await catch_up(hub, storage)
-                hub.bus_connected = True
+                hub.subscribed.set()
                 if delay > RECONNECT_MIN_SECONDS:
                     logger.info("bus subscription restored")
                 delay = RECONNECT_MIN_SECONDS
@@ -1100,13 +1606,15 @@ async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage
             raise
         except Exception as error:  # noqa: BLE001 - any failure means: reconnect
             logger.warning("bus subscription lost (%s); retrying in %.1f s", error, delay)
-        hub.bus_connected = False
+        hub.subscribed.clear()
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
 
 RECONNECT_MIN_SECONDS = 0.25
 RECONNECT_MAX_SECONDS = 8.0
+STARTUP_BUS_WAIT_SECONDS = 3.0
+RETRY_AFTER_SECONDS = 2
 
 
 # Ingest: group commit
@@ -1182,7 +1690,123 @@ class Committer:
             logger.warning("could not publish %d bytes to the bus: %r", len(payload), error)
 
 
+# Access control
+
+TOKEN_COOKIE = "telemetry_token"
+# Query-string tokens would otherwise be written to the access log with the path.
+TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
+
+
+def token_is_valid(candidate: str | None, tokens: tuple[str, ...]) -> bool:
+    """Compare in constant time against every configured token (several allow rotation)."""
+    if not candidate:
+        return False
+    given = candidate.encode()
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(given, token.encode())
+    return matched
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def presented_tokens(connection: HTTPConnection) -> list[str | None]:
+    """Where a token may come from, header first: EventSource can send only cookie or query."""
+    return [
+        bearer_token(connection.headers),
+        connection.cookies.get(TOKEN_COOKIE),
+        connection.query_params.get("token"),
+    ]
+
+
+def require_token(tokens: tuple[str, ...], candidates: Iterable[str | None], realm: str) -> None:
+    """No tokens configured means open (the embedded default); otherwise one must match."""
+    if tokens and not any(token_is_valid(candidate, tokens) for candidate in candidates):
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"a valid {realm} token is required",
+            headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
+        )
+
+
+def envelope_token(body: Any) -> str | None:
+    """jupyterlab-pioneer's exporter cannot set headers: it sends the token in params."""
+    if not is_pioneer_envelope(body):
+        return None
+    params = body.get("params")
+    token = params.get("token") if isinstance(params, dict) else None
+    return token if isinstance(token, str) else None
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Cross-site WebSocket hijacking guard: browsers always send Origin, others need not."""
+    if origin is None or origin in allowed:
+        return True
+    return urlsplit(origin).netloc == host
+
+
+def client_key(connection: HTTPConnection) -> str:
+    """Whom to count connections against: the dashboard token, else the client address."""
+    token = next((candidate for candidate in presented_tokens(connection) if candidate), None)
+    if token:
+        return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return "address:" + (connection.client.host if connection.client else "unknown")
+
+
+class RedactTokens(logging.Filter):
+    """Keeps `?token=` values out of uvicorn's access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                TOKEN_IN_QUERY.sub("REDACTED", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'"),
+]
+
+
+class SecurityHeaders:
+    """Adds the headers browsers need to keep student-provided text inert, to every response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 # HTTP endpoints
+
+
+def storage_unavailable(what_failed: str) -> ApiError:
+    # 503, not 4xx: the JupyterLab clients retry 5xx and drop an event on any 4xx.
+    return ApiError(
+        503,
+        "storage_unavailable",
+        f"{what_failed}; retry shortly",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def api_error_response(error: ApiError) -> JSONResponse:
@@ -1207,22 +1831,24 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def post_events(request: Request) -> Response:
     """Store one event or a batch; 201 with each event's id once all are committed."""
     state = request.app.state
+    settings: Settings = state.settings
     if not is_json_content_type(request.headers.get("content-type")):
         raise ApiError(415, "unsupported_media_type", "send the events as application/json")
     try:
-        body = await read_body(request, state.settings.max_body_bytes)
+        body = parse_json_body(await read_body(request, settings.max_body_bytes))
     except ClientDisconnect:
         return Response(status_code=400)
-    events = normalise_batch(parse_json_body(body), dt.datetime.now(dt.UTC), state.settings)
+    tokens = [
+        bearer_token(request.headers),
+        request.query_params.get("token"),
+        envelope_token(body),
+    ]
+    require_token(settings.ingest_tokens, tokens, "ingest")
+    events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
     try:
         stored = await state.committer.submit(events)
     except StorageUnavailable:
-        raise ApiError(
-            503,
-            "storage_unavailable",
-            "the events could not be stored; retry shortly",
-            headers={"Retry-After": "2"},
-        ) from None
+        raise storage_unavailable("the events could not be stored") from None
     return JSONResponse({"events": [item.receipt() for item in stored]}, status_code=201)
 
 
@@ -1258,29 +1884,72 @@ async def open_stream(
     return [frame for frame in frames if client.filter.matches(frame.document)], None
 
 
-async def sse_body(
-    state: Any, stream_filter: StreamFilter, after_id: int | None
-) -> AsyncIterator[bytes]:
+async def sse_body(state: Any, client: Client, after_id: int | None) -> AsyncIterator[bytes]:
     """retry hint, then the replay (or a resync notice), then live frames, each id once."""
-    with state.hub.subscribe(stream_filter) as client:
-        yield b"retry: %d\n\n" % state.settings.sse_retry_ms
+    yield b"retry: %d\n\n" % state.settings.sse_retry_ms
+    try:
+        replay, notice = await open_stream(state, client, after_id)
+    except StorageUnavailable as error:
+        # Ending the stream makes EventSource reconnect after the retry hint.
+        logger.warning("SSE replay failed: %s", error)
+        return
+    if notice is not None:
+        yield b"event: resync\ndata: %s\n\n" % orjson.dumps(notice)
+    last_sent = after_id or 0
+    if replay:
+        yield b"".join(frame.sse for frame in replay)
+        last_sent = replay[-1].id
+    while frames := await client.next_frames():
+        fresh = [frame for frame in frames if frame.id > last_sent]
+        if fresh:
+            last_sent = fresh[-1].id
+            yield b"".join(frame.sse for frame in fresh)
+
+
+async def until_overflow(client: Client, work: Awaitable[Any]) -> Any | None:
+    """Run work (a client's sender) but stop it the moment the client's queue overflows:
+    a sender blocked on a full socket would otherwise hold the client until send timeout.
+    Returns work's result, or None when it was cut off."""
+    result = None
+    async with anyio.create_task_group() as group:
+
+        async def cut_off() -> None:
+            await client.overflow.wait()
+            logger.warning("slow dashboard cut off after %d queued events", client.limit)
+            group.cancel_scope.cancel()
+
+        group.start_soon(cut_off)
+        result = await work
+        group.cancel_scope.cancel()
+    return result
+
+
+@dataclass
+class ClientStream:
+    """An ASGI response streaming SSE to one hub client, and unregistering it at the end."""
+
+    response: Response
+    client: Client
+    hub: Hub
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            replay, notice = await open_stream(state, client, after_id)
-        except StorageUnavailable as error:
-            # Ending the stream makes EventSource reconnect after the retry hint.
-            logger.warning("SSE replay failed: %s", error)
-            return
-        if notice is not None:
-            yield b"event: resync\ndata: %s\n\n" % orjson.dumps(notice)
-        last_sent = after_id or 0
-        if replay:
-            yield b"".join(frame.sse for frame in replay)
-            last_sent = replay[-1].id
-        while frames := await client.next_frames():
-            fresh = [frame for frame in frames if frame.id > last_sent]
-            if fresh:
-                last_sent = fresh[-1].id
-                yield b"".join(frame.sse for frame in fresh)
+            await until_overflow(self.client, self.response(scope, receive, send))
+        finally:
+            self.hub.remove(self.client)
+
+
+def admit_stream(connection: HTTPConnection) -> str:
+    """The owner key of a new stream, or 429 once that owner holds too many."""
+    state = connection.app.state
+    owner = client_key(connection)
+    if state.hub.per_owner[owner] >= state.settings.max_streams_per_client:
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"at most {state.settings.max_streams_per_client} streams per token or address",
+        )
+    return owner
 
 
 async def stream_events(request: Request) -> Response:
@@ -1289,30 +1958,53 @@ async def stream_events(request: Request) -> Response:
     after_id = parse_last_event_id(
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
-    body = sse_body(state, StreamFilter.from_query(request.query_params), after_id)
-    return EventSourceResponse(
-        body, ping=state.settings.sse_ping_seconds, send_timeout=state.settings.send_timeout_seconds
+    require_token(state.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    client = state.hub.add(StreamFilter.from_query(request.query_params), admit_stream(request))
+    response = EventSourceResponse(
+        sse_body(state, client, after_id),
+        ping=state.settings.sse_ping_seconds,
+        send_timeout=state.settings.send_timeout_seconds,
     )
+    return ClientStream(response, client, state.hub)  # type: ignore[return-value]
 
 
 async def websocket_events(websocket: WebSocket) -> None:
     """WebSocket: one JSON text frame per event; `last_event_id` resumes like SSE."""
     state = websocket.app.state
     after_id = parse_last_event_id(websocket.query_params.get("last_event_id"))
+    try:
+        owner = admit_websocket(websocket)
+    except ApiError as refusal:
+        # Closing before accept answers the handshake with HTTP 403.
+        logger.info("WebSocket refused: %s", refusal.message)
+        await websocket.close(code=1008, reason=refusal.code)
+        return
     await websocket.accept()
-    with state.hub.subscribe(StreamFilter.from_query(websocket.query_params)) as client:
+    stream_filter = StreamFilter.from_query(websocket.query_params)
+    with state.hub.subscribe(stream_filter, owner) as client:
         try:
             replay, notice = await open_stream(state, client, after_id)
         except StorageUnavailable:
             await websocket.close(code=1011, reason="storage_unavailable")
             return
         receiver = asyncio.create_task(watch_for_close(websocket, client))
+        sender = send_websocket_frames(websocket, client, replay, notice, after_id, state.settings)
         try:
-            code = await send_websocket_frames(websocket, client, replay, notice, state.settings)
+            # Cut off on overflow: 1013, try again later (and resume by id).
+            code = await until_overflow(client, sender) or 1013
         finally:
             receiver.cancel()
         with contextlib.suppress(Exception):
-            await websocket.close(code=code)
+            await asyncio.wait_for(websocket.close(code=code), 1.0)
+
+
+def admit_websocket(websocket: WebSocket) -> str:
+    settings: Settings = websocket.app.state.settings
+    origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
+    if not origin_allowed(origin, host, settings.cors_origins):
+        raise ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
+    require_token(settings.dashboard_tokens, presented_tokens(websocket), "dashboard")
+    return admit_stream(websocket)
 
 
 async def watch_for_close(websocket: WebSocket, client: Client) -> None:
@@ -1328,6 +2020,7 @@ async def send_websocket_frames(
     client: Client,
     replay: list[Frame],
     notice: dict | None,
+    after_id: int | None,
     settings: Settings,
 ) -> int:
     """Send until the client leaves or must go; return the close code to use."""
@@ -1335,7 +2028,7 @@ async def send_websocket_frames(
     try:
         if notice is not None:
             await asyncio.wait_for(websocket.send_text(orjson.dumps(notice).decode()), timeout)
-        last_sent = replay[-1].id if replay else 0
+        last_sent = replay[-1].id if replay else after_id or 0
         for frame in replay:
             await asyncio.wait_for(websocket.send_text(frame.ws), timeout)
         while frames := await client.next_frames():
@@ -1350,6 +2043,76 @@ async def send_websocket_frames(
     if client.overflowed:
         return 1013
     return 1012 if client.closed and AppStatus.should_exit else 1000
+
+
+async def create_session(request: Request) -> Response:
+    """Trade a dashboard token (Authorization: Bearer) for the HttpOnly cookie that
+    EventSource, which cannot send headers, presents by itself."""
+    token = bearer_token(request.headers)
+    require_token(request.app.state.settings.dashboard_tokens, [token], "dashboard")
+    response = JSONResponse({"status": "ok"})
+    if token:
+        response.set_cookie(
+            TOKEN_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+    return response
+
+
+async def read_storage(read: Awaitable[Any]) -> Any:
+    """A read for the read API; a database failure becomes 503, as for writes."""
+    try:
+        return await read
+    except Exception as error:  # noqa: BLE001 - the driver's errors differ by backend
+        logger.warning("read failed: %r", error)
+        raise storage_unavailable("the database could not be read") from None
+
+
+async def list_events(request: Request) -> Response:
+    """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    storage: Storage = request.app.state.storage
+    params = parse_events_query(request.query_params)
+    # Read before the page: resuming the stream from latest_id then misses nothing.
+    latest_id = await read_storage(storage.max_event_id())
+    documents = await read_storage(storage.events_page({**params, "limit": params["limit"] + 1}))
+    page = documents[: params["limit"]]
+    more = len(documents) > params["limit"]
+    return JSONResponse(
+        {
+            "events": page,
+            "next_before_id": page[-1]["id"] if more else None,
+            "latest_id": max([latest_id, *(document["id"] for document in page)]),
+        }
+    )
+
+
+async def list_students(request: Request) -> Response:
+    """Students by student_id with their counts; `next_after` fetches the next page."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    storage: Storage = request.app.state.storage
+    params = parse_students_query(request.query_params)
+    students = await read_storage(storage.students_page({**params, "limit": params["limit"] + 1}))
+    page = students[: params["limit"]]
+    more = len(students) > params["limit"]
+    return JSONResponse({"students": page, "next_after": page[-1]["student_id"] if more else None})
+
+
+STATIC_DIR = Path(__file__).with_name("static")
+# SecurityHeaders adds the CSP (the page has no inline script or style) and friends.
+PAGE_HEADERS = {"Cache-Control": "no-cache"}
+
+
+async def dashboard_page(request: Request) -> Response:
+    """The instructors' live dashboard: static HTML, its script and style under /static."""
+    return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
 
 async def healthz(request: Request) -> Response:
@@ -1367,7 +2130,7 @@ async def healthz(request: Request) -> Response:
         report["bus"] = "down: subscriber not connected"
     healthy = all(value == "up" for value in report.values())
     return JSONResponse(
-        {"status": "ok" if healthy else "unavailable", **report},
+        {"status": "ok" if healthy else "unavailable", **report, "clients": len(state.hub.clients)},
         status_code=200 if healthy else 503,
     )
 
@@ -1423,6 +2186,13 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         asyncio.create_task(relay_bus_to_hub(bus, hub, storage), name="subscriber"),
         asyncio.create_task(close_streams_on_shutdown(hub), name="shutdown-watch"),
     ]
+    if not (settings.ingest_tokens and settings.dashboard_tokens):
+        logger.warning(
+            "running open: set INGEST_TOKENS and DASHBOARD_TOKENS before exposing this service"
+        )
+    # Serve once live (or after a bounded wait if Redis is down: POSTs are stored meanwhile).
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hub.subscribed.wait(), STARTUP_BUS_WAIT_SECONDS)
     logger.info(
         "telemetry started: %s, %s bus",
         "PostgreSQL" if storage.is_postgres else "SQLite",
@@ -1442,21 +2212,44 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app; tests pass Settings for another database or bus."""
+    settings = settings or Settings()
     app = Starlette(
         routes=[
+            Route("/", dashboard_page, methods=["GET"]),
             Route("/api/v1/events", post_events, methods=["POST"]),
+            # jupyterlab-pioneer's remote_exporter appends /YYYY/MM/DD/HH to its url when the
+            # exporter's id contains "s3": the same endpoint, whatever the id.
+            Route(
+                "/api/v1/events/{year:int}/{month:int}/{day:int}/{hour:int}",
+                post_events,
+                methods=["POST"],
+            ),
+            Route("/api/v1/events", list_events, methods=["GET"]),
+            Route("/api/v1/students", list_students, methods=["GET"]),
             Route("/api/v1/stream", stream_events, methods=["GET"]),
             WebSocketRoute("/api/v1/ws", websocket_events),
+            Route("/api/v1/session", create_session, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers={
             ApiError: handle_api_error,
             404: handle_http_error,
             405: handle_http_error,
         },
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                max_age=600,
+            ),
+        ],
         lifespan=lifespan,
     )
-    app.state.settings = settings or Settings()
+    app.state.settings = settings
     return app
 
 
@@ -1465,6 +2258,7 @@ def app_from_environment() -> Starlette:
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     try:
         return create_app(load_settings(os.environ))
     except ConfigError as error:

@@ -1,0 +1,164 @@
+"""Tokens, CORS, origins and limits against a real server and real clients."""
+
+import httpx
+import pytest
+import websockets
+
+from tests.e2e.clients import SseClient, WebSocketClient, event
+
+INGEST, DASHBOARD = "ingest-secret-1", "dashboard-secret-1"
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server(
+        INGEST_TOKENS=f"old-ingest,{INGEST}",
+        DASHBOARD_TOKENS=DASHBOARD,
+        CORS_ORIGINS="https://hub.uni.edu",
+        MAX_STREAMS_PER_CLIENT="2",
+    )
+
+
+def post(server, body, **kwargs) -> httpx.Response:
+    return httpx.post(f"{server.url}/api/v1/events", json=body, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "body"),
+    [
+        ({}, event(1)),
+        ({"headers": {"authorization": "Bearer wrong"}}, event(1)),
+        ({"headers": {"authorization": f"Basic {INGEST}"}}, event(1)),
+        ({"params": {"token": "wrong"}}, event(1)),
+        ({}, {"data": {"eventDetail": {}}, "params": {"token": "wrong"}}),
+    ],
+)
+def test_ingest_without_a_valid_token_is_401_and_echoes_nothing(server, kwargs, body) -> None:
+    response = post(server, body, **kwargs)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert "wrong" not in response.text and INGEST not in response.text
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"headers": {"authorization": f"Bearer {INGEST}"}},
+        {"headers": {"authorization": "Bearer old-ingest"}},  # rotation: both work
+        {"params": {"token": INGEST}},
+    ],
+)
+def test_ingest_with_a_valid_token_is_stored(server, kwargs) -> None:
+    assert post(server, event(1), **kwargs).status_code == 201
+
+
+async def test_pioneer_envelope_token_is_accepted_and_never_stored(server) -> None:
+    body = {
+        "data": {
+            "eventDetail": {"eventName": "NotebookSaveEvent", "eventTime": 1795687200000},
+            "notebookState": {"sessionID": "sess", "notebookPath": "hw.ipynb"},
+        },
+        "params": {"token": INGEST, "student_id": "ada"},
+        "env": [],
+    }
+    response = post(server, body)
+    assert response.status_code == 201, response.text
+    replay = await SseClient(server.url, last_event_id=0, token=DASHBOARD).start()
+    await replay.wait_for_ids([response.json()["events"][0]["id"]])
+    assert replay.documents[0]["student_id"] == "ada"
+    assert INGEST not in str(replay.documents)
+    await replay.close()
+
+
+async def test_dashboard_streams_need_a_token(server) -> None:
+    refused = httpx.get(f"{server.url}/api/v1/stream", timeout=5)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    with pytest.raises(websockets.InvalidStatus) as error:
+        async with websockets.connect(f"{server.ws_url}/api/v1/ws"):
+            pass
+    assert error.value.response.status_code == 403
+    sse = await SseClient(server.url, token=DASHBOARD).start()
+    ws = await WebSocketClient(server.ws_url, token=DASHBOARD).start()
+    [receipt] = post(server, event(1), params={"token": INGEST}).json()["events"]
+    await sse.wait_for_ids([receipt["id"]])
+    await ws.wait_for_ids([receipt["id"]])
+    await sse.close(), await ws.close()
+
+
+def test_session_cookie_opens_the_stream_for_event_source(server) -> None:
+    with httpx.Client(base_url=server.url, timeout=5) as browser:
+        assert browser.post("/api/v1/session").status_code == 401
+        login = browser.post("/api/v1/session", headers={"authorization": f"Bearer {DASHBOARD}"})
+        assert login.status_code == 200
+        cookie = login.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        with browser.stream("GET", "/api/v1/stream") as stream:
+            assert stream.status_code == 200
+
+
+async def test_websocket_from_a_foreign_origin_is_refused(server) -> None:
+    url = f"{server.ws_url}/api/v1/ws?token={DASHBOARD}"
+    with pytest.raises(websockets.InvalidStatus) as error:
+        async with websockets.connect(url, origin="https://evil.example"):
+            pass
+    assert error.value.response.status_code == 403
+    async with websockets.connect(url, origin="https://hub.uni.edu"):
+        pass
+
+
+def test_cors_preflight_allows_only_configured_origins(server) -> None:
+    preflight = {
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type",
+    }
+    allowed = httpx.options(
+        f"{server.url}/api/v1/events", headers={**preflight, "origin": "https://hub.uni.edu"}
+    )
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://hub.uni.edu"
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    denied = httpx.options(
+        f"{server.url}/api/v1/events", headers={**preflight, "origin": "https://evil.example"}
+    )
+    assert "access-control-allow-origin" not in denied.headers
+
+
+def test_no_cors_by_default(start_server) -> None:
+    server = start_server()
+    response = httpx.post(
+        f"{server.url}/api/v1/events", json=event(1), headers={"origin": "https://any.example"}
+    )
+    assert response.status_code == 201
+    assert "access-control-allow-origin" not in response.headers
+
+
+async def test_streams_per_token_are_limited(server) -> None:
+    first = await SseClient(server.url, token=DASHBOARD).start()
+    second = await WebSocketClient(server.ws_url, token=DASHBOARD).start()
+    third = httpx.get(f"{server.url}/api/v1/stream", params={"token": DASHBOARD}, timeout=5)
+    assert third.status_code == 429 and third.json()["error"]["code"] == "too_many_streams"
+    with pytest.raises(websockets.InvalidStatus):
+        async with websockets.connect(f"{server.ws_url}/api/v1/ws?token={DASHBOARD}"):
+            pass
+    await first.close(), await second.close()
+
+
+def test_tokens_never_reach_the_logs(server) -> None:
+    post(server, event(1), params={"token": INGEST})
+    httpx.get(f"{server.url}/api/v1/stream", params={"token": "guess"}, timeout=5)
+    logs = server.logs()
+    assert "/api/v1/events?token=REDACTED" in logs
+    assert INGEST not in logs and "guess" not in logs
+
+
+def test_open_service_warns_once_at_start(start_server) -> None:
+    server = start_server()
+    assert server.logs().count("running open") == 1
+
+
+def test_security_headers_on_responses(server) -> None:
+    response = httpx.get(f"{server.url}/healthz")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert "default-src 'self'" in response.headers["content-security-policy"]

@@ -1,0 +1,115 @@
+"""The Redis bus and the background subscriber against a real Redis."""
+
+import asyncio
+import datetime as dt
+
+import orjson
+import pytest
+
+from telemetry import (
+    Hub,
+    MemoryBus,
+    RedisBus,
+    Settings,
+    Storage,
+    StreamFilter,
+    encode_batch,
+    normalise_batch,
+    relay_bus_to_hub,
+)
+from tests.conftest import REDIS_URL, wait_for
+
+
+async def next_message(messages, timeout: float = 5.0) -> bytes:
+    return await asyncio.wait_for(anext(messages), timeout)
+
+
+@pytest.mark.parametrize("bus_kind", ["redis", "memory"])
+async def test_published_messages_reach_every_subscriber(bus_kind: str, channel: str) -> None:
+    bus = RedisBus(REDIS_URL, channel) if bus_kind == "redis" else MemoryBus()
+    async with bus.subscribe() as first, bus.subscribe() as second:
+        await bus.publish(b"[1]")
+        assert await next_message(first) == b"[1]"
+        assert await next_message(second) == b"[1]"
+    await bus.aclose()
+
+
+async def test_a_killed_subscription_raises_instead_of_silently_reconnecting(private_redis) -> None:
+    bus = RedisBus(private_redis.url, "c")
+    async with bus.subscribe() as messages:
+        private_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        with pytest.raises(Exception, match="(?i)connection"):
+            await next_message(messages)
+    await bus.aclose()
+
+
+async def store_and_publish(storage: Storage, bus, student: str) -> int:
+    now = dt.datetime.now(dt.UTC)
+    events = normalise_batch({"student_id": student, "event_type": "x"}, now, Settings())
+    stored = await storage.store([{**events[0], "received_at": now}], lambda s: publish(bus, s))
+    return stored[0].document["id"]
+
+
+async def publish(bus, stored) -> None:
+    try:
+        await bus.publish(encode_batch(stored))
+    except Exception:  # noqa: BLE001 - Redis is down in some tests; stored is what counts
+        pass
+
+
+def received_ids(client) -> list[int]:
+    return [frame.id for frame in client.frames]
+
+
+async def test_events_published_while_the_subscription_is_down_are_caught_up(
+    storage, private_redis
+) -> None:
+    bus, hub = RedisBus(private_redis.url, "c"), Hub(queue_limit=100)
+    relay = asyncio.create_task(relay_bus_to_hub(bus, hub, storage))
+    with hub.subscribe(StreamFilter()) as client:
+        await wait_for(lambda: hub.bus_connected)
+        first = await store_and_publish(storage, bus, "s1")
+        await wait_for(lambda: received_ids(client) == [first])
+        private_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
+        missed = await store_and_publish(storage, bus, "s2")  # published to nobody
+        await wait_for(lambda: received_ids(client) == [first, missed])
+        after = await store_and_publish(storage, bus, "s3")
+        await wait_for(lambda: received_ids(client) == [first, missed, after])
+    relay.cancel()
+    await bus.aclose()
+
+
+async def test_subscriber_survives_a_redis_restart_and_catches_up(storage, private_redis) -> None:
+    bus, hub = RedisBus(private_redis.url, "c"), Hub(queue_limit=100)
+    relay = asyncio.create_task(relay_bus_to_hub(bus, hub, storage))
+    with hub.subscribe(StreamFilter()) as client:
+        await wait_for(lambda: hub.bus_connected)
+        private_redis.stop()
+        await wait_for(lambda: not hub.bus_connected)
+        stored_while_down = [await store_and_publish(storage, bus, f"s{i}") for i in range(3)]
+        private_redis.start()
+        await wait_for(lambda: hub.bus_connected, timeout=20)
+        await wait_for(lambda: received_ids(client) == stored_while_down)
+    relay.cancel()
+    await bus.aclose()
+
+
+async def test_subscriber_waits_for_redis_that_is_down_at_start(storage, private_redis) -> None:
+    private_redis.stop()
+    bus, hub = RedisBus(private_redis.url, "c"), Hub(queue_limit=100)
+    relay = asyncio.create_task(relay_bus_to_hub(bus, hub, storage))
+    with hub.subscribe(StreamFilter()) as client:
+        await asyncio.sleep(0.5)
+        assert not hub.bus_connected
+        stored = await store_and_publish(storage, bus, "s1")
+        private_redis.start()
+        await wait_for(lambda: hub.bus_connected, timeout=20)
+        await wait_for(lambda: received_ids(client) == [stored])
+    relay.cancel()
+    await bus.aclose()
+
+
+def test_bus_message_is_the_batch_of_documents() -> None:
+    from telemetry import StoredEvent
+
+    assert orjson.loads(encode_batch([StoredEvent({"id": 1}, False)])) == [{"id": 1}]

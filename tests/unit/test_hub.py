@@ -1,0 +1,84 @@
+import asyncio
+
+import orjson
+
+from telemetry import Frame, Hub, StoredEvent, StreamFilter, encode_batch
+
+
+def document(event_id: int, **fields) -> dict:
+    return {"id": event_id, "student_id": "s1", "course_id": "c1", "event_type": "x", **fields}
+
+
+def queued_ids(client) -> list[int]:
+    return [frame.id for frame in client.frames]
+
+
+def test_frame_is_encoded_once_for_both_transports() -> None:
+    frame = Frame.of(document(7, source="a\nb"))
+    assert frame.sse == b"id: 7\ndata: " + orjson.dumps(document(7, source="a\nb")) + b"\n\n"
+    assert orjson.loads(frame.ws) == document(7, source="a\nb")
+    assert frame.sse.count(b"\n") == 3  # newlines inside values are escaped
+
+
+def test_hub_delivers_each_id_once_in_order() -> None:
+    hub = Hub(queue_limit=10)
+    with hub.subscribe(StreamFilter()) as client:
+        hub.deliver([document(1), document(2)])
+        hub.deliver([document(2), document(1), document(3)])
+        assert queued_ids(client) == [1, 2, 3]
+    assert hub.clients == set()
+
+
+def test_filters_apply_before_queueing() -> None:
+    hub = Hub(queue_limit=10)
+    with (
+        hub.subscribe(StreamFilter(student_id="s2")) as by_student,
+        hub.subscribe(StreamFilter(course_id="c1", event_type="help")) as by_course,
+    ):
+        hub.deliver([document(1), document(2, student_id="s2"), document(3, event_type="help")])
+        assert queued_ids(by_student) == [2]
+        assert queued_ids(by_course) == [3]
+
+
+async def test_slow_client_overflows_without_touching_others() -> None:
+    hub = Hub(queue_limit=2)
+    with hub.subscribe(StreamFilter()) as slow, hub.subscribe(StreamFilter()) as fast:
+        hub.deliver([document(1), document(2)])
+        assert [f.id for f in await fast.next_frames()] == [1, 2]
+        hub.deliver([document(3)])
+        assert slow.overflowed and not slow.frames
+        assert [f.id for f in await fast.next_frames()] == [3]
+        assert await slow.next_frames() == []
+
+
+async def test_next_frames_waits_for_an_event_and_returns_all_queued() -> None:
+    hub = Hub(queue_limit=10)
+    with hub.subscribe(StreamFilter()) as client:
+        waiting = asyncio.create_task(client.next_frames())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        hub.deliver([document(1), document(2)])
+        assert [f.id for f in await waiting] == [1, 2]
+
+
+async def test_closing_ends_the_client() -> None:
+    hub = Hub(queue_limit=10)
+    with hub.subscribe(StreamFilter()) as client:
+        waiting = asyncio.create_task(client.next_frames())
+        await asyncio.sleep(0)
+        hub.close_all()
+        assert await waiting == []
+
+
+def test_malformed_bus_message_is_ignored() -> None:
+    hub = Hub(queue_limit=10)
+    with hub.subscribe(StreamFilter()) as client:
+        hub.deliver_payload(b"{not json")
+        hub.deliver_payload(orjson.dumps([document(5)]))
+        assert queued_ids(client) == [5]
+
+
+def test_duplicates_are_not_published() -> None:
+    stored = [StoredEvent(document(1), False), StoredEvent({"id": 1, "event_id": "e"}, True)]
+    assert orjson.loads(encode_batch(stored)) == [document(1)]
+    assert encode_batch(stored[1:]) is None
