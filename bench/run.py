@@ -130,6 +130,8 @@ def service_env() -> dict[str, str]:
         "REDIS_URL": REDIS_URL,
         "NOTIFICATION_CHANNEL": SERVICE_CHANNEL,
         "LOG_LEVEL": "WARNING",
+        # Every benchmark client comes from 127.0.0.1, one "client" to the stream limit.
+        "MAX_STREAMS_PER_CLIENT": "10000",
     }
 
 
