@@ -40,3 +40,50 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_student_idx ON events (student_id, id);
 CREATE INDEX IF NOT EXISTS events_course_idx ON events (course_id, id);
 CREATE INDEX IF NOT EXISTS students_course_idx ON students (course_id);
+
+-- Summaries for the dashboard's aggregates, written in the transaction that stores the
+-- events they count, so an aggregate reads thousands of rows, not millions of events.
+-- One row per student and cell they executed. notebook_path and cell_key are '' when the
+-- event named none; cell_key is the cell_id, or '#<index>' for a client that sends no id.
+CREATE TABLE IF NOT EXISTS cell_runs (
+    student_id     TEXT NOT NULL,
+    notebook_path  TEXT NOT NULL,
+    cell_key       TEXT NOT NULL,
+    course_id      TEXT,
+    cell_id        TEXT,
+    cell_index     INTEGER,
+    runs           BIGINT NOT NULL,
+    errors         BIGINT NOT NULL,
+    last_status    TEXT NOT NULL,
+    last_error     TEXT,
+    last_event_id  BIGINT NOT NULL,
+    PRIMARY KEY (student_id, notebook_path, cell_key)
+);
+
+CREATE INDEX IF NOT EXISTS cell_runs_course_idx ON cell_runs (course_id, notebook_path);
+
+-- Per course ('' for none) and UTC minute of receipt ('2026-11-27T17:40Z').
+CREATE TABLE IF NOT EXISTS activity (
+    course_id   TEXT NOT NULL,
+    minute      TEXT NOT NULL,
+    executions  BIGINT NOT NULL,
+    errors      BIGINT NOT NULL,
+    help        BIGINT NOT NULL,
+    PRIMARY KEY (course_id, minute)
+);
+
+-- One row per raised hand: raise_id is the id of its first help event. state is up,
+-- dismissed or stopped; expiry (no beat for HAND_TIMEOUT) is decided when read.
+CREATE TABLE IF NOT EXISTS hand_raises (
+    raise_id      BIGINT PRIMARY KEY,
+    student_id    TEXT NOT NULL,
+    raised_at     TIMESTAMPTZ NOT NULL,
+    last_beat_at  TIMESTAMPTZ NOT NULL,
+    state         TEXT NOT NULL,
+    on_my_way_by  TEXT,
+    on_my_way_at  TIMESTAMPTZ
+);
+
+CREATE INDEX IF NOT EXISTS hand_raises_student_idx ON hand_raises (student_id, raise_id);
+CREATE INDEX IF NOT EXISTS hand_raises_beat_idx ON hand_raises (last_beat_at);
+CREATE INDEX IF NOT EXISTS activity_minute_idx ON activity (minute);

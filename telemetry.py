@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import datetime as dt
 import functools
 import hashlib
 import hmac
+import io
 import logging
 import math
 import os
@@ -54,7 +56,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
@@ -305,6 +307,23 @@ def replace_nul(value: Any) -> Any:
     return value
 
 
+# Named in errors as the client named them when a camelCase event leaves them out.
+CAMEL_CASE_REQUIRED = {"student_id": "emailAddress", "event_type": "eventType"}
+CAMEL_CASE_PROBLEMS = {"hasError": "must be true or false"}
+
+
+def camel_case_origins(raw: dict[str, Any]) -> dict[str, str]:
+    """Our field -> the key the client sent it as, so errors name what the client wrote."""
+    origins = {CAMEL_CASE_ALIASES[key]: key for key in raw if key in CAMEL_CASE_ALIASES}
+    if "hasError" in raw and "status" not in raw:
+        origins["status"] = "hasError"
+    if raw.get("errorMessage") and "error" not in raw:
+        origins["error"] = "errorMessage"
+    if origins:
+        origins = {**CAMEL_CASE_REQUIRED, **origins}
+    return {target: key for target, key in origins.items() if target not in raw}
+
+
 def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
     """Map cell-monitor-extension's camelCase shape onto ours; snake_case passes through."""
     event: dict[str, Any] = {}
@@ -316,7 +335,12 @@ def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
             continue  # an explicit snake_case key wins over its alias
         event[target] = value
     if "hasError" in raw and "status" not in raw:
-        event["status"] = "error" if raw["hasError"] is True else "ok"
+        # A string "true" is a client bug to report (see CAMEL_CASE_PROBLEMS), not an "ok".
+        has_error = raw["hasError"]
+        if isinstance(has_error, bool):
+            event["status"] = "error" if has_error else "ok"
+        elif has_error is not None:
+            event["status"] = has_error
     if raw.get("errorMessage") and "error" not in raw:
         event["error"] = {"ename": None, "evalue": raw["errorMessage"], "traceback": []}
     return event
@@ -397,6 +421,25 @@ def check_error(value: Any) -> dict[str, Any]:
     return {**value, "traceback": traceback}
 
 
+# Jupyter tracebacks and cell-monitor-extension's errorMessage carry terminal colours;
+# some clients lose the ESC and leave "[0;31m" behind.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\[\d+(?:;\d+)*m")
+ERROR_TEXT_MAX_CHARS = 300
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI_ESCAPE.sub("", text)
+
+
+def error_text(error: Mapping[str, Any] | None) -> str | None:
+    """`ename: evalue` without colour codes: an error as the dashboard's aggregates show it."""
+    if not isinstance(error, Mapping):
+        return None
+    parts = [str(error[key]) for key in ("ename", "evalue") if error.get(key) not in (None, "")]
+    text = strip_ansi(": ".join(parts)).strip()
+    return text[:ERROR_TEXT_MAX_CHARS] or None
+
+
 def cap_outputs(value: Any, max_bytes: int) -> tuple[Any, bool]:
     """Outputs can be megabytes of plots: keep at most max_bytes of their JSON text."""
     encoded = orjson.dumps(value)
@@ -427,17 +470,23 @@ def normalise_event(
         errors.add(path, "must be a JSON object")
         return None
     source = replace_nul(from_camel_case(raw))
+    origins = camel_case_origins(raw)
+
+    def problem_at(name: str, problem: str) -> None:
+        key = origins.get(name, name)
+        errors.add(f"{path}.{key}", CAMEL_CASE_PROBLEMS.get(key, problem))
+
     before = len(errors.details)
     event: dict[str, Any] = {name: None for name in KNOWN_FIELDS}
     for name in REQUIRED_FIELDS:
         if source.get(name) is None:
-            errors.add(f"{path}.{name}", "is required")
+            problem_at(name, "is required")
     for name, check in FIELD_CHECKS.items():
         if source.get(name) is not None:
             try:
                 event[name] = check(source[name])
             except ValueError as problem:
-                errors.add(f"{path}.{name}", str(problem))
+                problem_at(name, str(problem))
     try:
         event["occurred_at"] = (
             now
@@ -445,7 +494,7 @@ def normalise_event(
             else parse_occurred_at(source["occurred_at"], now)
         )
     except ValueError as problem:
-        errors.add(f"{path}.occurred_at", str(problem))
+        problem_at("occurred_at", str(problem))
     if len(errors.details) > before:
         return None
     event["outputs"], event["outputs_truncated"] = cap_outputs(
@@ -757,6 +806,23 @@ def query_int(
     return int(raw)
 
 
+def check_parameter_names(
+    query: Mapping[str, str], allowed: Iterable[str], errors: FieldErrors
+) -> None:
+    """A misspelt filter (`?course=cs101`) must not quietly answer with everyone."""
+    known = {*allowed, "token"}
+    for name in query:
+        if name not in known:
+            errors.add(name, "is not a parameter of this endpoint")
+
+
+def query_bool(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool:
+    raw = query.get(name, "").strip().lower()
+    if raw not in ("", "true", "false"):
+        errors.add(name, "must be true or false")
+    return raw == "true"
+
+
 def raise_query_errors(errors: FieldErrors) -> None:
     if errors.details:
         raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
@@ -772,6 +838,8 @@ def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
     params["since_id"] = query_int(query, "since_id", 0, (0, INT64_MAX), errors)
     params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
     params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
+    params["collapse_beats"] = query_bool(query, "collapse_beats", errors)
+    check_parameter_names(query, [*params, "since_id", "before_id"], errors)
     raise_query_errors(errors)
     return params
 
@@ -784,8 +852,90 @@ def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
         "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
         "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
     }
+    check_parameter_names(query, params, errors)
     raise_query_errors(errors)
     return params
+
+
+CELLS_LIMIT_DEFAULT = 200
+ACTIVITY_MINUTES_DEFAULT = 60
+ACTIVITY_MINUTES_MAX = 1_440
+
+
+def parse_course_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/help and GET /api/v1/students.csv: an optional course_id, or a 422."""
+    errors = FieldErrors()
+    params = {"course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors)}
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_cells_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/cells parameters to the SQL parameters of SELECT_CELL_TOTALS, or a 422."""
+    errors = FieldErrors()
+    params = {
+        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
+        "notebook_path": query_text(query, "notebook_path", TEXT_MAX_CHARS, errors),
+        "limit": query_int(query, "limit", CELLS_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
+    }
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_activity_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/activity parameters: course_id and a window of 1 to 1440 minutes."""
+    errors = FieldErrors()
+    params = {
+        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
+        "minutes": query_int(
+            query, "minutes", ACTIVITY_MINUTES_DEFAULT, (1, ACTIVITY_MINUTES_MAX), errors
+        ),
+    }
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_export_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/events.csv: the filters of GET /api/v1/events, without paging."""
+    errors = FieldErrors()
+    params = {
+        name: query_text(query, name, max_chars, errors)
+        for name, max_chars in EVENT_QUERY_FILTERS.items()
+    }
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+INSTRUCTOR_NAME_MAX_CHARS = IDENTIFIER_MAX_CHARS
+
+
+def parse_instructor(body: bytes, content_type: str | None) -> str | None:
+    """The optional `{"by": name}` body of a help action: the instructor's name, or None."""
+    if not body.strip():
+        return None
+    if not is_json_content_type(content_type):
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    document = parse_json_body(body)
+    errors = FieldErrors()
+    if not isinstance(document, dict):
+        errors.add("body", "must be a JSON object")
+        document = {}
+    for key in document:
+        if key != "by":
+            errors.add(key, "is not a field of this request")
+    by = document.get("by")
+    if by is not None:
+        try:
+            by = check_string(by, INSTRUCTOR_NAME_MAX_CHARS)
+        except ValueError as problem:
+            errors.add("by", str(problem))
+    if errors.details:
+        raise ApiError(422, "invalid_body", "the body is invalid", errors.details)
+    return by
 
 
 # Storage
@@ -955,7 +1105,22 @@ WHERE e.id > :since_id AND e.id < :before_id
   AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
+  AND (NOT CAST(:collapse_beats AS BOOLEAN) OR e.event_type <> 'help'
+       OR EXISTS (SELECT 1 FROM hand_raises h WHERE h.raise_id = e.id))
 ORDER BY e.id DESC
+LIMIT :limit
+"""
+
+# CSV export: the same documents and filters, oldest first, in keyset pages.
+SELECT_EVENT_EXPORT = f"""
+SELECT {EVENT_DOCUMENT_COLUMNS}
+FROM events e JOIN students s ON s.student_id = e.student_id
+WHERE e.id > :since_id
+  AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
+  AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
+  AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
+  AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
+ORDER BY e.id
 LIMIT :limit
 """
 
@@ -963,7 +1128,11 @@ LIMIT :limit
 # the page's students, not the whole table.
 SELECT_STUDENT_PAGE = """
 SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
-       help.event_type AS last_help_type
+       notebook.cell_id AS last_cell_id, notebook.cell_index AS last_cell_index,
+       hand.raise_id AS hand_raise_id, hand.student_id AS hand_student_id,
+       hand.raised_at AS hand_raised_at, hand.last_beat_at AS hand_last_beat_at,
+       hand.state AS hand_state, hand.on_my_way_by AS hand_on_my_way_by,
+       hand.on_my_way_at AS hand_on_my_way_at
 FROM (
     SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
         (SELECT COUNT(*) FROM events e WHERE e.student_id = s.student_id) AS event_count,
@@ -974,9 +1143,8 @@ FROM (
         (SELECT MAX(e.id) FROM events e WHERE e.student_id = s.student_id) AS last_event_id,
         (SELECT MAX(e.id) FROM events e
          WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL) AS last_notebook_id,
-        (SELECT MAX(e.id) FROM events e
-         WHERE e.student_id = s.student_id AND e.event_type IN ('help', 'help_stop')
-        ) AS last_help_id
+        (SELECT MAX(h.raise_id) FROM hand_raises h
+         WHERE h.student_id = s.student_id) AS last_raise_id
     FROM students s
     WHERE s.student_id > :after
       AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
@@ -985,7 +1153,7 @@ FROM (
 ) page
 LEFT JOIN events last ON last.id = page.last_event_id
 LEFT JOIN events notebook ON notebook.id = page.last_notebook_id
-LEFT JOIN events help ON help.id = page.last_help_id
+LEFT JOIN hand_raises hand ON hand.raise_id = page.last_raise_id
 ORDER BY page.student_id
 """
 
@@ -1006,6 +1174,141 @@ ORDER BY student_id, recency DESC
 # same rule (static/dashboard.js) for live updates.
 STUCK_ERROR_STREAK = 3
 STREAK_LOOKBACK_EXECUTIONS = 20
+# Struggling, unlike stuck, survives moving between cells: this many errors among the
+# last STREAK_LOOKBACK_EXECUTIONS executions, any cells (13 errors in 35 runs trips it).
+STRUGGLING_ERRORS = 6
+
+# A raised hand is a heartbeat: cell-monitor-extension repeats `help` every 10 s (its older
+# release every 5 s, and never sends help_stop). Three missed 10 s beats lower the hand.
+HAND_TIMEOUT = dt.timedelta(seconds=30)
+HAND_EVENTS = frozenset(("help", "help_stop", "help_dismissed", "help_on_my_way"))
+
+# The dashboard summaries of schema.sql, upserted at commit time from each batch's deltas.
+CELL_RUN_TYPES = {
+    "student_id": "text",
+    "notebook_path": "text",
+    "cell_key": "text",
+    "course_id": "text",
+    "cell_id": "text",
+    "cell_index": "integer",
+    "runs": "bigint",
+    "errors": "bigint",
+    "last_status": "text",
+    "last_error": "text",
+    "last_event_id": "bigint",
+}
+ON_CELL_RUN_CONFLICT = """
+ON CONFLICT (student_id, notebook_path, cell_key) DO UPDATE SET
+    course_id = COALESCE(excluded.course_id, cell_runs.course_id),
+    cell_id = excluded.cell_id,
+    cell_index = COALESCE(excluded.cell_index, cell_runs.cell_index),
+    runs = cell_runs.runs + excluded.runs,
+    errors = cell_runs.errors + excluded.errors,
+    last_status = excluded.last_status,
+    last_error = excluded.last_error,
+    last_event_id = excluded.last_event_id
+"""
+ACTIVITY_TYPES = {
+    "course_id": "text",
+    "minute": "text",
+    "executions": "bigint",
+    "errors": "bigint",
+    "help": "bigint",
+}
+ON_ACTIVITY_CONFLICT = """
+ON CONFLICT (course_id, minute) DO UPDATE SET
+    executions = activity.executions + excluded.executions,
+    errors = activity.errors + excluded.errors,
+    help = activity.help + excluded.help
+"""
+
+
+def upsert_one(table: str, types: Mapping[str, str], on_conflict: str) -> str:
+    """One row's upsert, for SQLite."""
+    return (
+        f"INSERT INTO {table} ({', '.join(types)}) "
+        f"VALUES ({', '.join(':' + column for column in types)}) {on_conflict}"
+    )
+
+
+def upsert_arrays(table: str, types: Mapping[str, str], on_conflict: str) -> str:
+    """A whole batch's upsert in one PostgreSQL statement, one typed array per column."""
+    arrays = ", ".join(f"CAST(:{column} AS {kind}[])" for column, kind in types.items())
+    return f"INSERT INTO {table} ({', '.join(types)}) SELECT * FROM unnest({arrays}) {on_conflict}"
+
+
+SUMMARY_UPSERTS = {
+    "cell_runs": (CELL_RUN_TYPES, ON_CELL_RUN_CONFLICT),
+    "activity": (ACTIVITY_TYPES, ON_ACTIVITY_CONFLICT),
+}
+UPSERT_ONE = {table: upsert_one(table, *spec) for table, spec in SUMMARY_UPSERTS.items()}
+UPSERT_ARRAYS = {table: upsert_arrays(table, *spec) for table, spec in SUMMARY_UPSERTS.items()}
+
+# Beating raises only: an index range on last_beat_at, whatever the table's history.
+SELECT_BEATING_HANDS = """
+SELECT h.raise_id, h.student_id, h.raised_at, h.last_beat_at, h.state, h.on_my_way_by,
+       h.on_my_way_at, s.name, s.team, s.course_id,
+       place.notebook_path, place.cell_id, place.cell_index
+FROM hand_raises h
+JOIN students s ON s.student_id = h.student_id
+LEFT JOIN events place ON place.id = (
+    SELECT MAX(e.id) FROM events e
+    WHERE e.student_id = h.student_id AND e.notebook_path IS NOT NULL
+)
+WHERE h.last_beat_at >= :cutoff AND h.state <> 'stopped'
+  AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
+ORDER BY h.raised_at, h.raise_id
+"""
+HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "cell_index")
+
+SELECT_STUDENT_COURSE = "SELECT course_id FROM students WHERE student_id = :student_id"
+
+CELL_RUN_FILTERS = """
+    (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id)
+    AND (CAST(:notebook_path AS TEXT) IS NULL OR notebook_path = :notebook_path)
+"""
+SELECT_CELL_TOTALS = f"""
+SELECT notebook_path, cell_key, MAX(cell_id) AS cell_id, MAX(cell_index) AS cell_index,
+       COUNT(*) AS students_ran, CAST(SUM(runs) AS BIGINT) AS runs,
+       CAST(SUM(errors) AS BIGINT) AS errors,
+       SUM(CASE WHEN last_status = 'error' THEN 1 ELSE 0 END) AS students_failing
+FROM cell_runs
+WHERE {CELL_RUN_FILTERS}
+GROUP BY notebook_path, cell_key
+ORDER BY students_failing DESC, errors DESC, notebook_path, MAX(cell_index)
+LIMIT :limit
+"""
+SELECT_FAILING_RUNS = f"""
+SELECT notebook_path, cell_key, student_id, last_error FROM cell_runs
+WHERE last_status = 'error' AND {CELL_RUN_FILTERS}
+ORDER BY student_id
+"""
+TOP_ERRORS = 5
+
+SELECT_ACTIVITY = """
+SELECT minute, CAST(SUM(executions) AS BIGINT) AS executions,
+       CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(help) AS BIGINT) AS help
+FROM activity
+WHERE minute >= :first AND (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id)
+GROUP BY minute
+"""
+
+HAND_COLUMNS = (
+    "raise_id student_id raised_at last_beat_at state on_my_way_by on_my_way_at"
+).split()
+SELECT_LATEST_HAND = f"""
+SELECT {", ".join(HAND_COLUMNS)} FROM hand_raises WHERE student_id = :student_id
+ORDER BY raise_id DESC LIMIT 1
+"""
+UPSERT_HAND = f"""
+INSERT INTO hand_raises ({", ".join(HAND_COLUMNS)})
+VALUES ({", ".join(":" + column for column in HAND_COLUMNS)})
+ON CONFLICT (raise_id) DO UPDATE SET
+    last_beat_at = excluded.last_beat_at,
+    state = excluded.state,
+    on_my_way_by = excluded.on_my_way_by,
+    on_my_way_at = excluded.on_my_way_at
+"""
 
 
 NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
@@ -1039,7 +1342,8 @@ class AsyncpgStatement:
 
 
 COMMIT_STATEMENTS = {
-    sql: AsyncpgStatement.of(sql) for sql in (STORE_EVENTS, LOCK_COMMITS, UNLOCK_COMMITS)
+    sql: AsyncpgStatement.of(sql)
+    for sql in (STORE_EVENTS, LOCK_COMMITS, UNLOCK_COMMITS, *UPSERT_ARRAYS.values())
 }
 
 
@@ -1102,9 +1406,20 @@ def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | No
     return cell, count
 
 
-def student_document(row: Mapping[str, Any], streak: tuple[str | None, int]) -> dict:
-    """One student as the read API and the dashboard's table see them."""
-    cell, count = streak
+def student_document(
+    row: Mapping[str, Any], executions: list[tuple[str | None, str]], now: dt.datetime
+) -> dict:
+    """One student as the read API and the dashboard's table see them; `executions` are
+    their latest (cell_id, status), oldest first."""
+    cell, count = error_streak(executions)
+    statuses = [status for _, status in executions]
+    hand = hand_document(
+        None
+        if row["hand_state"] is None
+        else {column: row[f"hand_{column}"] for column in HAND_COLUMNS},
+        now,
+    )
+    raised = hand is not None and hand["state"] == "up"
     return {
         "student_id": row["student_id"],
         "name": row["name"],
@@ -1118,11 +1433,211 @@ def student_document(row: Mapping[str, Any], streak: tuple[str | None, int]) -> 
         "last_event_id": row["last_event_id"],
         "last_event_type": row["last_event_type"],
         "last_notebook_path": row["last_notebook_path"],
-        "hand_raised": row["last_help_type"] == "help",
+        "last_cell_id": row["last_cell_id"],
+        "last_cell_index": row["last_cell_index"],
+        "last_status": statuses[-1] if statuses else None,
+        "hand_raised": raised,
+        "hand_raised_at": hand["raised_at"] if raised else None,
+        "hand_last_beat_at": hand["last_beat_at"] if raised else None,
+        "hand_on_my_way": hand["on_my_way"] if raised else None,
         "error_streak": count,
         "streak_cell_id": cell,
         "stuck": count >= STUCK_ERROR_STREAK,
+        "recent_statuses": statuses,
+        "struggling": is_struggling(statuses),
     }
+
+
+CELL_RUN_KEY = ("student_id", "notebook_path", "cell_key")
+
+
+def cell_key(document: Mapping[str, Any]) -> str:
+    """A cell's identity within its notebook: its id, else its index, else ''."""
+    if document.get("cell_id"):
+        return document["cell_id"]
+    return "" if document.get("cell_index") is None else f"#{document['cell_index']}"
+
+
+def cell_run_rows(documents: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """What a batch of stored documents (id order) adds to cell_runs: one row per cell run."""
+    rows: dict[tuple[str, str, str], dict] = {}
+    for document in documents:
+        if document.get("status") is None:
+            continue
+        key = (document["student_id"], document.get("notebook_path") or "", cell_key(document))
+        row = rows.setdefault(key, dict(zip(CELL_RUN_KEY, key, strict=True)))
+        failed = document["status"] == "error"
+        row.update(
+            course_id=document.get("course_id") or row.get("course_id"),
+            cell_id=document.get("cell_id"),
+            cell_index=document.get("cell_index", row.get("cell_index")),
+            runs=row.get("runs", 0) + 1,
+            errors=row.get("errors", 0) + failed,
+            last_status=document["status"],
+            last_error=error_text(document.get("error")) if failed else None,
+            last_event_id=document["id"],
+        )
+    return list(rows.values())
+
+
+def minute_of(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def activity_rows(
+    documents: Iterable[Mapping[str, Any]], raised: Iterable[Mapping[str, Any]], minute: str
+) -> list[dict]:
+    """What a batch adds to activity: its executions, errors and new raised hands, per course."""
+    rows: dict[str, dict] = {}
+
+    def row(document: Mapping[str, Any]) -> dict:
+        course = document.get("course_id") or ""
+        return rows.setdefault(
+            course,
+            {"course_id": course, "minute": minute, "executions": 0, "errors": 0, "help": 0},
+        )
+
+    for document in documents:
+        if document.get("status") is not None:
+            row(document)["executions"] += 1
+            row(document)["errors"] += document["status"] == "error"
+    for document in raised:
+        row(document)["help"] += 1
+    return list(rows.values())
+
+
+def as_datetime(value: dt.datetime | str) -> dt.datetime:
+    """A timestamp as either database returns it (SQLite keeps our UTC text)."""
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC)
+    return dt.datetime.fromisoformat(value).astimezone(dt.UTC)
+
+
+def hand_is_live(hand: Mapping[str, Any] | None, moment: dt.datetime) -> bool:
+    """Still beating at `moment`: not lowered by help_stop, last beat within HAND_TIMEOUT."""
+    return (
+        hand is not None
+        and hand["state"] != "stopped"
+        and moment - as_datetime(hand["last_beat_at"]) <= HAND_TIMEOUT
+    )
+
+
+def instructor_name(document: Mapping[str, Any]) -> str | None:
+    extra = document.get("extra")
+    return extra.get("by") if isinstance(extra, Mapping) else None
+
+
+def next_hand(hand: Mapping[str, Any] | None, document: Mapping[str, Any], at: dt.datetime) -> Any:
+    """A student's latest raise (or None) after one of their HAND_EVENTS, received at `at`.
+
+    A `help` raises a hand unless a raise is still beating, in which case it is one more
+    beat; beats after a dismissal keep the hand down, as the extension beats on until the
+    student lowers it. help_stop ends a raise; the next `help` raises anew.
+    """
+    kind = document["event_type"]
+    if hand is None or not hand_is_live(hand, at):
+        if kind != "help":
+            return hand
+        return {
+            "raise_id": document["id"],
+            "student_id": document["student_id"],
+            "raised_at": at,
+            "last_beat_at": at,
+            "state": "up",
+            "on_my_way_by": None,
+            "on_my_way_at": None,
+        }
+    hand = dict(hand)
+    if kind == "help":
+        hand["last_beat_at"] = at
+    elif kind == "help_stop":
+        hand["state"] = "stopped"
+    elif hand["state"] == "up" and kind == "help_dismissed":
+        hand["state"] = "dismissed"
+    elif hand["state"] == "up" and kind == "help_on_my_way":
+        hand.update(on_my_way_by=instructor_name(document), on_my_way_at=at)
+    return hand
+
+
+def hand_document(hand: Mapping[str, Any] | None, now: dt.datetime) -> dict | None:
+    """A raise still beating at `now`, as the read API shows it; None for none."""
+    if hand is None or not hand_is_live(hand, now):
+        return None
+    on_my_way = None
+    if hand["on_my_way_at"] is not None:
+        on_my_way = {"by": hand["on_my_way_by"], "at": format_timestamp(hand["on_my_way_at"])}
+    return {
+        "student_id": hand["student_id"],
+        "state": hand["state"],
+        "raised_at": format_timestamp(hand["raised_at"]),
+        "last_beat_at": format_timestamp(hand["last_beat_at"]),
+        "on_my_way": on_my_way,
+    }
+
+
+def is_struggling(statuses: list[str]) -> bool:
+    """STRUGGLING_ERRORS among the last STREAK_LOOKBACK_EXECUTIONS statuses (oldest first)."""
+    return statuses[-STREAK_LOOKBACK_EXECUTIONS:].count("error") >= STRUGGLING_ERRORS
+
+
+def notebook_name(path: str | None) -> str | None:
+    return path.replace("\\", "/").rsplit("/", 1)[-1] if path else None
+
+
+def cell_label(path: str | None, index: int | None) -> str:
+    """How the dashboard names a cell: `[4] lists.ipynb`, never by its id."""
+    return f"[{'?' if index is None else index}] {notebook_name(path) or '(no notebook)'}"
+
+
+def cell_documents(
+    totals: Iterable[Mapping[str, Any]], failing: Iterable[Mapping[str, Any]]
+) -> list[dict]:
+    """SELECT_CELL_TOTALS rows, each with its failing students and their commonest errors."""
+    failures: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in failing:
+        failures.setdefault((row["notebook_path"], row["cell_key"]), []).append(row)
+    documents = []
+    for row in totals:
+        path = row["notebook_path"] or None
+        here = failures.get((row["notebook_path"], row["cell_key"]), [])
+        errors = Counter(failure["last_error"] or "(no message)" for failure in here)
+        documents.append(
+            {
+                "notebook_path": path,
+                "notebook_name": notebook_name(path),
+                "cell_id": row["cell_id"],
+                "cell_index": row["cell_index"],
+                "label": cell_label(path, row["cell_index"]),
+                "students_ran": row["students_ran"],
+                "runs": row["runs"],
+                "errors": row["errors"],
+                "students_failing": row["students_failing"],
+                "failing_student_ids": [failure["student_id"] for failure in here],
+                "top_errors": [
+                    {"error": text, "students": count}
+                    for text, count in errors.most_common(TOP_ERRORS)
+                ],
+            }
+        )
+    return documents
+
+
+def activity_series(
+    rows: Iterable[Mapping[str, Any]], first: dt.datetime, minutes: int
+) -> list[dict]:
+    """One entry per minute from `first`, zeros where nothing happened."""
+    counts = {row["minute"]: row for row in rows}
+    series = []
+    for step in range(minutes):
+        minute = minute_of(first + dt.timedelta(minutes=step))
+        row = counts.get(minute, {})
+        series.append(
+            {
+                "minute": minute.removesuffix("Z") + ":00Z",
+                **{name: row.get(name, 0) for name in ("executions", "errors", "help")},
+            }
+        )
+    return series
 
 
 @dataclass
@@ -1240,8 +1755,14 @@ class Storage:
         rows = await self.database.fetch_all(SELECT_EVENT_PAGE, dict(params))
         return [row_document(row._mapping) for row in rows]
 
-    async def students_page(self, params: Mapping[str, Any]) -> list[dict]:
-        """Students matching parse_students_query's params, by student_id, with their counts."""
+    async def events_export(self, params: Mapping[str, Any]) -> list[dict]:
+        """Events matching parse_export_query's params after `since_id`, oldest first."""
+        rows = await self.database.fetch_all(SELECT_EVENT_EXPORT, dict(params))
+        return [row_document(row._mapping) for row in rows]
+
+    async def students_page(self, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
+        """Students matching parse_students_query's params, by student_id, with their counts
+        and their hands as they are at `now`."""
         rows = [row._mapping for row in await self.database.fetch_all(SELECT_STUDENT_PAGE, params)]
         if not rows:
             return []
@@ -1257,10 +1778,47 @@ class Storage:
         for row in recent:
             execution = (row._mapping["cell_id"], row._mapping["status"])
             executions.setdefault(row._mapping["student_id"], []).append(execution)
-        return [
-            student_document(row, error_streak(executions.get(row["student_id"], [])))
-            for row in rows
-        ]
+        return [student_document(row, executions.get(row["student_id"], []), now) for row in rows]
+
+    async def hands(self, course_id: str | None, now: dt.datetime) -> list[dict]:
+        """Raises still beating at `now`, oldest first, with where their student last was."""
+        cutoff = self.db_timestamp(now - HAND_TIMEOUT)
+        rows = await self.database.fetch_all(
+            SELECT_BEATING_HANDS, {"cutoff": cutoff, "course_id": course_id}
+        )
+        hands = []
+        for row in rows:
+            hand = hand_document(row._mapping, now)
+            if hand is not None:
+                where = {column: row._mapping[column] for column in HAND_PLACE_COLUMNS}
+                hands.append({**hand, **where})
+        return hands
+
+    async def latest_hand(self, student_id: str) -> dict | None:
+        row = await self.database.fetch_one(SELECT_LATEST_HAND, {"student_id": student_id})
+        return None if row is None else dict(row._mapping)
+
+    async def student_course(self, student_id: str) -> tuple[bool, str | None]:
+        """Whether the student was ever seen, and their course."""
+        row = await self.database.fetch_one(SELECT_STUDENT_COURSE, {"student_id": student_id})
+        return (False, None) if row is None else (True, row._mapping["course_id"])
+
+    async def cells(self, params: Mapping[str, Any]) -> list[dict]:
+        """Per notebook and cell, who ran it and who is failing there now (see cell_documents)."""
+        totals = await self.database.fetch_all(SELECT_CELL_TOTALS, dict(params))
+        failing = await self.database.fetch_all(
+            SELECT_FAILING_RUNS,
+            {"course_id": params["course_id"], "notebook_path": params["notebook_path"]},
+        )
+        return cell_documents([row._mapping for row in totals], [row._mapping for row in failing])
+
+    async def activity(self, course_id: str | None, minutes: int, now: dt.datetime) -> list[dict]:
+        """Executions, errors and raised hands per minute, the last `minutes`, oldest first."""
+        first = now - dt.timedelta(minutes=minutes - 1)
+        rows = await self.database.fetch_all(
+            SELECT_ACTIVITY, {"course_id": course_id, "first": minute_of(first)}
+        )
+        return activity_series([row._mapping for row in rows], first, minutes)
 
     async def store(
         self, events: list[dict], after_commit: Callable[[list[StoredEvent]], Awaitable[None]]
@@ -1280,9 +1838,65 @@ class Storage:
         return stored
 
     async def _store_batch(self, connection: Any, events: list[dict]) -> list[StoredEvent]:
-        if not self.is_postgres:  # SQLite has no arrays: one event at a time, same results
-            async with connection.transaction():
-                return [await self._store_one(connection, event) for event in events]
+        async with connection.transaction():
+            if self.is_postgres:
+                stored = await self._store_rows(connection, events)
+            else:  # SQLite has no arrays: one event at a time, same results
+                stored = [await self._store_one(connection, event) for event in events]
+            fresh = [item.document for item in stored if not item.duplicate]
+            if fresh:
+                await self._summarise(connection, fresh, events[0]["received_at"])
+        return stored
+
+    async def _summarise(self, connection: Any, documents: list[dict], at: dt.datetime) -> None:
+        """Bring the dashboard summaries up to date with a batch's new events."""
+        raised = await self._update_hands(
+            connection,
+            [document for document in documents if document["event_type"] in HAND_EVENTS],
+            at,
+        )
+        summaries = {
+            "cell_runs": cell_run_rows(documents),
+            "activity": activity_rows(documents, raised, minute_of(at)),
+        }
+        for table, rows in summaries.items():
+            if not rows:
+                continue
+            if self.is_postgres:
+                columns = SUMMARY_UPSERTS[table][0]
+                arrays = {column: [row[column] for row in rows] for column in columns}
+                await COMMIT_STATEMENTS[UPSERT_ARRAYS[table]].fetch(connection, arrays)
+            else:
+                for row in rows:
+                    await connection.execute(UPSERT_ONE[table], row)
+
+    async def _update_hands(
+        self, connection: Any, documents: list[dict], at: dt.datetime
+    ) -> list[dict]:
+        """Apply help events to their students' latest raises; returns the new raises' events."""
+        hands: dict[str, Any] = {}
+        raised = []
+        for document in documents:
+            student = document["student_id"]
+            if student not in hands:
+                row = await connection.fetch_one(SELECT_LATEST_HAND, {"student_id": student})
+                hands[student] = None if row is None else dict(row._mapping)
+            hands[student] = next_hand(hands[student], document, at)
+            if hands[student] is not None and hands[student]["raise_id"] == document["id"]:
+                raised.append(document)
+        for hand in hands.values():
+            if hand is not None:
+                times = ("raised_at", "last_beat_at", "on_my_way_at")
+                values = {
+                    column: self.db_timestamp(as_datetime(value))
+                    if column in times and value is not None
+                    else value
+                    for column, value in hand.items()
+                }
+                await connection.execute(UPSERT_HAND, values)
+        return raised
+
+    async def _store_rows(self, connection: Any, events: list[dict]) -> list[StoredEvent]:
         store = COMMIT_STATEMENTS[STORE_EVENTS]
         rows = await store.fetch(connection, self._batch_values(events))
         found: dict[str, dict] = {"known": {}, "inserted": {}, "student": {}}
@@ -2099,10 +2713,190 @@ async def list_students(request: Request) -> Response:
     )
     storage: Storage = request.app.state.storage
     params = parse_students_query(request.query_params)
-    students = await read_storage(storage.students_page({**params, "limit": params["limit"] + 1}))
+    now = dt.datetime.now(dt.UTC)
+    students = await read_storage(
+        storage.students_page({**params, "limit": params["limit"] + 1}, now)
+    )
     page = students[: params["limit"]]
     more = len(students) > params["limit"]
-    return JSONResponse({"students": page, "next_after": page[-1]["student_id"] if more else None})
+    return JSONResponse(
+        {
+            "now": format_timestamp(now),
+            "students": page,
+            "next_after": page[-1]["student_id"] if more else None,
+        }
+    )
+
+
+async def list_help(request: Request) -> Response:
+    """The help queue, first come first served, and every raise still beating."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    params = parse_course_query(request.query_params)
+    now = dt.datetime.now(dt.UTC)
+    hands = await read_storage(request.app.state.storage.hands(params["course_id"], now))
+    return JSONResponse(
+        {
+            "now": format_timestamp(now),
+            "queue": [hand for hand in hands if hand["state"] == "up"],
+            "hands": hands,
+        }
+    )
+
+
+# What an instructor can do about a raised hand, as the event type that records it.
+HAND_ACTIONS = {"on-my-way": "help_on_my_way", "dismiss": "help_dismissed"}
+
+
+async def answer_hand(request: Request) -> Response:
+    """Record "on my way" or a dismissal as an event: stored and published like any, so
+    every dashboard, and any reload, agrees."""
+    state = request.app.state
+    require_token(state.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    event_type = HAND_ACTIONS.get(request.path_params["action"])
+    if event_type is None:
+        raise ApiError(404, "not_found", "the actions are on-my-way and dismiss")
+    student_id = request.path_params["student_id"]
+    by = parse_instructor(await read_body(request, 4_096), request.headers.get("content-type"))
+    seen, course_id = await read_storage(state.storage.student_course(student_id))
+    if not seen:
+        raise ApiError(404, "no_such_student", f"no student {student_id!r} has been seen")
+    now = dt.datetime.now(dt.UTC)
+    hand = hand_document(await read_storage(state.storage.latest_hand(student_id)), now)
+    if hand is None or hand["state"] != "up":
+        raise ApiError(409, "no_raised_hand", f"{student_id!r} has no raised hand now")
+    raw = {"student_id": student_id, "event_type": event_type, "course_id": course_id, "by": by}
+    [event] = normalise_batch(raw, now, state.settings)
+    try:
+        [stored] = await state.committer.submit([event])
+    except StorageUnavailable:
+        raise storage_unavailable("the action could not be stored") from None
+    hand = hand_document(await read_storage(state.storage.latest_hand(student_id)), now)
+    return JSONResponse(
+        {"id": stored.document["id"], "event_type": event_type, "hand": hand}, status_code=201
+    )
+
+
+async def list_cells(request: Request) -> Response:
+    """Where the class is stuck: per notebook and cell, who ran it and who fails there now."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    params = parse_cells_query(request.query_params)
+    cells = await read_storage(request.app.state.storage.cells(params))
+    return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), "cells": cells})
+
+
+async def list_activity(request: Request) -> Response:
+    """Executions, errors and raised hands per minute over the last `minutes`."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    params = parse_activity_query(request.query_params)
+    now = dt.datetime.now(dt.UTC)
+    series = await read_storage(
+        request.app.state.storage.activity(params["course_id"], params["minutes"], now)
+    )
+    return JSONResponse(
+        {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
+    )
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula; students write
+# the text we export.
+CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+STUDENT_CSV_COLUMNS = (
+    "student_id name course_id team first_seen last_seen event_count execution_count "
+    "error_count last_notebook_path hand_raised stuck struggling"
+).split()
+EVENT_CSV_COLUMNS = (
+    "id received_at occurred_at student_id student_name team course_id event_type "
+    "notebook_path cell_id cell_index execution_count status duration_ms error source"
+).split()
+EXPORT_PAGE_SIZE = 1_000
+
+
+def csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def csv_line(values: Iterable[Any]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([csv_value(value) for value in values])
+    return buffer.getvalue().encode()
+
+
+def event_csv_row(document: Mapping[str, Any]) -> list[Any]:
+    """An event as one CSV row of EVENT_CSV_COLUMNS; its error as `ename: evalue`."""
+    row = {**document, "error": error_text(document.get("error"))}
+    return [row.get(column) for column in EVENT_CSV_COLUMNS]
+
+
+def student_csv_row(document: Mapping[str, Any]) -> list[Any]:
+    return [document.get(column) for column in STUDENT_CSV_COLUMNS]
+
+
+def csv_response(name: str, lines: AsyncIterator[bytes]) -> Response:
+    return StreamingResponse(
+        lines,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+async def csv_pages(
+    header: list[str], first: list[Any], more: Callable[[Any], Awaitable[list[Any]]], row: Callable
+) -> AsyncIterator[bytes]:
+    """The header, then page after page until one comes back empty; one page in memory."""
+    yield csv_line(header)
+    page = first
+    while page:
+        yield b"".join(csv_line(row(item)) for item in page)
+        try:
+            page = await more(page[-1])
+        except Exception as error:  # noqa: BLE001 - the status is sent: end the download short
+            logger.warning("CSV export cut short: %r", error)
+            return
+
+
+async def export_events(request: Request) -> Response:
+    """Events as CSV, oldest first, streamed in keyset pages: a term fits, memory does not grow."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    storage: Storage = request.app.state.storage
+    params = {**parse_export_query(request.query_params), "limit": EXPORT_PAGE_SIZE}
+
+    def page_after(last: dict) -> Awaitable[list[dict]]:
+        return storage.events_export({**params, "since_id": last["id"]})
+
+    first = await read_storage(storage.events_export({**params, "since_id": 0}))
+    lines = csv_pages(EVENT_CSV_COLUMNS, first, page_after, event_csv_row)
+    return csv_response("events.csv", lines)
+
+
+async def export_students(request: Request) -> Response:
+    """The students table as CSV, streamed in keyset pages."""
+    require_token(
+        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
+    )
+    storage: Storage = request.app.state.storage
+    params = {**parse_course_query(request.query_params), "limit": EXPORT_PAGE_SIZE}
+    now = dt.datetime.now(dt.UTC)
+
+    def page_after(last: dict) -> Awaitable[list[dict]]:
+        return storage.students_page({**params, "after": last["student_id"]}, now)
+
+    first = await read_storage(storage.students_page({**params, "after": ""}, now))
+    lines = csv_pages(STUDENT_CSV_COLUMNS, first, page_after, student_csv_row)
+    return csv_response("students.csv", lines)
 
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -2226,6 +3020,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             ),
             Route("/api/v1/events", list_events, methods=["GET"]),
             Route("/api/v1/students", list_students, methods=["GET"]),
+            Route("/api/v1/events.csv", export_events, methods=["GET"]),
+            Route("/api/v1/students.csv", export_students, methods=["GET"]),
+            Route("/api/v1/help", list_help, methods=["GET"]),
+            Route("/api/v1/help/{student_id:path}/{action}", answer_hand, methods=["POST"]),
+            Route("/api/v1/cells", list_cells, methods=["GET"]),
+            Route("/api/v1/activity", list_activity, methods=["GET"]),
             Route("/api/v1/stream", stream_events, methods=["GET"]),
             WebSocketRoute("/api/v1/ws", websocket_events),
             Route("/api/v1/session", create_session, methods=["POST"]),

@@ -21,6 +21,7 @@ def test_events_query_defaults_select_the_newest_page() -> None:
         "since_id": 0,
         "before_id": INT64_MAX,
         "limit": PAGE_LIMIT_DEFAULT,
+        "collapse_beats": False,
     }
 
 
