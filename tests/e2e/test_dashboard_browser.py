@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -24,9 +28,10 @@ class Dashboard:
         return self
 
     def wait(self, condition, timeout: float = 20.0):
-        return WebDriverWait(self.browser, timeout, poll_frequency=0.05).until(
-            lambda _: condition()
-        )
+        # Live updates redraw rows: an element read mid-redraw is looked up again.
+        return WebDriverWait(
+            self.browser, timeout, 0.05, ignored_exceptions=[StaleElementReferenceException]
+        ).until(lambda _: condition())
 
     def connection(self) -> str:
         return self.browser.find_element(By.ID, "connection").get_attribute("data-state")
@@ -46,6 +51,10 @@ class Dashboard:
         """The first element matching selector, once there is one."""
         scope = within or self.browser
         return self.wait(lambda: next(iter(scope.find_elements(By.CSS_SELECTOR, selector)), None))
+
+    def click(self, selector: str) -> None:
+        """Click the element matching selector, looked up again if a redraw replaced it."""
+        self.wait(lambda: self.element(selector).click() is None)
 
     def feed_item(self, event_id: int) -> WebElement:
         return self.element(f'#feed [data-event-id="{event_id}"]')
@@ -94,7 +103,7 @@ def test_repeated_errors_on_one_cell_mark_the_student_stuck(dashboard) -> None:
     row = dashboard.student_row("lin")
     assert dashboard.wait(lambda: "stuck" in dashboard.cell(row, "attention"))
     dashboard.post(execution("lin", "ok"))
-    assert dashboard.wait(lambda: dashboard.cell(row, "attention") == "")
+    assert dashboard.wait(lambda: "stuck" not in dashboard.cell(row, "attention"))
 
 
 def test_student_provided_markup_shows_as_text_and_runs_nothing(dashboard) -> None:
@@ -112,14 +121,22 @@ def test_student_provided_markup_shows_as_text_and_runs_nothing(dashboard) -> No
         dashboard.open()  # the same values again, this time through the read API
 
 
-def test_page_reconnects_by_itself_after_the_server_restarts(dashboard, server) -> None:
+def test_page_marks_its_data_stale_while_the_server_restarts(dashboard, server) -> None:
     dashboard.open()
+    assert dashboard.element("#empty").is_displayed()  # how to connect, on an empty page
     [before] = dashboard.post(execution("ada", "ok"))
     dashboard.feed_item(before)
+    assert not dashboard.element("#empty").is_displayed()
+    assert not dashboard.element("#stale").is_displayed()
     server.stop()
     dashboard.wait_for_connection("reconnecting")
+    stale = dashboard.element("#stale")
+    dashboard.wait(stale.is_displayed)
+    assert re.search(r"data as of \d\d:\d\d:\d\d", stale.text), stale.text
+    assert "stale" in dashboard.browser.find_element(By.TAG_NAME, "body").get_attribute("class")
     server.start()  # the same port and SQLite file
     dashboard.wait_for_connection("live")
+    dashboard.wait(lambda: not stale.is_displayed())
     [after] = dashboard.post(execution("ada", "error"))
     dashboard.feed_item(after)
     assert len(dashboard.feed_items(before)) == 1  # the resumed stream repeats nothing
@@ -160,3 +177,141 @@ def test_a_link_with_the_token_in_its_fragment_signs_in(guarded) -> None:
     [event_id] = guarded.post(execution("grace", "error"))
     guarded.feed_item(event_id)
     assert DASHBOARD_TOKEN not in guarded.server.logs()
+
+
+def hand(student_id: str, name: str, **fields) -> dict:
+    event = {"student_id": student_id, "student_name": name, "event_type": "help",
+             "course_id": "cs101", "notebook_path": "week1/lists.ipynb",
+             "cell_index": 2}  # fmt: skip
+    return event | fields
+
+
+def queue_names(dashboard: Dashboard) -> list[str]:
+    items = dashboard.browser.find_elements(By.CSS_SELECTOR, "#queue li .who button.name")
+    return [item.text for item in items]
+
+
+def test_help_queue_is_first_come_first_served_and_a_dismissal_reaches_every_dashboard(
+    dashboard,
+) -> None:
+    dashboard.open()
+    for student_id, name in (("bob", "Bob"), ("ada", "Ada"), ("cy", "Cy")):
+        dashboard.post(hand(student_id, name))  # one POST each: three receive times
+    dashboard.post(hand("ada", "Ada"))  # a heartbeat keeps Ada's place
+    first = dashboard.browser.current_window_handle
+    assert dashboard.wait(lambda: queue_names(dashboard) == ["Bob", "Ada", "Cy"])
+    wait = lambda: dashboard.element("#queue li .wait").text  # noqa: E731
+    shown = dashboard.wait(wait)
+    assert re.fullmatch(r"\d+:\d\d", shown)
+    assert dashboard.wait(lambda: wait() != shown)  # it ticks
+    dashboard.browser.switch_to.new_window("window")
+    second = dashboard.browser.current_window_handle
+    dashboard.open()
+    assert dashboard.wait(lambda: queue_names(dashboard) == ["Bob", "Ada", "Cy"])
+    dashboard.browser.switch_to.window(first)
+    dashboard.click('#queue li[data-student-id="bob"] button.on-my-way')
+    dashboard.click('#queue li[data-student-id="ada"] button.dismiss')
+    assert dashboard.wait(lambda: queue_names(dashboard) == ["Bob", "Cy"])
+    dashboard.browser.switch_to.window(second)
+    assert dashboard.wait(lambda: queue_names(dashboard) == ["Bob", "Cy"])
+    bob = dashboard.element('#queue li[data-student-id="bob"]')
+    assert dashboard.wait(lambda: "on the way" in bob.text)
+    dashboard.open()  # a reload agrees
+    assert dashboard.wait(lambda: queue_names(dashboard) == ["Bob", "Cy"])
+    dashboard.browser.find_element(By.TAG_NAME, "body").send_keys("h")
+    focused = dashboard.browser.switch_to.active_element
+    assert focused.text == "Bob"  # H: the oldest raised hand
+
+
+def camel_case_run(
+    email: str, name: str, team: str, cell: str, index: int, error: str = ""
+) -> dict:
+    event = {"eventType": "cell_executed", "emailAddress": email, "userName": name,
+             "teamName": team, "notebookPath": "course/week2/loops.ipynb", "cellId": cell,
+             "cellIndex": index, "code": "print(x)", "hasError": bool(error),
+             "executionDurationMs": 12}  # fmt: skip
+    return event | ({"errorMessage": error} if error else {})
+
+
+def test_where_the_class_is_stuck_names_the_cell_and_its_students(dashboard) -> None:
+    name_error = "\x1b[0;31mNameError\x1b[0m: name 'x' is not defined"
+    dashboard.post(
+        *[camel_case_run(f"s{n}@uni.edu", f"Student {n}", "A", "uuid-loop", 4, name_error)
+          for n in range(3)],
+        camel_case_run("s3@uni.edu", "Student 3", "B", "uuid-loop", 4, "TypeError: bad operand"),
+        camel_case_run("s4@uni.edu", "Student 4", "B", "uuid-loop", 4),
+    )  # fmt: skip
+    dashboard.open()
+    cell = dashboard.element("#stuck-cells button.cell-summary")
+    assert dashboard.wait(lambda: "4 failing" in cell.text)
+    assert "[4] loops.ipynb" in cell.text and "5 ran" in cell.text
+    assert "3 × NameError: name 'x' is not defined" in cell.text
+    assert "uuid-loop" not in cell.text and "[0;31m" not in cell.text
+    cell.click()
+    panel = dashboard.element("#cell-panel")
+    dashboard.wait(panel.is_displayed)
+    students = dashboard.wait(lambda: panel.find_elements(By.CSS_SELECTOR, "#cell-students button"))
+    names = sorted(button.get_attribute("data-student-id") for button in students)
+    assert names == ["s0@uni.edu", "s1@uni.edu", "s2@uni.edu", "s3@uni.edu"]
+    dashboard.browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    dashboard.wait(lambda: not panel.is_displayed())
+
+
+def test_a_students_timeline_pages_back_on_demand(dashboard) -> None:
+    runs = [execution("ada", "ok", student_name="Ada", source=f"step({n})", cell_index=n)
+            for n in range(54)]  # fmt: skip
+    runs.append(execution("ada", "error", source="1/0", cell_index=54, duration_ms=7,
+                          error={"ename": "ZeroDivisionError", "evalue": "division by zero",
+                                 "traceback": ["\x1b[0;31mZeroDivisionError\x1b[0m"]}))  # fmt: skip
+    dashboard.post(*runs)
+    dashboard.open()
+    dashboard.student_row("ada").click()
+    panel = dashboard.element("#student-panel")
+    timeline = lambda: panel.find_elements(By.CSS_SELECTOR, "#timeline > li")  # noqa: E731
+    assert len(dashboard.wait(timeline)) == 50
+    newest = timeline()[0]
+    assert "1/0" in newest.text and "ZeroDivisionError: division by zero" in newest.text
+    assert (
+        "7 ms" in newest.text and "[54] week1.ipynb" in newest.text and "[0;31m" not in newest.text
+    )
+    facts = dashboard.element("#student-facts").text
+    assert "55 runs, 1 errors" in facts and "[54] week1.ipynb" in facts
+    older = dashboard.element("#timeline-older")
+    older.click()
+    assert dashboard.wait(lambda: len(timeline()) == 55)
+    assert "step(0)" in timeline()[-1].text
+    dashboard.wait(lambda: not older.is_displayed())  # nothing older left
+    [live] = dashboard.post(execution("ada", "ok", source="live()"))
+    assert dashboard.wait(lambda: timeline()[0].get_attribute("data-event-id") == str(live))
+    dashboard.browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    dashboard.wait(lambda: not panel.is_displayed())
+
+
+OVERFLOW = """
+const width = document.documentElement.clientWidth;
+const cut = [...document.querySelectorAll('#feed .type, .path .file')]
+  .filter((node) => node.scrollWidth > node.clientWidth + 1).map((node) => node.textContent);
+return {page: document.documentElement.scrollWidth - width, cut};
+"""
+
+
+@pytest.mark.parametrize("width", [800, 1400])
+def test_page_fits_the_window_without_horizontal_overflow(dashboard, width) -> None:
+    long = "a-very-long-student-name-without-any-space-at-all@some.university.example.edu"
+    dashboard.post(
+        execution(long, "error", student_name=long, team="Team with a long name",
+                  notebook_path="course/" * 12 + "lesson_with_long_name.ipynb", cell_index=12),
+        hand("ada", "Ada"),
+        *[execution(f"s{n}", "error", team=f"T{n % 3}") for n in range(12)],
+    )  # fmt: skip
+    dashboard.browser.set_window_size(width, 900)
+    dashboard.open()
+    dashboard.student_row(long)
+    dashboard.element("#queue li")
+    assert dashboard.wait(lambda: dashboard.browser.execute_script(OVERFLOW)) == {
+        "page": 0,
+        "cut": [],
+    }
+    dashboard.student_row(long).click()
+    dashboard.element("#timeline > li")
+    assert dashboard.browser.execute_script(OVERFLOW) == {"page": 0, "cut": []}
