@@ -1818,7 +1818,7 @@ class Storage:
         rows = await self.database.fetch_all(
             SELECT_ACTIVITY, {"course_id": course_id, "first": minute_of(first)}
         )
-        return activity_series([row._mapping for row in rows], first, minutes)
+        return activity_series([dict(row._mapping) for row in rows], first, minutes)
 
     async def store(
         self, events: list[dict], after_commit: Callable[[list[StoredEvent]], Awaitable[None]]
@@ -2385,6 +2385,63 @@ class RedactTokens(logging.Filter):
         return True
 
 
+# POST /api/v1/events and jupyterlab-pioneer's dated form of it; not /api/v1/events.csv.
+INGEST_PATH = re.compile(r"/api/v1/events(?:/\d+){0,4}/?")
+CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID"]
+
+
+def is_ingest_request(scope: Any) -> bool:
+    """A POST of events, or the browser's preflight asking to send one."""
+    if scope["type"] != "http" or not INGEST_PATH.fullmatch(scope["path"]):
+        return False
+    if scope["method"] == "OPTIONS":
+        headers = dict(scope["headers"])
+        return headers.get(b"access-control-request-method", b"").upper() == b"POST"
+    return scope["method"] == "POST"
+
+
+class JsonCorsRefusals(CORSMiddleware):
+    """Starlette's CORS, with its refused preflights in the error shape of every refusal."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode()
+        headers = {
+            name: value
+            for name, value in response.headers.items()
+            if name.lower() not in ("content-type", "content-length")
+        }
+        message = f"{refused}: this origin is not listed in CORS_ORIGINS"
+        return JSONResponse(error_body(400, "cors_refused", message, []), 400, headers)
+
+
+class IngestCors:
+    """CORS: ingest answers any origin while ingest is open (no INGEST_TOKENS), as anyone
+    may post then anyway and cell-monitor-extension posts from the JupyterLab page's
+    origin. Everything else, and ingest behind tokens, answers only CORS_ORIGINS."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.listed = JsonCorsRefusals(
+            app,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=CORS_HEADERS,
+            max_age=600,
+        )
+        self.open = None
+        if not settings.ingest_tokens:
+            self.open = JsonCorsRefusals(
+                app, allow_origins=["*"], allow_methods=["POST"], allow_headers=CORS_HEADERS
+            )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.open is not None and is_ingest_request(scope):
+            return await self.open(scope, receive, send)
+        return await self.listed(scope, receive, send)
+
+
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -2932,6 +2989,48 @@ async def healthz(request: Request) -> Response:
 # Application
 
 
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class StartupErrors:
+    """Turns a known start-up failure into its one line, instead of the traceback that
+    Starlette hands uvicorn to print (30 lines of asyncpg for a missing database)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_one_line(message: dict) -> None:
+            reason = getattr(scope["app"].state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and reason:
+                message = {**message, "message": reason}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
+
+
+async def connect_storage(app: Starlette, settings: Settings) -> Storage:
+    storage = Storage(settings.database_url, settings.database_pool_size)
+    try:
+        await storage.connect()
+    except Exception as error:  # noqa: BLE001 - each driver fails in its own words
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        app.state.startup_error = (
+            f"telemetry: cannot use the database at DATABASE_URL="
+            f"{redact_url(settings.database_url)}: {reason}"
+        )
+        raise
+    return storage
+
+
 async def handle_api_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, ApiError)
     return api_error_response(error)
@@ -2963,8 +3062,7 @@ def build_bus(settings: Settings) -> MemoryBus | RedisBus:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    storage = Storage(settings.database_url, settings.database_pool_size)
-    await storage.connect()
+    storage = await connect_storage(app, settings)
     bus = build_bus(settings)
     hub = Hub(settings.client_queue_limit)
     hub.last_id = await storage.max_event_id()
@@ -3039,13 +3137,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         middleware=[
             Middleware(SecurityHeaders),
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-                max_age=600,
-            ),
+            Middleware(IngestCors, settings=settings),
+            Middleware(StartupErrors),
         ],
         lifespan=lifespan,
     )

@@ -122,15 +122,35 @@ def test_cors_preflight_allows_only_configured_origins(server) -> None:
         f"{server.url}/api/v1/events", headers={**preflight, "origin": "https://evil.example"}
     )
     assert "access-control-allow-origin" not in denied.headers
+    assert denied.status_code == 400 and denied.headers["content-type"] == "application/json"
+    error = denied.json()["error"]
+    assert error["code"] == "cors_refused" and "CORS_ORIGINS" in error["message"]
 
 
-def test_no_cors_by_default(start_server) -> None:
+def test_open_ingest_answers_any_origin_but_reads_stay_same_origin(start_server) -> None:
     server = start_server()
-    response = httpx.post(
-        f"{server.url}/api/v1/events", json=event(1), headers={"origin": "https://any.example"}
+    origin = {"origin": "https://jupyter.any.example"}
+    preflight = httpx.options(
+        f"{server.url}/api/v1/events",
+        headers={
+            **origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type",
+        },
     )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    response = httpx.post(f"{server.url}/api/v1/events", json=event(1), headers=origin)
     assert response.status_code == 201
-    assert "access-control-allow-origin" not in response.headers
+    assert response.headers["access-control-allow-origin"] == "*"
+    read = httpx.get(f"{server.url}/api/v1/events", headers=origin)
+    assert read.status_code == 200 and "access-control-allow-origin" not in read.headers
+    read_preflight = httpx.options(
+        f"{server.url}/api/v1/students",
+        headers={**origin, "access-control-request-method": "GET"},
+    )
+    assert read_preflight.status_code == 400
+    assert read_preflight.json()["error"]["code"] == "cors_refused"
 
 
 async def test_streams_per_token_are_limited(server) -> None:
