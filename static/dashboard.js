@@ -23,9 +23,11 @@
   const STRUGGLING_ERRORS = 6;
 
   const FEED_LIMIT = 200;
+  // A whole class drawn in one frame is a 300 ms task: the first draw is spread over frames.
+  const ROWS_PER_FRAME = 40;
   const BUFFER_LIMIT = 2000; // recent events kept in memory, to re-filter the feed
   const HELD_LIMIT = 2000; // events held back while the feed is paused
-  const HISTORY_LIMIT = 500;
+  const HISTORY_LIMIT = 200;
   const PAGE_LIMIT = 100;
   const TIMELINE_LIMIT = 50;
   const STUDENT_PAGE_LIMIT = 1000;
@@ -72,7 +74,9 @@
     cellsLoading: false,
     activity: [], // [{minute (ms), executions, errors, help}], oldest first
     chartDirty: false,
-    chartDrawnAt: 0,
+    chartDrawnAt: -Infinity,
+    chartWidth: 600,
+    backfill: [], // older feed events still to append, newest first, a frame's worth at a time
     queueKey: "",
     teamsKey: "",
     ticks: 0,
@@ -108,10 +112,19 @@
     return Number.isNaN(value) ? null : value;
   }
 
+  // One formatter for the page: toLocaleTimeString builds a new one per call (about 1 ms).
+  const timeFormat = new Intl.DateTimeFormat([], {
+    hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false,
+  });
+
   function formatTime(iso) {
     const moment = new Date(iso);
     if (Number.isNaN(moment.getTime())) return String(iso || "");
-    return moment.toLocaleTimeString([], { hour12: false });
+    return timeFormat.format(moment);
+  }
+
+  function plural(count, noun) {
+    return `${count} ${noun}${count === 1 ? "" : "s"}`;
   }
 
   function formatWait(ms) {
@@ -143,8 +156,17 @@
     const text = String(path);
     const cut = text.lastIndexOf("/") + 1;
     if (cut > 0) node.append(el("span", "dir", text.slice(0, cut)));
-    node.append(el("span", "file", text.slice(cut)));
+    node.append(breakable(el("span", "file"), text.slice(cut)));
     node.title = text;
+    return node;
+  }
+
+  // A long file name or address wraps after "_", "-", "." or "@" rather than at any letter.
+  function breakable(node, text) {
+    for (const part of String(text).split(/(?<=[_.@-])/)) {
+      if (node.childNodes.length) node.append(document.createElement("wbr"));
+      node.append(part);
+    }
     return node;
   }
 
@@ -201,7 +223,7 @@
     const banner = $("#stale");
     banner.hidden = !stale;
     if (stale) {
-      const at = state.lastUpdate.toLocaleTimeString([], { hour12: false });
+      const at = timeFormat.format(state.lastUpdate);
       banner.textContent = `Stream down: data as of ${at}, last update. Reconnecting…`;
       banner.dataset.lastUpdate = state.lastUpdate.toISOString();
     }
@@ -654,7 +676,8 @@
     state.chartDrawnAt = now;
     bucketFor(serverNow());
     const series = state.activity;
-    const width = 600;
+    const chart = $("#activity-chart");
+    const width = state.chartWidth;
     const height = 140;
     const left = 28;
     const bottom = 16;
@@ -663,7 +686,7 @@
     const x = (index) => left + (index * (width - left - 4)) / Math.max(1, ACTIVITY_MINUTES - 1);
     const y = (value) => height - bottom - (value * (height - bottom - top)) / peak;
     const offset = ACTIVITY_MINUTES - series.length;
-    const svg = svgNode("svg", { viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", role: "img" });
+    const svg = svgNode("svg", { viewBox: `0 0 ${width} ${height}`, height, role: "img" });
     svg.setAttribute("aria-label", "executions, errors and help requests per minute, last hour");
     svg.append(
       svgNode("line", { class: "axis", x1: left, y1: height - bottom, x2: width, y2: height - bottom }),
@@ -677,7 +700,7 @@
       const points = series.map((bucket, index) => `${x(index + offset).toFixed(1)},${y(bucket[kind]).toFixed(1)}`);
       svg.append(svgNode("polyline", { class: kind, points: points.join(" ") }));
     }
-    $("#activity-chart").replaceChildren(svg);
+    chart.replaceChildren(svg);
   }
 
   function svgNode(tag, attributes) {
@@ -847,9 +870,16 @@
       events = state.recent;
       state.rebuildFeed = false;
       state.feedExtra = 0;
+      state.backfill = [];
     }
     state.pending = [];
-    const shown = events.filter(matchesFeedFilters).slice(-FEED_LIMIT);
+    let shown = events.filter(matchesFeedFilters).slice(-FEED_LIMIT);
+    if (shown.length > ROWS_PER_FRAME) {
+      state.backfill.unshift(...shown.slice(0, -ROWS_PER_FRAME).reverse());
+      state.backfill.splice(FEED_LIMIT);
+      shown = shown.slice(-ROWS_PER_FRAME);
+    }
+    drawBackfill(feed);
     if (!shown.length) return;
     const fragment = document.createDocumentFragment();
     for (let index = shown.length - 1; index >= 0; index -= 1) {
@@ -857,6 +887,14 @@
     }
     feed.prepend(fragment);
     trimFeed(feed);
+  }
+
+  function drawBackfill(feed) {
+    if (!state.backfill.length) return;
+    const fragment = document.createDocumentFragment();
+    for (const event of state.backfill.splice(0, ROWS_PER_FRAME)) fragment.appendChild(feedItem(event));
+    feed.append(fragment);
+    if (state.backfill.length) schedule();
   }
 
   // An event someone has opened is never removed from under them.
@@ -879,14 +917,15 @@
     item.dataset.eventId = String(event.id);
     item.dataset.studentId = String(event.student_id);
     const summary = el("summary");
+    const where = el("span", "where");
     const notebook = pathNode(event.notebook_path);
     notebook.classList.add("notebook");
+    where.append(el("span", "cell", cellIndexLabel(event)), notebook);
     summary.append(
       el("time", "time", formatTime(event.occurred_at)),
       el("span", "student", event.student_name || event.student_id),
-      notebook,
-      el("span", "cell", cellIndexLabel(event)),
       el("span", "type", eventTypeLabel(event)),
+      where,
     );
     summary.title = event.student_id;
     item.append(summary);
@@ -1058,12 +1097,21 @@
   function drawStudents() {
     if (!state.dirty.size && !state.rebuildTable) return false;
     const now = serverNow();
+    // Live, a frame has a few dirty rows; after a load, all of them, spread over frames.
+    let budget = ROWS_PER_FRAME;
     for (const id of state.dirty) {
+      if (budget === 0) break;
+      state.dirty.delete(id);
       const student = state.students.get(id);
-      if (student) drawStudent(student, now);
+      if (student) {
+        drawStudent(student, now);
+        budget -= 1;
+      }
     }
-    state.dirty.clear();
-    const visible = [...state.students.values()].filter(matchesStudentFilters).sort(compareStudents);
+    if (state.dirty.size) schedule();
+    const visible = [...state.students.values()]
+      .filter((student) => state.rows.has(student.student_id) && matchesStudentFilters(student))
+      .sort(compareStudents);
     const key = `${state.groupTeams}\u0001${visible.map((s) => s.student_id).join("\u0000")}`;
     if (key !== state.order || state.rebuildTable) {
       const fragment = document.createDocumentFragment();
@@ -1108,7 +1156,7 @@
     row.dataset.presence = student._presence;
     const who = el("td", "student");
     who.append(el("span", "name", displayName(student)));
-    if (student.name) who.append(el("span", "id", student.student_id));
+    if (student.name) who.append(breakable(el("span", "id"), student.student_id));
     const activity = el("td", "last-seen", formatTime(student.last_seen));
     activity.title = student.last_seen || "";
     const notebook = el("td", "notebook");
@@ -1269,7 +1317,7 @@
     const key = `${state.filters.team}\u0001${names.map((n) => `${n}:${Object.values(teams.get(n)).join(",")}`).join("\u0000")}`;
     if (key === state.teamsKey) return;
     state.teamsKey = key;
-    $("#teams-section").hidden = names.length === 0;
+    $("#teams").hidden = names.length === 0;
     $("#teams").replaceChildren(...names.map((name) => teamItem(name, teams.get(name))));
   }
 
@@ -1282,7 +1330,7 @@
     button.append(
       el("span", "team-name", name),
       el("span", "team-counts", `${counts.active} of ${counts.total} active`),
-      el("span", "team-counts", `${counts.hands} hands · ${counts.stuck} stuck · ${counts.struggling} struggling`),
+      el("span", "team-counts", `${plural(counts.hands, "hand")} · ${counts.stuck} stuck · ${counts.struggling} struggling`),
     );
     button.addEventListener("click", () => {
       const team = state.filters.team === name ? "" : name;
@@ -1543,6 +1591,16 @@
     setUpAlerts();
     saveFiltersInUrl();
     state.optionsChanged = true;
+    // Told after layout: reading clientWidth while drawing would force a layout of the page.
+    new ResizeObserver(([entry]) => {
+      const width = Math.round(entry.contentRect.width);
+      if (width > 0 && width !== state.chartWidth) {
+        state.chartWidth = width;
+        state.chartDirty = true;
+        state.chartDrawnAt = -Infinity;
+        schedule();
+      }
+    }).observe($("#activity-chart"));
     setInterval(tick, TICK_MS);
     load();
   }

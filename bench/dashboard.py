@@ -1,0 +1,255 @@
+"""Dashboard benchmark: the page open in headless Chromium while a class posts.
+
+    /work/venv/bin/python bench/dashboard.py              # 300 students, 50 events/s, 60 s
+    /work/venv/bin/python bench/dashboard.py --sqlite     # on the SQLite default
+    /work/venv/bin/python bench/dashboard.py --seconds 20 # a smoke run
+
+Against PostgreSQL and Redis (as bench/run.py: database `telemetry_bench_dashboard`,
+recreated) unless --sqlite. 300 simulated students (bench/dashboard_class.py) post
+cell-monitor-extension's camelCase events one per request, paced at 50 events/s, raised
+hands beating every 10 s among them. The page is opened in Debian's Chromium; scripts the
+benchmark injects before the page's own (never page code) record:
+
+- long tasks: a PerformanceObserver of type `longtask` (main-thread tasks over 50 ms);
+- event-to-screen latency: a MutationObserver on the feed notes when each event's row is
+  inserted; the POST's send time is taken just before the request. Both are wall-clock
+  milliseconds of one machine (Date.now() and time.time()), so they compare directly.
+
+Results go to stdout and to bench/results/dashboard-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from dashboard_class import Classroom  # noqa: E402
+from run import PG_URL, REDIS_URL, reset_database, uvicorn  # noqa: E402
+
+DATABASE = "telemetry_bench_dashboard"
+CHANNEL = "telemetry:bench:dashboard"
+LONG_TASK_LIMIT_MS = 50
+LATENCY_TARGET_MS = 250
+CHROMIUM_ARGUMENTS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--no-first-run", "--disable-background-networking", "--window-size=1400,1000",
+)  # fmt: skip
+
+# Runs before any script of the page, in every document it loads.
+PROBES = """
+window.__bench = {longTasks: [], rendered: []};
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) {
+    window.__bench.longTasks.push({start: entry.startTime, duration: entry.duration});
+  }
+}).observe({type: "longtask", buffered: true});
+document.addEventListener("DOMContentLoaded", () => {
+  new MutationObserver((mutations) => {
+    const now = Date.now();
+    for (const mutation of mutations) {
+      for (const node of mutation.addedNodes) {
+        const id = node.dataset && node.dataset.eventId;
+        if (id) window.__bench.rendered.push([Number(id), now]);
+      }
+    }
+  }).observe(document.getElementById("feed"), {childList: true});
+});
+"""
+COLLECT = "const b = window.__bench; const out = {longTasks: b.longTasks, rendered: b.rendered};" \
+    " b.longTasks = []; b.rendered = []; return out;"  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def chromium() -> webdriver.Chrome:
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in CHROMIUM_ARGUMENTS:
+        options.add_argument(argument)
+    browser = webdriver.Chrome(
+        service=Service(executable_path="/usr/bin/chromedriver"), options=options
+    )
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": PROBES})
+    return browser
+
+
+async def post_paced(base_url: str, classroom: Classroom, rate: float, seconds: float) -> dict:
+    """POST one event per request at `rate` per second; the send time and id of each."""
+    sent: dict[int, float] = {}
+    failures = 0
+    interval = 1.0 / rate
+    backlog: list[dict] = []
+
+    async def post(client: httpx.AsyncClient, event: dict) -> None:
+        nonlocal failures
+        sent_ms = time.time() * 1000
+        response = await client.post("/api/v1/events", json=event)
+        if response.status_code != 201:
+            failures += 1
+            return
+        [receipt] = response.json()["events"]
+        if event["eventType"] == "cell_executed":  # the events that always get a feed row
+            sent[receipt["id"]] = sent_ms
+
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+        tasks = set()
+        started = time.monotonic()
+        for slot in range(int(rate * seconds)):
+            classroom.clock = slot * interval
+            if not backlog:
+                backlog = classroom.heartbeats() or [classroom.action()]
+            task = asyncio.create_task(post(client, backlog.pop(0)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await asyncio.sleep(max(0.0, started + (slot + 1) * interval - time.monotonic()))
+        await asyncio.gather(*tasks)
+    return {"sent": sent, "failures": failures, "posted": int(rate * seconds)}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+def long_task_figures(tasks: list[dict]) -> dict:
+    durations = [task["duration"] for task in tasks]
+    return {
+        "count": len(durations),
+        "max_ms": round(max(durations), 1) if durations else 0,
+        "total_ms": round(sum(durations), 1),
+    }
+
+
+def latency_figures(sent: dict[int, float], rendered: list[list[float]]) -> dict:
+    first_render = {}
+    for event_id, at in rendered:
+        first_render.setdefault(int(event_id), at)
+    latencies = [first_render[i] - sent[i] for i in sent if i in first_render]
+    return {
+        "events": len(sent),
+        "rendered": len(latencies),
+        "p50_ms": round(percentile(latencies, 0.50), 1),
+        "p99_ms": round(percentile(latencies, 0.99), 1),
+        "max_ms": round(max(latencies), 1) if latencies else None,
+        "mean_ms": round(statistics.fmean(latencies), 1) if latencies else None,
+    }
+
+
+def open_dashboard(browser: webdriver.Chrome, base_url: str) -> None:
+    browser.get(base_url + "/")
+    WebDriverWait(browser, 30, 0.1).until(
+        lambda _: browser.find_element(By.ID, "connection").text == "live"
+    )
+
+
+async def measure(base_url: str, args: argparse.Namespace) -> dict:
+    classroom = Classroom(args.students)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        opening = classroom.opening()
+        for start in range(0, len(opening), 100):
+            (
+                await client.post("/api/v1/events", json=opening[start : start + 100])
+            ).raise_for_status()
+    browser = chromium()
+    try:
+        open_dashboard(browser, base_url)
+        loading = browser.execute_script(COLLECT)
+        load = await post_paced(base_url, classroom, args.rate, args.seconds)
+        deadline = time.monotonic() + 10
+        rendered = []
+        while time.monotonic() < deadline:  # the last rows, drawn on the next frames
+            rendered += browser.execute_script(COLLECT)["rendered"]
+            if {int(i) for i, _ in rendered} >= set(load["sent"]):
+                break
+            await asyncio.sleep(0.2)
+        during = browser.execute_script(COLLECT)
+        rendered += during["rendered"]
+        steady_tasks = during["longTasks"]
+    finally:
+        browser.quit()
+    return {
+        "students": args.students,
+        "rate_per_s": args.rate,
+        "seconds": args.seconds,
+        "posted": load["posted"],
+        "post_failures": load["failures"],
+        "long_tasks_while_loading": long_task_figures(loading["longTasks"]),
+        "long_tasks_under_load": long_task_figures(steady_tasks),
+        "event_to_screen": latency_figures(load["sent"], rendered),
+    }
+
+
+def report(results: dict, storage: str) -> str:
+    tasks = results["long_tasks_under_load"]
+    loading = results["long_tasks_while_loading"]
+    latency = results["event_to_screen"]
+    ok = lambda good: "met" if good else "NOT met"  # noqa: E731
+    lines = [
+        f"dashboard benchmark, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {storage}, "
+        f"{os.cpu_count()} cores, {platform.python_version()}",
+        f"load: {results['students']} students, {results['rate_per_s']:g} events/s for "
+        f"{results['seconds']:g} s ({results['posted']} POSTs, {results['post_failures']} failed)",
+        f"long tasks while the page loaded: {loading['count']}, longest {loading['max_ms']} ms",
+        f"long tasks under load: {tasks['count']}, longest {tasks['max_ms']} ms, "
+        f"{tasks['total_ms']} ms in all (target: none over {LONG_TASK_LIMIT_MS} ms: "
+        f"{ok(tasks['count'] == 0)})",
+        f"event to screen: {latency['rendered']} of {latency['events']} executions drawn, "
+        f"p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms, max {latency['max_ms']} ms "
+        f"(target p99 < {LATENCY_TARGET_MS} ms: {ok(latency['p99_ms'] < LATENCY_TARGET_MS)})",
+    ]
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--students", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=50.0, help="events per second")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--sqlite", action="store_true", help="the SQLite default, no Redis")
+    args = parser.parse_args()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.sqlite:
+            env, storage = {"DATABASE_URL": f"sqlite:///{workdir}/telemetry.db"}, "SQLite"
+        else:
+            await reset_database(DATABASE)
+            env = {"DATABASE_URL": PG_URL.format(name=DATABASE), "REDIS_URL": REDIS_URL,
+                   "NOTIFICATION_CHANNEL": CHANNEL}  # fmt: skip
+            storage = "PostgreSQL + Redis"
+        env["LOG_LEVEL"] = "WARNING"
+        with uvicorn("telemetry:app", port, env, Path(workdir) / "uvicorn.log"):
+            results = await measure(f"http://127.0.0.1:{port}", args)
+    text = report(results, storage)
+    print(text)
+    out = BENCH_DIR / "results"
+    out.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    (out / f"dashboard-{stamp}.json").write_text(json.dumps(results | {"report": text}, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
