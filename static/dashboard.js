@@ -635,6 +635,7 @@
       help: bucket.help,
     }));
     state.chartDirty = true;
+    state.chartDrawnAt = -Infinity; // new data: draw on the next frame
   }
 
   function bucketFor(time) {
@@ -880,6 +881,7 @@
       shown = shown.slice(-ROWS_PER_FRAME);
     }
     drawBackfill(feed);
+    if (state.held.length) updatePauseNote();
     if (!shown.length) return;
     const fragment = document.createDocumentFragment();
     for (let index = shown.length - 1; index >= 0; index -= 1) {

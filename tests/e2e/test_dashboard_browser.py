@@ -315,3 +315,48 @@ def test_page_fits_the_window_without_horizontal_overflow(dashboard, width) -> N
     dashboard.student_row(long).click()
     dashboard.element("#timeline > li")
     assert dashboard.browser.execute_script(OVERFLOW) == {"page": 0, "cut": []}
+
+
+def test_an_open_event_holds_the_feed_until_it_is_closed(dashboard) -> None:
+    [first] = dashboard.post(execution("ada", "error", source="print(x)"))
+    dashboard.open()
+    item = dashboard.feed_item(first)
+    item.find_element(By.TAG_NAME, "summary").click()
+    dashboard.element("pre.code", within=item)
+    [second] = dashboard.post(execution("grace", "ok"))
+    note = dashboard.element("#feed-paused")
+    assert dashboard.wait(lambda: note.text == "paused while an event is open: 1 new")
+    assert dashboard.feed_items(second) == []
+    assert dashboard.browser.find_elements(By.CSS_SELECTOR, "#feed details")[0] == item
+    item.find_element(By.TAG_NAME, "summary").click()  # closed: the held event follows
+    dashboard.feed_item(second)
+    assert not note.is_displayed()
+
+
+def student_ids(dashboard: Dashboard) -> list[str]:
+    rows = dashboard.browser.find_elements(By.CSS_SELECTOR, "#students tbody tr[data-student-id]")
+    return [row.get_attribute("data-student-id") for row in rows]
+
+
+def test_students_can_be_searched_sorted_and_filtered_by_team(dashboard) -> None:
+    dashboard.post(
+        execution("ada@uni.edu", "ok", student_name="Ada", team="Red"),
+        *[execution("bob@uni.edu", "error", student_name="Bob", team="Blue") for _ in range(2)],
+        execution("cy@uni.edu", "error", student_name="Cy", team="Red"),
+    )
+    dashboard.open()
+    assert dashboard.wait(
+        lambda: student_ids(dashboard) == ["ada@uni.edu", "bob@uni.edu", "cy@uni.edu"]
+    )
+    dashboard.click('#students th[data-sort="errors"] button')
+    assert dashboard.wait(
+        lambda: student_ids(dashboard) == ["bob@uni.edu", "cy@uni.edu", "ada@uni.edu"]
+    )
+    dashboard.element("#search").send_keys("CY@")
+    assert dashboard.wait(lambda: student_ids(dashboard) == ["cy@uni.edu"])
+    dashboard.element("#search").clear()
+    dashboard.element("#search").send_keys(" ")  # clear() fires no input event
+    dashboard.click('#teams button[data-team="Red"]')
+    assert dashboard.wait(lambda: student_ids(dashboard) == ["cy@uni.edu", "ada@uni.edu"])
+    red = dashboard.element('#teams button[data-team="Red"]').text
+    assert "2 of 2 active" in red and "0 hands" in red and "0 stuck" in red
