@@ -60,7 +60,22 @@ CREATE TABLE IF NOT EXISTS cell_runs (
     PRIMARY KEY (student_id, notebook_path, cell_key)
 );
 
-CREATE INDEX IF NOT EXISTS cell_runs_course_idx ON cell_runs (course_id, notebook_path);
+-- Only the failing runs: the class view lists who fails where, never every run.
+CREATE INDEX IF NOT EXISTS cell_runs_failing_idx ON cell_runs (course_id, notebook_path)
+    WHERE last_status = 'error';
+
+-- cell_runs added up per course ('' for none) and cell.
+CREATE TABLE IF NOT EXISTS cell_totals (
+    course_id     TEXT NOT NULL,
+    notebook_path TEXT NOT NULL,
+    cell_key      TEXT NOT NULL,
+    cell_id       TEXT,
+    cell_index    INTEGER,
+    students_ran  BIGINT NOT NULL,
+    runs          BIGINT NOT NULL,
+    errors        BIGINT NOT NULL,
+    PRIMARY KEY (course_id, notebook_path, cell_key)
+);
 
 -- Per course ('' for none) and UTC minute of receipt ('2026-11-27T17:40Z').
 CREATE TABLE IF NOT EXISTS activity (

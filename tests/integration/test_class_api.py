@@ -233,10 +233,14 @@ async def test_cells_filter_by_course_and_notebook(api) -> None:
         {**run("bob", "c1", "error"), "course_id": "cs202"},
         {**run("bob", "c3", "ok"), "notebook_path": "week2.ipynb", "course_id": "cs202"},
     )
+    # cy's runs name no course: they count in the course cy's student row has.
+    await post(api, {"student_id": "cy", "event_type": "session_started", "course_id": "cs101"})
+    await post(api, run("cy", "c1", "error"))
     one = (await api.get("/api/v1/cells", params={"course_id": "cs101"})).json()["cells"]
     assert [(cell["label"], cell["failing_student_ids"]) for cell in one] == [
-        ("[1] lists.ipynb", ["ada"])
+        ("[1] lists.ipynb", ["ada", "cy"])
     ]
+    assert one[0]["students_ran"] == 2
     week2 = await api.get("/api/v1/cells", params={"notebook_path": "week2.ipynb"})
     assert [cell["label"] for cell in week2.json()["cells"]] == ["[3] week2.ipynb"]
 

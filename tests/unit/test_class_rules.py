@@ -12,6 +12,7 @@ from telemetry import (
     cell_documents,
     cell_label,
     cell_run_rows,
+    cell_total_rows,
     csv_line,
     error_text,
     event_csv_row,
@@ -139,7 +140,7 @@ def test_cell_runs_aggregate_a_batch_per_student_and_cell() -> None:
     first, second = cell_run_rows(documents)
     assert first == {
         "student_id": "ada", "notebook_path": "n", "cell_key": "c", "course_id": "cs",
-        "cell_id": "c", "cell_index": None, "runs": 2, "errors": 1, "last_status": "ok",
+        "cell_id": "c", "cell_index": 2, "runs": 2, "errors": 1, "last_status": "ok",
         "last_error": None, "last_event_id": 2,
     }  # fmt: skip
     assert (second["notebook_path"], second["cell_key"], second["last_error"]) == ("", "#4", None)
@@ -181,18 +182,45 @@ def test_cells_are_labelled_by_index_and_notebook_name(path, index, label) -> No
 
 
 def test_cell_documents_rank_errors_by_failing_students() -> None:
-    totals = [{"notebook_path": "", "cell_key": "#1", "cell_id": None, "cell_index": 1,
-               "students_ran": 3, "runs": 9, "errors": 5, "students_failing": 3}]  # fmt: skip
+    totals = [
+        {"notebook_path": "", "cell_key": "#1", "cell_id": None, "cell_index": 1,
+         "students_ran": 5, "runs": 9, "errors": 5},
+        {"notebook_path": "n", "cell_key": "c", "cell_id": "c", "cell_index": 0,
+         "students_ran": 2, "runs": 2, "errors": 0},
+    ]  # fmt: skip
     failing = [
-        {"notebook_path": "", "cell_key": "#1", "student_id": s, "last_error": e}
-        for s, e in (("a", "B: x"), ("b", None), ("c", "B: x"))
+        {"notebook_path": "", "cell_key": "#1", "last_error": None, "students": '["b"]'},
+        {"notebook_path": "", "cell_key": "#1", "last_error": "B: x", "students": '["c", "a"]'},
+        {"notebook_path": "", "cell_key": "#1", "last_error": "A: y", "students": '["d"]'},
     ]
-    [cell] = cell_documents(totals, failing)
-    assert cell["notebook_path"] is None and cell["failing_student_ids"] == ["a", "b", "c"]
-    assert cell["top_errors"] == [
+    first, second = cell_documents(totals[::-1], failing)
+    assert first["notebook_path"] is None and first["label"] == "[1] (no notebook)"
+    assert first["failing_student_ids"] == ["a", "b", "c", "d"]
+    assert (first["students_ran"], first["students_failing"]) == (5, 4)
+    assert first["top_errors"] == [
         {"error": "B: x", "students": 2},
         {"error": "(no message)", "students": 1},
+        {"error": "A: y", "students": 1},
     ]
+    assert (second["label"], second["students_failing"], second["top_errors"]) == (
+        "[0] n",
+        0,
+        [],
+    )
+
+
+def test_cell_totals_count_a_student_once_per_cell() -> None:
+    runs = [
+        {"student_id": "ada", "notebook_path": "n", "cell_key": "c", "course_id": None,
+         "cell_id": "c", "cell_index": 3, "runs": 2, "errors": 1},
+        {"student_id": "bob", "notebook_path": "n", "cell_key": "c", "course_id": "cs",
+         "cell_id": "c", "cell_index": None, "runs": 1, "errors": 0},
+    ]  # fmt: skip
+    priors = {("ada", "n", "c"): {"course_id": "cs"}}  # ada ran it before, bob is new
+    assert cell_total_rows(runs, priors) == [
+        {"course_id": "cs", "notebook_path": "n", "cell_key": "c", "cell_id": "c",
+         "cell_index": 3, "students_ran": 1, "runs": 3, "errors": 1},
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
