@@ -857,6 +857,16 @@ def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
     return params
 
 
+STREAM_PARAMETERS = ("student_id", "course_id", "event_type", "last_event_id")
+
+
+def check_stream_query(query: Mapping[str, str]) -> None:
+    """The streams' filters are free text: only a misspelt name can be refused."""
+    errors = FieldErrors()
+    check_parameter_names(query, STREAM_PARAMETERS, errors)
+    raise_query_errors(errors)
+
+
 CELLS_LIMIT_DEFAULT = 200
 ACTIVITY_MINUTES_DEFAULT = 60
 ACTIVITY_MINUTES_MAX = 1_440
@@ -2812,6 +2822,7 @@ async def stream_events(request: Request) -> Response:
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
     require_token(state.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    check_stream_query(request.query_params)
     client = state.hub.add(StreamFilter.from_query(request.query_params), admit_stream(request))
     response = EventSourceResponse(
         sse_body(state, client, after_id),
@@ -2857,6 +2868,7 @@ def admit_websocket(websocket: WebSocket) -> str:
     if not origin_allowed(origin, host, settings.cors_origins):
         raise ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
     require_token(settings.dashboard_tokens, presented_tokens(websocket), "dashboard")
+    check_stream_query(websocket.query_params)
     return admit_stream(websocket)
 
 

@@ -4,8 +4,10 @@ import asyncio
 
 import httpx
 import orjson
+import pytest
 from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 EVENTS = [
     {"student_id": "s1", "course_id": "c1", "event_type": "cell_executed"},
@@ -48,3 +50,18 @@ async def test_websocket_writes_only_events_of_its_course(start_server, tmp_path
         live = await asyncio.to_thread(post, server, EVENTS)
         second = orjson.loads(await asyncio.wait_for(websocket.recv(), 10))
     assert (second["id"], second["course_id"]) == (live[1], "c2")
+
+
+async def test_a_misspelt_filter_is_refused_rather_than_streaming_everything(
+    start_server, tmp_path
+) -> None:
+    server = start_server(DATABASE_URL=f"sqlite:///{tmp_path / 'telemetry.db'}")
+    response = httpx.get(f"{server.url}/api/v1/stream", params={"course": "c1"}, timeout=10)
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == [
+        {"field": "course", "problem": "is not a parameter of this endpoint"}
+    ]
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(f"{server.ws_url}/api/v1/ws?course=c1"):
+            pass
+    assert refused.value.response.status_code == 403
