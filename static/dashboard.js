@@ -55,7 +55,6 @@
     held: [], // events that arrived while the feed was paused
     feedPaused: false,
     feedExtra: 0, // older rows loaded on demand, kept beyond FEED_LIMIT
-    oldestFeedId: null,
     dirty: new Set(), // student ids whose row needs redrawing
     rebuildFeed: false,
     rebuildTable: false,
@@ -334,7 +333,7 @@
     state.loaded = true;
     state.students = new Map(students.map((student) => [student.student_id, student]));
     state.recent = history.events.slice().reverse();
-    state.oldestFeedId = history.next_before_id === null ? null : history.events.at(-1)?.id ?? null;
+    $("#feed-older").hidden = history.next_before_id === null;
     state.lastId = history.latest_id;
     state.pending = [];
     state.held = [];
@@ -1116,16 +1115,16 @@
       .sort(compareStudents);
     const key = `${state.groupTeams}\u0001${visible.map((s) => s.student_id).join("\u0000")}`;
     if (key !== state.order || state.rebuildTable) {
-      const fragment = document.createDocumentFragment();
+      const wanted = [];
       let team;
       for (const student of visible) {
         if (state.groupTeams && student.team !== team) {
           team = student.team;
-          fragment.appendChild(groupRow(team));
+          wanted.push(groupRow(team));
         }
-        fragment.appendChild(state.rows.get(student.student_id));
+        wanted.push(state.rows.get(student.student_id));
       }
-      $("#students tbody").replaceChildren(fragment);
+      arrange($("#students tbody"), wanted);
       state.order = key;
       state.rebuildTable = false;
     }
@@ -1135,12 +1134,31 @@
     return true;
   }
 
+  // Moves only the rows out of place: a moved row's style is computed anew, and
+  // re-inserting all 300 rows cost 40 ms of style and layout per frame.
+  function arrange(parent, wanted) {
+    const keep = new Set(wanted);
+    for (const child of [...parent.children]) if (!keep.has(child)) child.remove();
+    let cursor = parent.firstElementChild;
+    for (const node of wanted) {
+      // The row at the cursor moved further down: skip it, it is moved when its turn comes.
+      if (node !== cursor && cursor && cursor.nextElementSibling === node) cursor = node;
+      if (node === cursor) cursor = cursor.nextElementSibling;
+      else parent.insertBefore(node, cursor);
+    }
+  }
+
+  const groupRows = new Map();
+
   function groupRow(team) {
-    const row = el("tr", "group");
-    const cell = el("td", "", team || "No team");
-    cell.colSpan = 7;
-    row.append(cell);
-    return row;
+    if (!groupRows.has(team)) {
+      const row = el("tr", "group");
+      const cell = el("td", "", team || "No team");
+      cell.colSpan = 7;
+      row.append(cell);
+      groupRows.set(team, row);
+    }
+    return groupRows.get(team);
   }
 
   function drawStudent(student, now) {
@@ -1375,7 +1393,10 @@
       $("#timeline").append(fragment);
       panel.before = page.next_before_id;
       button.hidden = page.next_before_id === null;
-      if (panel.last === null) panel.last = page.latest_id;
+      if (panel.last === null) {
+        panel.last = page.latest_id;
+        schedule();
+      }
     } finally {
       button.disabled = false;
     }
@@ -1399,11 +1420,12 @@
   function drawStudentPanel() {
     const panel = state.panel;
     const student = state.students.get(panel.id);
-    if (panel.incoming.length) {
+    // Live events join once the first page is there, those newer than it only.
+    if (panel.incoming.length && panel.last !== null) {
       const fragment = document.createDocumentFragment();
       for (let index = panel.incoming.length - 1; index >= 0; index -= 1) {
         const event = panel.incoming[index];
-        if (panel.last === null || event.id > panel.last) fragment.appendChild(timelineItem(event));
+        if (event.id > panel.last) fragment.appendChild(timelineItem(event));
       }
       panel.incoming = [];
       $("#timeline").prepend(fragment);
@@ -1531,7 +1553,6 @@
       state.rebuildTable = true;
       state.queueKey = "";
       state.teamsKey = "";
-      state.dirty.add("");
     }
     if (kind !== "search") state.rebuildFeed = true;
     schedule();
