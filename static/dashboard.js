@@ -24,7 +24,7 @@
 
   const FEED_LIMIT = 200;
   // A whole class drawn in one frame is a 300 ms task: the first draw is spread over frames.
-  const ROWS_PER_FRAME = 40;
+  const ROWS_PER_FRAME = 25;
   const BUFFER_LIMIT = 2000; // recent events kept in memory, to re-filter the feed
   const HELD_LIMIT = 2000; // events held back while the feed is paused
   const HISTORY_LIMIT = 200;
