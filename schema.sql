@@ -102,3 +102,12 @@ CREATE TABLE IF NOT EXISTS hand_raises (
 CREATE INDEX IF NOT EXISTS hand_raises_student_idx ON hand_raises (student_id, raise_id);
 CREATE INDEX IF NOT EXISTS hand_raises_beat_idx ON hand_raises (last_beat_at);
 CREATE INDEX IF NOT EXISTS activity_minute_idx ON activity (minute);
+
+-- Per student: their events, executions and errors. When this table is created on a
+-- database that already holds events, start-up fills it from them once.
+CREATE TABLE IF NOT EXISTS student_counts (
+    student_id  TEXT PRIMARY KEY,
+    events      BIGINT NOT NULL,
+    executions  BIGINT NOT NULL,
+    errors      BIGINT NOT NULL
+);

@@ -1021,6 +1021,26 @@ ON CONFLICT (course_id, notebook_path, cell_key) DO UPDATE SET
     runs = cell_totals.runs + excluded.runs,
     errors = cell_totals.errors + excluded.errors
 """
+# Per student, so a page of students reads a row each, not all their events.
+STUDENT_COUNT_TYPES = {
+    "student_id": "text",
+    "events": "bigint",
+    "executions": "bigint",
+    "errors": "bigint",
+}
+ON_STUDENT_COUNT_CONFLICT = """
+ON CONFLICT (student_id) DO UPDATE SET
+    events = student_counts.events + excluded.events,
+    executions = student_counts.executions + excluded.executions,
+    errors = student_counts.errors + excluded.errors
+"""
+# Once, when student_counts is new and events are not (a database from before it).
+COUNT_STUDENT_COUNTS = "SELECT COUNT(*) FROM (SELECT 1 FROM student_counts LIMIT 1) t"
+FILL_STUDENT_COUNTS = """
+INSERT INTO student_counts (student_id, events, executions, errors)
+SELECT student_id, COUNT(*), COUNT(status), SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END)
+FROM events GROUP BY student_id
+"""
 ACTIVITY_TYPES = {
     "course_id": "text",
     "minute": "text",
@@ -1135,6 +1155,12 @@ WITH incoming AS (
         AND c.notebook_path = r.notebook_path AND c.cell_key = r.cell_key
     GROUP BY COALESCE(r.course_id, c.course_id, ''), r.notebook_path, r.cell_key
     {ON_CELL_TOTAL_CONFLICT}
+), count_updates AS (
+    INSERT INTO student_counts ({", ".join(STUDENT_COUNT_TYPES)})
+    SELECT f.student_id, COUNT(*), COUNT(f.status), COUNT(*) FILTER (WHERE f.status = 'error')
+    FROM fresh f JOIN inserted i ON i.event_id = f.event_id
+    GROUP BY f.student_id
+    {ON_STUDENT_COUNT_CONFLICT}
 ), activity_updates AS (
     INSERT INTO activity ({", ".join(ACTIVITY_TYPES)})
     SELECT COALESCE(course, ''), :minute, COUNT(*), COUNT(*) FILTER (WHERE status = 'error'), 0
@@ -1245,17 +1271,14 @@ SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS las
        hand.on_my_way_at AS hand_on_my_way_at
 FROM (
     SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
-        (SELECT COUNT(*) FROM events e WHERE e.student_id = s.student_id) AS event_count,
-        (SELECT COUNT(e.status) FROM events e
-         WHERE e.student_id = s.student_id) AS execution_count,
-        (SELECT COUNT(*) FROM events e
-         WHERE e.student_id = s.student_id AND e.status = 'error') AS error_count,
+        COALESCE(c.events, 0) AS event_count, COALESCE(c.executions, 0) AS execution_count,
+        COALESCE(c.errors, 0) AS error_count,
         (SELECT MAX(e.id) FROM events e WHERE e.student_id = s.student_id) AS last_event_id,
         (SELECT MAX(e.id) FROM events e
          WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL) AS last_notebook_id,
         (SELECT MAX(h.raise_id) FROM hand_raises h
          WHERE h.student_id = s.student_id) AS last_raise_id
-    FROM students s
+    FROM students s LEFT JOIN student_counts c ON c.student_id = s.student_id
     WHERE s.student_id > :after
       AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
     ORDER BY s.student_id
@@ -1278,6 +1301,19 @@ SELECT student_id, cell_id, status FROM (
 ) recent
 WHERE recency <= :depth
 ORDER BY student_id, recency DESC
+"""
+
+# PostgreSQL: each student's latest executions by a backward walk of events_student_idx;
+# the window above reads every execution of the page's students (5 s at 1M events).
+SELECT_RECENT_EXECUTIONS_LATERAL = """
+SELECT s.student_id, r.cell_id, r.status FROM students s
+CROSS JOIN LATERAL (
+    SELECT e.id, e.cell_id, e.status FROM events e
+    WHERE e.student_id = s.student_id AND e.status IS NOT NULL
+    ORDER BY e.id DESC LIMIT :depth
+) r
+WHERE s.student_id > :after AND s.student_id <= :through
+ORDER BY s.student_id, r.id
 """
 
 # A student is stuck after this many errors in a row on one cell; the dashboard uses the
@@ -1330,6 +1366,7 @@ SUMMARY_UPSERTS = {
     "cell_runs": (CELL_RUN_TYPES, ON_CELL_RUN_CONFLICT),
     "cell_totals": (CELL_TOTAL_TYPES, ON_CELL_TOTAL_CONFLICT),
     "activity": (ACTIVITY_TYPES, ON_ACTIVITY_CONFLICT),
+    "student_counts": (STUDENT_COUNT_TYPES, ON_STUDENT_COUNT_CONFLICT),
     "hand_raises": (HAND_TYPES, ON_HAND_CONFLICT),
 }
 UPSERT_ONE = {table: upsert_one(table, *spec) for table, spec in SUMMARY_UPSERTS.items()}
@@ -1455,6 +1492,7 @@ FAST_READS = {
         SELECT_CELL_TOTALS,
         SELECT_FAILING_GROUPS.format(students=JSON_ARRAY_AGGREGATES["postgres"]),
         SELECT_ACTIVITY,
+        SELECT_RECENT_EXECUTIONS_LATERAL,
     )
 }
 
@@ -1594,6 +1632,20 @@ def cell_run_rows(documents: Iterable[Mapping[str, Any]]) -> list[dict]:
 
 def first_present(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
+
+
+def student_count_rows(documents: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """What a batch of stored documents adds to student_counts."""
+    rows: dict[str, dict] = {}
+    for document in documents:
+        row = rows.setdefault(
+            document["student_id"],
+            {"student_id": document["student_id"], "events": 0, "executions": 0, "errors": 0},
+        )
+        row["events"] += 1
+        row["executions"] += document.get("status") is not None
+        row["errors"] += document.get("status") == "error"
+    return list(rows.values())
 
 
 def minute_of(moment: dt.datetime) -> str:
@@ -1890,6 +1942,8 @@ class Storage:
                 await self.database.execute(LOCK_SCHEMA, {"key": SCHEMA_LOCK_KEY})
             for statement in self.schema_statements():
                 await self.database.execute(statement)
+            if not await self.database.fetch_val(COUNT_STUDENT_COUNTS):
+                await self.database.execute(FILL_STUDENT_COUNTS)
 
     def db_timestamp(self, moment: dt.datetime) -> dt.datetime | str:
         # asyncpg wants aware datetimes; SQLite keeps our sortable UTC text.
@@ -1924,8 +1978,8 @@ class Storage:
         if not rows:
             return []
         executions: dict[str, list[tuple[str | None, str]]] = {}
-        recent = await self.database.fetch_all(
-            SELECT_RECENT_EXECUTIONS,
+        recent = await self.fetch_many(
+            SELECT_RECENT_EXECUTIONS_LATERAL if self.is_postgres else SELECT_RECENT_EXECUTIONS,
             {
                 "after": params["after"],
                 "through": rows[-1]["student_id"],
@@ -1933,8 +1987,7 @@ class Storage:
             },
         )
         for row in recent:
-            execution = (row._mapping["cell_id"], row._mapping["status"])
-            executions.setdefault(row._mapping["student_id"], []).append(execution)
+            executions.setdefault(row["student_id"], []).append((row["cell_id"], row["status"]))
         return [student_document(row, executions.get(row["student_id"], []), now) for row in rows]
 
     async def hands(self, course_id: str | None, now: dt.datetime) -> list[dict]:
@@ -2009,6 +2062,7 @@ class Storage:
                 stored = [await self._store_one(connection, event) for event in events]
                 documents = [item.document for item in stored if not item.duplicate]
                 await self._record_cell_runs(connection, cell_run_rows(documents))
+                await self._upsert(connection, "student_counts", student_count_rows(documents))
                 executions = activity_rows(documents, [], minute_of(at))
                 await self._upsert(connection, "activity", executions)
                 await self._record_hands(connection, documents, at)

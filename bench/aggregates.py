@@ -66,11 +66,11 @@ COPY_COLUMNS = [
     "status", "error", "duration_ms", "seq", "outputs", "outputs_truncated", "extra",
 ]  # fmt: skip
 ENDPOINTS = [
+    ("help queue, 20 hands", "/api/v1/help", {"course_id": COURSE}),
     ("cells, one course", "/api/v1/cells", {"course_id": COURSE}),
     ("cells, one notebook", "/api/v1/cells", {"notebook_path": NOTEBOOKS[2]}),
     ("activity, last hour", "/api/v1/activity", {"course_id": COURSE, "minutes": 60}),
     ("activity, last day", "/api/v1/activity", {"minutes": 1440}),
-    ("help queue", "/api/v1/help", {"course_id": COURSE}),
     ("students, 300", "/api/v1/students", {"course_id": COURSE, "limit": 300}),
     ("events, collapsed", "/api/v1/events", {"course_id": COURSE, "collapse_beats": "true"}),
 ]
@@ -174,15 +174,17 @@ async def load(url: str, total: int) -> None:
         )
         await upsert_summaries(connection, documents, seen)
         print(f"  loaded {documents[-1]['id']:,} events", file=sys.stderr)
-    await raise_hands(connection, total, now - dt.timedelta(seconds=5))
     await connection.execute("ANALYZE")
     stored = await connection.fetchval("SELECT COUNT(*) FROM events")
     print(f"loaded {stored:,} events in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     await connection.close()
 
 
-async def raise_hands(connection: asyncpg.Connection, after_id: int, at: dt.datetime) -> None:
-    """20 hands up now: their first help events and their hand_raises rows."""
+async def raise_hands(url: str) -> None:
+    """20 hands up now (beats expire in 30 s): their first help events and hand_raises rows."""
+    connection = await asyncpg.connect(url)
+    after_id = await connection.fetchval("SELECT MAX(id) FROM events")
+    at = dt.datetime.now(dt.UTC)
     for offset, student in enumerate(STUDENTS[:20], start=1):
         raised = at - dt.timedelta(seconds=20 - offset)
         await connection.execute(
@@ -196,6 +198,7 @@ async def raise_hands(connection: asyncpg.Connection, after_id: int, at: dt.date
             " VALUES ($1, $2, $3, $4, 'up')",
             after_id + offset, student, raised, at,
         )  # fmt: skip
+    await connection.close()
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -303,7 +306,10 @@ async def main() -> None:
     try:
         await load(url, options.events)
         app = telemetry.create_app(telemetry.Settings(database_url=url))
-        async with LifespanManager(app) as manager:
+        began = time.perf_counter()
+        async with LifespanManager(app, startup_timeout=600) as manager:
+            startup = time.perf_counter() - began
+            await raise_hands(url)
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
                 endpoints = await time_endpoints(client, options.calls)
@@ -313,6 +319,7 @@ async def main() -> None:
             await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
         await admin.close()
     print(f"\n{options.events:,} events, {len(STUDENTS)} students, PostgreSQL")
+    print(f"start-up, filling student_counts from the events: {startup:.1f} s")
     print(f"{'endpoint':<22} {'p50 ms':>8} {'p99 ms':>8} {'calls':>6} {'bytes':>8}")
     for name, p50, p99, calls, size in endpoints:
         print(f"{name:<22} {p50:8.1f} {p99:8.1f} {calls:6} {size:8,}")

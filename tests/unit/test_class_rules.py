@@ -25,6 +25,7 @@ from telemetry import (
     parse_instructor,
     redact_url,
     strip_ansi,
+    student_count_rows,
 )
 
 T0 = dt.datetime(2026, 11, 27, 9, 0, tzinfo=dt.UTC)
@@ -316,3 +317,15 @@ def test_only_posting_events_is_ingest_for_cors(method, path, requested, ingest)
 def test_database_url_passwords_never_reach_the_log() -> None:
     assert redact_url("postgresql://u:s3cret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert redact_url("sqlite:///telemetry.db") == "sqlite:///telemetry.db"
+
+
+def test_student_counts_add_a_batch_per_student() -> None:
+    documents = [
+        {"student_id": "ada", "status": "error"},
+        {"student_id": "ada", "status": None},
+        {"student_id": "bob", "status": "ok"},
+    ]
+    assert student_count_rows(documents) == [
+        {"student_id": "ada", "events": 2, "executions": 1, "errors": 1},
+        {"student_id": "bob", "events": 1, "executions": 1, "errors": 0},
+    ]
