@@ -12,6 +12,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.conftest import REDIS_URL
+
 XSS = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=1">'
 
 
@@ -73,6 +75,18 @@ def server(start_server, tmp_path):
 
 @pytest.fixture
 def dashboard(browser, server) -> Dashboard:
+    return Dashboard(browser, server)
+
+
+@pytest.fixture(params=["sqlite", "postgres+redis"])
+def either_storage(request, browser, start_server, tmp_path, channel) -> Dashboard:
+    """The page against the SQLite default, then against PostgreSQL and Redis as deployed."""
+    if request.param == "sqlite":
+        return Dashboard(browser, start_server(DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}"))
+    database_url = request.getfixturevalue("postgres_database_url")
+    server = start_server(
+        DATABASE_URL=database_url, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel
+    )
     return Dashboard(browser, server)
 
 
@@ -192,8 +206,9 @@ def queue_names(dashboard: Dashboard) -> list[str]:
 
 
 def test_help_queue_is_first_come_first_served_and_a_dismissal_reaches_every_dashboard(
-    dashboard,
+    either_storage,
 ) -> None:
+    dashboard = either_storage
     dashboard.open()
     for student_id, name in (("bob", "Bob"), ("ada", "Ada"), ("cy", "Cy")):
         dashboard.post(hand(student_id, name))  # one POST each: three receive times
@@ -233,7 +248,8 @@ def camel_case_run(
     return event | ({"errorMessage": error} if error else {})
 
 
-def test_where_the_class_is_stuck_names_the_cell_and_its_students(dashboard) -> None:
+def test_where_the_class_is_stuck_names_the_cell_and_its_students(either_storage) -> None:
+    dashboard = either_storage
     name_error = "\x1b[0;31mNameError\x1b[0m: name 'x' is not defined"
     dashboard.post(
         *[camel_case_run(f"s{n}@uni.edu", f"Student {n}", "A", "uuid-loop", 4, name_error)
