@@ -16,6 +16,9 @@ Decisions a reader must not undo:
   after each (re)subscription the hub catches up from the database before going live.
 - The hub never awaits a client. Each client has a bounded queue of shared, pre-encoded
   frames; a client whose queue overflows is disconnected and resumes by id.
+- The dashboard's summaries (schema.sql: cell_runs, cell_totals, student_counts, activity,
+  hand_raises) are written by the statement or transaction that stores the events they
+  count, so an aggregate reads a few thousand rows, never every event.
 - jupyterlab-pioneer's NotebookOpenEvent carries the Jupyter server's whole environment,
   tokens included: only the variables named in PIONEER_ENVIRON_ALLOW are ever stored or
   sent on, and its params.token never is.
