@@ -77,6 +77,7 @@
     chartWidth: 600,
     backfill: [], // older feed events still to append, newest first, a frame's worth at a time
     queueKey: "",
+    queueItems: new Map(), // student_id -> the parts of their queue item
     teamsKey: "",
     ticks: 0,
     helpTimer: 0,
@@ -573,7 +574,9 @@
         headers: { "Content-Type": "application/json", Accept: "application/json" },
         body: JSON.stringify({ by }),
       });
-      if (response.status === 401) return askForToken("");
+      if (response.status === 401) askForToken("");
+    } catch {
+      // Offline: the refresh below, or the next one, shows where the hand stands.
     } finally {
       scheduleHelpRefresh(); // 409: already down elsewhere; either way, ask the server
     }
@@ -1254,37 +1257,61 @@
     state.queueKey = key;
     $("#queue-count").textContent = queue.length ? String(queue.length) : "";
     $("#queue-empty").hidden = queue.length > 0;
-    $("#queue").replaceChildren(...queue.map(queueItem));
+    const items = queue.map((student, index) => updateQueueItem(student, index));
+    const shown = new Set(queue.map((student) => student.student_id));
+    for (const id of state.queueItems.keys()) if (!shown.has(id)) state.queueItems.delete(id);
+    arrange($("#queue"), items);
     drawWaits(serverNow());
   }
 
-  function queueItem(student, index) {
+  // Items are updated in place, never rebuilt: a student running a cell while the
+  // instructor reaches for "Dismiss" must not swap the button from under the pointer.
+  function updateQueueItem(student, index) {
+    let parts = state.queueItems.get(student.student_id);
+    if (!parts) {
+      parts = queueItem(student);
+      state.queueItems.set(student.student_id, parts);
+    }
+    const { item } = parts;
+    if (item.dataset.raisedAt !== (student.hand_raised_at || "")) {
+      item.dataset.raisedAt = student.hand_raised_at || "";
+      parts.raised.textContent = `raised ${formatTime(student.hand_raised_at)} · waiting `;
+    }
+    const onWay = student.hand_on_my_way;
+    item.classList.toggle("on-way", Boolean(onWay));
+    item.classList.toggle("focused", state.focusedHand === student.student_id);
+    parts.position.textContent = String(index + 1);
+    parts.name.textContent = displayName(student);
+    parts.team.textContent = student.team ? ` · ${student.team}` : "";
+    parts.where.textContent = student.last_notebook_path
+      ? cellLabel(student.last_cell_index, student.last_notebook_path) : "";
+    parts.where.title = student.last_notebook_path || "";
+    parts.onWay.textContent = onWay ? ` · on the way${onWay.by ? ` (${onWay.by})` : ""}` : "";
+    parts.onMyWay.hidden = Boolean(onWay);
+    return item;
+  }
+
+  function queueItem(student) {
     const item = el("li");
     item.dataset.studentId = student.student_id;
-    item.dataset.raisedAt = student.hand_raised_at || "";
-    item.classList.toggle("on-way", Boolean(student.hand_on_my_way));
-    item.classList.toggle("focused", state.focusedHand === student.student_id);
     const who = el("div", "who");
-    const name = el("button", "name", displayName(student));
+    const name = el("button", "name");
     name.type = "button";
     name.addEventListener("click", () => openStudent(student.student_id));
-    who.append(name);
-    if (student.team) who.append(el("span", "hint", ` · ${student.team}`));
-    const where = el("span", "where", student.last_notebook_path
-      ? cellLabel(student.last_cell_index, student.last_notebook_path) : "");
-    where.title = student.last_notebook_path || "";
+    const team = el("span", "hint");
+    const where = el("span", "where");
     const since = el("span", "since");
-    since.append(`raised ${formatTime(student.hand_raised_at)} · waiting `, el("span", "wait", ""));
-    if (student.hand_on_my_way) {
-      const by = student.hand_on_my_way.by ? ` (${student.hand_on_my_way.by})` : "";
-      since.append(` · on the way${by}`);
-    }
-    who.append(where, since);
+    const raised = el("span");
+    const onWay = el("span");
+    since.append(raised, el("span", "wait", ""), onWay);
+    who.append(name, team, where, since);
     const actions = el("div", "actions");
-    if (!student.hand_on_my_way) actions.append(actionButton("On my way", "on-my-way", student));
-    actions.append(actionButton("Dismiss", "dismiss", student));
-    item.append(el("span", "position", index + 1), who, actions);
-    return item;
+    const onMyWay = actionButton("On my way", "on-my-way", student);
+    const dismiss = actionButton("Dismiss", "dismiss", student);
+    actions.append(onMyWay, dismiss);
+    const position = el("span", "position");
+    item.append(position, who, actions);
+    return { item, position, name, team, where, raised, onWay, onMyWay, dismiss };
   }
 
   function actionButton(label, action, student) {
@@ -1293,7 +1320,9 @@
     button.addEventListener("click", (click) => {
       click.stopPropagation();
       button.disabled = true;
-      handAction(student.student_id, action);
+      handAction(student.student_id, action).finally(() => {
+        button.disabled = false;
+      });
     });
     return button;
   }
