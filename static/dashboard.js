@@ -14,7 +14,7 @@
 "use strict";
 
 (() => {
-  // The same numbers as the server's rules (README, "The dashboard").
+  // The same numbers as the server's rules (README, "Running a class").
   const ACTIVE_MS = 120_000;
   const IDLE_MS = 600_000;
   const HAND_BEAT_TIMEOUT_MS = 30_000;
@@ -132,13 +132,6 @@
     const minutes = Math.floor(seconds / 60);
     if (minutes >= 60) return `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
     return `${minutes}:${String(seconds % 60).padStart(2, "0")}`;
-  }
-
-  function formatAgo(ms) {
-    const seconds = Math.max(0, Math.round(ms / 1000));
-    if (seconds < 60) return `${seconds} s ago`;
-    const minutes = Math.round(seconds / 60);
-    return minutes < 60 ? `${minutes} min ago` : `${Math.floor(minutes / 60)} h ${minutes % 60} min ago`;
   }
 
   // Text helpers
@@ -1465,6 +1458,8 @@
     panel.drawnKey = key;
     $("#student-title").textContent = displayName(student);
     $("#student-facts").replaceChildren(studentFacts(student));
+    $("#student-on-my-way").hidden = !student.hand_raised || Boolean(student.hand_on_my_way);
+    $("#student-dismiss").hidden = !student.hand_raised;
   }
 
   function studentFacts(student) {
@@ -1499,10 +1494,7 @@
     node.append(`raised at ${formatTime(student.hand_raised_at)}, waiting `, wait);
     if (student.hand_on_my_way) {
       node.append(` · on the way${student.hand_on_my_way.by ? ` (${student.hand_on_my_way.by})` : ""}`);
-    } else {
-      node.append(" ", actionButton("On my way", "on-my-way", student));
     }
-    node.append(" ", actionButton("Dismiss", "dismiss", student));
     return node;
   }
 
@@ -1638,6 +1630,16 @@
     $("#feed-pause").addEventListener("click", () => setFeedPaused(!state.feedPaused));
     $("#feed-older").addEventListener("click", loadOlderFeed);
     $("#timeline-older").addEventListener("click", () => state.panel && loadTimeline(state.panel));
+    for (const [selector, action] of [["#student-on-my-way", "on-my-way"], ["#student-dismiss", "dismiss"]]) {
+      const button = $(selector);
+      button.addEventListener("click", () => {
+        if (!state.panel) return;
+        button.disabled = true;
+        handAction(state.panel.id, action).finally(() => {
+          button.disabled = false;
+        });
+      });
+    }
     document.querySelectorAll(".panel .close").forEach((button) => button.addEventListener("click", closePanels));
     document.addEventListener("keydown", onKey);
     setUpAlerts();
