@@ -279,8 +279,13 @@ def test_a_students_timeline_pages_back_on_demand(dashboard) -> None:
     runs.append(execution("ada", "error", source="1/0", cell_index=54, duration_ms=7,
                           error={"ename": "ZeroDivisionError", "evalue": "division by zero",
                                  "traceback": ["\x1b[0;31mZeroDivisionError\x1b[0m"]}))  # fmt: skip
-    dashboard.post(*runs)
+    dashboard.post(*runs, *[execution("bob", "ok", cell_index=n) for n in range(150)])
     dashboard.open()
+    feed = lambda: dashboard.browser.find_elements(By.CSS_SELECTOR, "#feed details")  # noqa: E731
+    assert len(dashboard.wait(feed)) == 200
+    dashboard.click("#feed-older")  # the feed's older events, on demand
+    assert dashboard.wait(lambda: len(feed()) == 205)
+    dashboard.wait(lambda: not dashboard.element("#feed-older").is_displayed())
     dashboard.student_row("ada").click()
     panel = dashboard.element("#student-panel")
     timeline = lambda: panel.find_elements(By.CSS_SELECTOR, "#timeline > li")  # noqa: E731
@@ -376,3 +381,6 @@ def test_students_can_be_searched_sorted_and_filtered_by_team(dashboard) -> None
     assert dashboard.wait(lambda: student_ids(dashboard) == ["cy@uni.edu", "ada@uni.edu"])
     red = dashboard.element('#teams button[data-team="Red"]').text
     assert "2 of 2 active" in red and "0 hands" in red and "0 stuck" in red
+    export = httpx.get(dashboard.element("#export-students").get_attribute("href"), timeout=10)
+    assert export.status_code == 200 and export.text.startswith("student_id,name,")
+    assert export.text.count("\n") == 4  # the header and three students
