@@ -217,7 +217,7 @@
     banner.hidden = !stale;
     if (stale) {
       const at = timeFormat.format(state.lastUpdate);
-      banner.textContent = `Stream down: data as of ${at}, last update. Reconnecting…`;
+      banner.textContent = `Stream down: data as of ${at}, its last update. Reconnecting…`;
       banner.dataset.lastUpdate = state.lastUpdate.toISOString();
     }
   }
@@ -1655,6 +1655,11 @@
         schedule();
       }
     }).observe($("#activity-chart"));
+    // The table's heading sticks under the page header, whose height wraps with the width.
+    new ResizeObserver(([entry]) => {
+      const height = Math.ceil(entry.borderBoxSize[0].blockSize);
+      document.documentElement.style.setProperty("--header-height", `${height}px`);
+    }).observe($("header"));
     setInterval(tick, TICK_MS);
     load();
   }

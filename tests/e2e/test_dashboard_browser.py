@@ -282,7 +282,7 @@ def test_a_students_timeline_pages_back_on_demand(dashboard) -> None:
     dashboard.post(*runs, *[execution("bob", "ok", cell_index=n) for n in range(150)])
     dashboard.open()
     feed = lambda: dashboard.browser.find_elements(By.CSS_SELECTOR, "#feed details")  # noqa: E731
-    assert len(dashboard.wait(feed)) == 200
+    assert dashboard.wait(lambda: len(feed()) == 200)  # drawn over a few frames
     dashboard.click("#feed-older")  # the feed's older events, on demand
     assert dashboard.wait(lambda: len(feed()) == 205)
     dashboard.wait(lambda: not dashboard.element("#feed-older").is_displayed())
