@@ -379,6 +379,7 @@
     if (event.status === "error" || event.status === "ok") state.cellsDirty = true;
     if (state.panel && state.panel.kind === "student" && state.panel.id === event.student_id && !beat) {
       state.panel.incoming.push(event);
+      if (state.panel.incoming.length > HELD_LIMIT) state.panel.incoming.shift();
     }
     if (beat) return schedule(); // a heartbeat of a raised hand: no row in the feed
     state.recent.push(event);
@@ -1028,6 +1029,8 @@
       state.feedExtra += shown.length;
       $("#feed").append(fragment);
       button.hidden = page.next_before_id === null;
+    } catch {
+      // The button stays: clicking it again retries.
     } finally {
       button.disabled = false;
     }
@@ -1419,6 +1422,8 @@
         panel.last = page.latest_id;
         schedule();
       }
+    } catch {
+      button.hidden = false; // the same button tries again
     } finally {
       button.disabled = false;
     }
