@@ -7,15 +7,16 @@ Data path:
 
 Decisions a reader must not undo:
 - Ids are safe to resume from. Within one process a single committer task writes and
-  publishes batches one after another; across processes (PostgreSQL) the committer holds
-  an advisory lock from before its INSERT until after its PUBLISH. So an id is committed
-  and published only after every smaller id, and a dashboard that resumes after id N
-  can never miss a smaller id committed later.
+  publishes batches one after another; across processes (PostgreSQL) it holds an advisory
+  lock from before its INSERT until after its PUBLISH (`Storage.commit_order`). So an id is
+  committed and published only after every smaller id, and a dashboard that resumes after
+  id N can never miss a smaller id committed later.
 - The subscriber resubscribes itself. redis-py's own retry would reconnect silently and
   lose what was published meanwhile, so it is switched off: every drop surfaces here, and
   after each (re)subscription the hub catches up from the database before going live.
 - The hub never awaits a client. Each client has a bounded queue of shared, pre-encoded
-  frames; a client whose queue overflows is disconnected and resumes by id.
+  frames and one writer; a client whose queue overflows is cut off at once, even
+  mid-write, and resumes by id.
 - jupyterlab-pioneer's NotebookOpenEvent carries the Jupyter server's whole environment,
   tokens included: only the variables named in PIONEER_ENVIRON_ALLOW are ever stored or
   sent on, and its params.token never is.
@@ -42,14 +43,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import anyio
 import orjson
 import redis.asyncio as aioredis
 from databases import Database
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sse_starlette import EventSourceResponse
-from sse_starlette.sse import AppStatus
+from sse_starlette.sse import AppStatus  # importing it makes uvicorn's SIGTERM set should_exit
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -57,11 +56,10 @@ from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 logger = logging.getLogger("telemetry")
-
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 
 
 # Configuration
@@ -73,6 +71,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    """One field per environment variable: DATABASE_URL is database_url, and so on."""
+
     database_url: str = "sqlite:///telemetry.db"
     database_pool_size: int = 5
     redis_url: str | None = None
@@ -93,21 +93,19 @@ class Settings:
     pioneer_environ_allow: frozenset[str] = frozenset()
 
 
-def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = environ.get(name, "").strip()
+def whole_number(name: str, raw: str, default: int) -> int:
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r} must be at least 1")
     return value
 
 
-def env_seconds(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name, "").strip()
+def seconds(name: str, raw: str, default: float) -> float:
     if not raw:
         return default
     try:
@@ -119,26 +117,30 @@ def env_seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def env_list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+def text(name: str, raw: str, default: str) -> str:
+    return raw or default
+
+
+def comma_list(name: str, raw: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
     """A comma-separated list; empty when unset."""
-    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+    return tuple(item.strip() for item in raw.split(",") if item.strip()) or default
 
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def env_names(environ: Mapping[str, str], name: str) -> frozenset[str]:
+def variable_names(name: str, raw: str, default: frozenset[str] = frozenset()) -> frozenset[str]:
     """A comma-separated list of environment variable names; empty when unset."""
-    names = frozenset(env_list(environ, name))
+    names = frozenset(comma_list(name, raw))
     for item in sorted(names):
         if not ENV_NAME.fullmatch(item):
             raise ConfigError(f"{name} holds {item!r}, which is not an environment variable name")
-    return names
+    return names or default
 
 
-def env_name(environ: Mapping[str, str], name: str, default: str) -> str:
+def variable_name(name: str, raw: str, default: str) -> str:
     """One environment variable name; the default when unset or empty."""
-    names = env_names(environ, name)
+    names = variable_names(name, raw)
     if len(names) > 1:
         raise ConfigError(f"{name} must name one variable, not {len(names)}")
     return next(iter(names), default)
@@ -182,38 +184,42 @@ def normalise_redis_url(raw: str | None) -> str | None:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
 
 
+# Each variable, read by (name, stripped value, the Settings default) into the field of the
+# same name in lower case.
+ENVIRONMENT: dict[str, Callable[[str, str, Any], Any]] = {
+    "DATABASE_URL": lambda name, raw, default: normalise_database_url(raw),
+    "DATABASE_POOL_SIZE": whole_number,
+    "REDIS_URL": lambda name, raw, default: normalise_redis_url(raw),
+    "NOTIFICATION_CHANNEL": text,
+    "MAX_BODY_BYTES": whole_number,
+    "MAX_BATCH_EVENTS": whole_number,
+    "MAX_OUTPUTS_BYTES": whole_number,
+    "REPLAY_LIMIT": whole_number,
+    "CLIENT_QUEUE_LIMIT": whole_number,
+    "SSE_RETRY_MS": whole_number,
+    "SSE_PING_SECONDS": seconds,
+    "SEND_TIMEOUT_SECONDS": seconds,
+    "INGEST_TOKENS": comma_list,
+    "DASHBOARD_TOKENS": comma_list,
+    "CORS_ORIGINS": comma_list,
+    "MAX_STREAMS_PER_CLIENT": whole_number,
+    "PIONEER_STUDENT_ENV": variable_name,
+    "PIONEER_ENVIRON_ALLOW": variable_names,
+}
+
+
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Read the configuration from environment variables; raise ConfigError naming a bad one."""
-    redis_url = normalise_redis_url(environ.get("REDIS_URL"))
-    if redis_url is None and env_int(environ, "WEB_CONCURRENCY", 1) > 1:
+    values = {
+        name.lower(): read(name, environ.get(name, "").strip(), getattr(Settings, name.lower()))
+        for name, read in ENVIRONMENT.items()
+    }
+    workers = whole_number("WEB_CONCURRENCY", environ.get("WEB_CONCURRENCY", "").strip(), 1)
+    if values["redis_url"] is None and workers > 1:
         raise ConfigError(
             "WEB_CONCURRENCY > 1 needs REDIS_URL: the in-process bus cannot reach other workers"
         )
-    return Settings(
-        database_url=normalise_database_url(environ.get("DATABASE_URL")),
-        database_pool_size=env_int(environ, "DATABASE_POOL_SIZE", Settings.database_pool_size),
-        redis_url=redis_url,
-        notification_channel=environ.get("NOTIFICATION_CHANNEL", "").strip()
-        or Settings.notification_channel,
-        max_body_bytes=env_int(environ, "MAX_BODY_BYTES", Settings.max_body_bytes),
-        max_batch_events=env_int(environ, "MAX_BATCH_EVENTS", Settings.max_batch_events),
-        max_outputs_bytes=env_int(environ, "MAX_OUTPUTS_BYTES", Settings.max_outputs_bytes),
-        replay_limit=env_int(environ, "REPLAY_LIMIT", Settings.replay_limit),
-        client_queue_limit=env_int(environ, "CLIENT_QUEUE_LIMIT", Settings.client_queue_limit),
-        sse_retry_ms=env_int(environ, "SSE_RETRY_MS", Settings.sse_retry_ms),
-        sse_ping_seconds=env_seconds(environ, "SSE_PING_SECONDS", Settings.sse_ping_seconds),
-        send_timeout_seconds=env_seconds(
-            environ, "SEND_TIMEOUT_SECONDS", Settings.send_timeout_seconds
-        ),
-        ingest_tokens=env_list(environ, "INGEST_TOKENS"),
-        dashboard_tokens=env_list(environ, "DASHBOARD_TOKENS"),
-        cors_origins=env_list(environ, "CORS_ORIGINS"),
-        max_streams_per_client=env_int(
-            environ, "MAX_STREAMS_PER_CLIENT", Settings.max_streams_per_client
-        ),
-        pioneer_student_env=env_name(environ, "PIONEER_STUDENT_ENV", Settings.pioneer_student_env),
-        pioneer_environ_allow=env_names(environ, "PIONEER_ENVIRON_ALLOW"),
-    )
+    return Settings(**values)
 
 
 # Validation
@@ -245,25 +251,17 @@ def error_body(status: int, code: str, message: str, details: list[dict[str, str
     return {"error": body}
 
 
-# cell-monitor-extension posts camelCase; these keys map one to one onto ours.
-CAMEL_CASE_ALIASES = {
-    "eventId": "event_id",
-    "eventType": "event_type",
-    "eventTime": "occurred_at",
-    "emailAddress": "student_id",
-    "userId": "student_id",
-    "userName": "student_name",
-    "teamName": "team",
-    "courseId": "course_id",
-    "sessionId": "session_id",
-    "notebookPath": "notebook_path",
-    "cellId": "cell_id",
-    "cellIndex": "cell_index",
-    "code": "source",
-    "executionCount": "execution_count",
-    "result": "outputs",
-    "executionDurationMs": "duration_ms",
-}
+class FieldErrors:
+    """Collects every problem of a request so the client hears about all of them at once."""
+
+    def __init__(self) -> None:
+        self.details: list[dict[str, str]] = []
+
+    def add(self, field_path: str, problem: str) -> None:
+        self.details.append({"field": field_path, "problem": problem})
+
+
+# Validation: our events
 
 IDENTIFIER_MAX_CHARS = 256
 TEXT_MAX_CHARS = 4_096
@@ -284,16 +282,6 @@ KNOWN_FIELDS = frozenset(
 )
 
 
-class FieldErrors:
-    """Collects every problem of a request so the client hears about all of them at once."""
-
-    def __init__(self) -> None:
-        self.details: list[dict[str, str]] = []
-
-    def add(self, field_path: str, problem: str) -> None:
-        self.details.append({"field": field_path, "problem": problem})
-
-
 def replace_nul(value: Any) -> Any:
     """PostgreSQL text and jsonb cannot hold U+0000: store U+FFFD in its place, everywhere."""
     if isinstance(value, str):
@@ -303,23 +291,6 @@ def replace_nul(value: Any) -> Any:
     if isinstance(value, dict):
         return {replace_nul(key): replace_nul(item) for key, item in value.items()}
     return value
-
-
-def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
-    """Map cell-monitor-extension's camelCase shape onto ours; snake_case passes through."""
-    event: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in ("hasError", "errorMessage"):
-            continue
-        target = CAMEL_CASE_ALIASES.get(key, key)
-        if target in event and target != key:
-            continue  # an explicit snake_case key wins over its alias
-        event[target] = value
-    if "hasError" in raw and "status" not in raw:
-        event["status"] = "error" if raw["hasError"] is True else "ok"
-    if raw.get("errorMessage") and "error" not in raw:
-        event["error"] = {"ename": None, "evalue": raw["errorMessage"], "traceback": []}
-    return event
 
 
 def parse_occurred_at(value: Any, now: dt.datetime) -> dt.datetime:
@@ -439,11 +410,8 @@ def normalise_event(
             except ValueError as problem:
                 errors.add(f"{path}.{name}", str(problem))
     try:
-        event["occurred_at"] = (
-            now
-            if source.get("occurred_at") is None
-            else parse_occurred_at(source["occurred_at"], now)
-        )
+        occurred_at = source.get("occurred_at")
+        event["occurred_at"] = now if occurred_at is None else parse_occurred_at(occurred_at, now)
     except ValueError as problem:
         errors.add(f"{path}.occurred_at", str(problem))
     if len(errors.details) > before:
@@ -455,6 +423,48 @@ def normalise_event(
     event["extra"] = {key: value for key, value in source.items() if key not in KNOWN_FIELDS}
     return event
 
+
+# Validation: the camelCase shape
+
+# cell-monitor-extension posts camelCase; these keys map one to one onto ours.
+CAMEL_CASE_ALIASES = {
+    "eventId": "event_id",
+    "eventType": "event_type",
+    "eventTime": "occurred_at",
+    "emailAddress": "student_id",
+    "userId": "student_id",
+    "userName": "student_name",
+    "teamName": "team",
+    "courseId": "course_id",
+    "sessionId": "session_id",
+    "notebookPath": "notebook_path",
+    "cellId": "cell_id",
+    "cellIndex": "cell_index",
+    "code": "source",
+    "executionCount": "execution_count",
+    "result": "outputs",
+    "executionDurationMs": "duration_ms",
+}
+
+
+def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
+    """Map cell-monitor-extension's camelCase shape onto ours; snake_case passes through."""
+    event: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("hasError", "errorMessage"):
+            continue
+        target = CAMEL_CASE_ALIASES.get(key, key)
+        if target in event and target != key:
+            continue  # an explicit snake_case key wins over its alias
+        event[target] = value
+    if "hasError" in raw and "status" not in raw:
+        event["status"] = "error" if raw["hasError"] is True else "ok"
+    if raw.get("errorMessage") and "error" not in raw:
+        event["error"] = {"ename": None, "evalue": raw["errorMessage"], "traceback": []}
+    return event
+
+
+# Validation: jupyterlab-pioneer
 
 # jupyterlab-pioneer's remote_exporter (1.7.3) posts one event per request, as
 #   {"data": {"eventDetail": {eventName, eventTime, eventInfo},
@@ -672,12 +682,12 @@ def normalise_pioneer(
     return event
 
 
+# Validation: request bodies
+
+
 def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dict[str, Any]]:
     """A request body (one event or an array of them) to normalised events, or an ApiError."""
-    if isinstance(body, list):
-        items, prefix = body, "events"
-    else:
-        items, prefix = [body], "event"
+    items, prefix = (body, "events") if isinstance(body, list) else ([body], "event")
     if not items:
         raise ApiError(422, "empty_batch", "the request holds no events")
     if len(items) > settings.max_batch_events:
@@ -687,9 +697,7 @@ def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dic
             f"a batch holds at most {settings.max_batch_events} events; this one has {len(items)}",
         )
     errors = FieldErrors()
-    paths = (
-        [f"{prefix}[{index}]" for index in range(len(items))] if prefix == "events" else [prefix]
-    )
+    paths = [f"{prefix}[{index}]" for index in range(len(items))] if body is items else [prefix]
     events = [
         (normalise_pioneer if is_pioneer_envelope(item) else normalise_event)(
             item, path, now, settings, errors
@@ -700,7 +708,7 @@ def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dic
         raise ApiError(
             422, "invalid_event", "some events are invalid; none was stored", errors.details
         )
-    return events  # type: ignore[return-value]
+    return [event for event in events if event is not None]
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -715,81 +723,25 @@ def parse_json_body(body: bytes) -> Any:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {problem}") from None
 
 
-def parse_last_event_id(value: str | None) -> int | None:
-    """Last-Event-ID / last_event_id: a non-negative integer, or None when absent or garbage."""
-    if value is None or not value.strip().isdigit():
-        return None
-    number = int(value.strip())
-    return number if number <= INT64_MAX else None
-
-
-# Read API query parameters. Keyset pages on the event id (or student id), never OFFSET:
-# a page stays correct while events keep arriving.
-PAGE_LIMIT_DEFAULT = 100
-PAGE_LIMIT_MAX = 1_000
-EVENT_QUERY_FILTERS = {
-    "student_id": IDENTIFIER_MAX_CHARS,
-    "course_id": TEXT_MAX_CHARS,
-    "event_type": IDENTIFIER_MAX_CHARS,
-    "notebook_path": TEXT_MAX_CHARS,
-}
-
-
-def query_text(query: Mapping[str, str], name: str, max_chars: int, errors: FieldErrors) -> Any:
-    """An optional text filter; empty means absent, as an HTML form sends it."""
-    value = query.get(name) or None
-    if value is not None and len(value) > max_chars:
-        errors.add(name, f"must be at most {max_chars} characters")
-        return None
-    return value
-
-
-def query_int(
-    query: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], errors: FieldErrors
-) -> int:
-    raw = query.get(name, "").strip()
-    if not raw:
-        return default
-    low, high = bounds
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        errors.add(name, f"must be a whole number from {low} to {high}")
-        return default
-    return int(raw)
-
-
-def raise_query_errors(errors: FieldErrors) -> None:
-    if errors.details:
-        raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
-
-
-def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/events parameters to the SQL parameters of SELECT_EVENT_PAGE, or a 422."""
-    errors = FieldErrors()
-    params = {
-        name: query_text(query, name, max_chars, errors)
-        for name, max_chars in EVENT_QUERY_FILTERS.items()
-    }
-    params["since_id"] = query_int(query, "since_id", 0, (0, INT64_MAX), errors)
-    params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
-    params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
-    raise_query_errors(errors)
-    return params
-
-
-def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/students parameters to the SQL parameters of SELECT_STUDENT_PAGE, or a 422."""
-    errors = FieldErrors()
-    params = {
-        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
-        "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
-        "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
-    }
-    raise_query_errors(errors)
-    return params
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing with 413 before more than `limit` bytes are read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # Storage
 
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+
+# SQLite has no arrays: it stores a batch one event at a time, in one transaction.
 UPSERT_STUDENT = """
 INSERT INTO students (student_id, name, course_id, team, first_seen, last_seen)
 VALUES (:student_id, :name, :course_id, :team, :seen, :seen)
@@ -810,14 +762,14 @@ INSERT INTO events (
     duration_ms, seq, outputs, outputs_truncated, extra
 ) VALUES (
     :event_id, :student_id, :event_type, :occurred_at, :received_at, :course_id, :session_id,
-    :notebook_path, :cell_id, :cell_index, :execution_count, :source, :status, {json_error},
-    :duration_ms, :seq, {json_outputs}, :outputs_truncated, {json_extra}
+    :notebook_path, :cell_id, :cell_index, :execution_count, :source, :status, :error,
+    :duration_ms, :seq, :outputs, :outputs_truncated, :extra
 )
 ON CONFLICT (event_id) DO NOTHING
 RETURNING id
 """
 
-# PostgreSQL stores a whole group-committed batch in one statement (issue 5): arrays travel
+# PostgreSQL stores a whole group-committed batch in one statement: arrays travel
 # as typed parameters and unnest into rows, so the text is the same for any batch size, and
 # being one statement it is one transaction with no BEGIN/COMMIT round trips. It answers
 # with the batch's already stored event_ids, the new ids, and each student's row as it was
@@ -1016,7 +968,7 @@ class AsyncpgStatement:
     """A :name statement in asyncpg's $n form, converted once, for the commit path.
 
     `databases` compiles every statement through SQLAlchemy on every call: 0.6 ms for
-    STORE_EVENTS, paid per batch on the event loop that also serves the requests (issue 5).
+    STORE_EVENTS, paid per batch on the event loop that also serves the requests.
     """
 
     sql: str
@@ -1047,8 +999,21 @@ class StorageUnavailable(Exception):
     """The database could not store or read right now; the client should retry."""
 
 
+RETRY_AFTER_SECONDS = 2
+
+
+def storage_unavailable(what_failed: str) -> ApiError:
+    # 503, not 4xx: the JupyterLab clients retry 5xx and drop an event on any 4xx.
+    return ApiError(
+        503,
+        "storage_unavailable",
+        f"{what_failed}; retry shortly",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 # A batch's events share received_at, and often occurred_at: strftime was 14% of the
-# 50-event ingest profile (issue 5).
+# 50-event ingest profile.
 @functools.lru_cache(maxsize=1024)
 def format_timestamp(value: dt.datetime | str) -> str:
     """One text form for every timestamp we emit, sortable as text (SQLite stores this form)."""
@@ -1193,10 +1158,6 @@ class Storage:
         self.is_postgres = url.startswith("postgresql")
         options = {"min_size": 1, "max_size": pool_size} if self.is_postgres else {}
         self.database = Database(url, **options)
-        json_param = "CAST(:{} AS jsonb)" if self.is_postgres else ":{}"
-        self._insert_event = INSERT_EVENT.format(
-            **{f"json_{column}": json_param.format(column) for column in JSON_COLUMNS}
-        )
 
     async def connect(self) -> None:
         await self.database.connect()
@@ -1218,10 +1179,6 @@ class Storage:
                 await self.database.execute(LOCK_SCHEMA, {"key": SCHEMA_LOCK_KEY})
             for statement in self.schema_statements():
                 await self.database.execute(statement)
-
-    def db_timestamp(self, moment: dt.datetime) -> dt.datetime | str:
-        # asyncpg wants aware datetimes; SQLite keeps our sortable UTC text.
-        return moment if self.is_postgres else format_timestamp(moment)
 
     async def ping(self) -> None:
         await self.database.fetch_val("SELECT 1")
@@ -1262,42 +1219,44 @@ class Storage:
             for row in rows
         ]
 
-    async def store(
-        self, events: list[dict], after_commit: Callable[[list[StoredEvent]], Awaitable[None]]
-    ) -> list[StoredEvent]:
-        """Store a batch in one transaction, then call after_commit while still holding the
-        commit order (see the module docstring)."""
+    @contextlib.asynccontextmanager
+    async def commit_order(self) -> AsyncIterator[None]:
+        """While held, no other process commits: store, then publish, inside it.
+
+        On PostgreSQL an advisory lock spans the INSERT and the PUBLISH, so ids reach the bus
+        in id order across processes; within a process the one committer task does the rest.
+        """
         async with self.database.connection() as connection:
             if self.is_postgres:
                 await COMMIT_STATEMENTS[LOCK_COMMITS].fetch(connection, {"key": COMMIT_LOCK_KEY})
             try:
-                stored = await self._store_batch(connection, events)
-                await after_commit(stored)
+                yield
             finally:
                 if self.is_postgres:
                     unlock = COMMIT_STATEMENTS[UNLOCK_COMMITS]
                     await unlock.fetch(connection, {"key": COMMIT_LOCK_KEY})
-        return stored
 
-    async def _store_batch(self, connection: Any, events: list[dict]) -> list[StoredEvent]:
-        if not self.is_postgres:  # SQLite has no arrays: one event at a time, same results
-            async with connection.transaction():
-                return [await self._store_one(connection, event) for event in events]
-        store = COMMIT_STATEMENTS[STORE_EVENTS]
-        rows = await store.fetch(connection, self._batch_values(events))
-        found: dict[str, dict] = {"known": {}, "inserted": {}, "student": {}}
-        for row in rows:
-            found[row["kind"]][row["key"]] = row["id"] if row["kind"] != "student" else dict(row)
-        known, inserted = found["known"], found["inserted"]
-        fresh = first_occurrences(events, known)
-        lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
-        if lost:  # a writer outside the commit lock stored them first
-            known.update(await self._existing_ids(connection, lost))
-        return batch_results(events, fresh, known, inserted, found["student"])
-
-    async def _existing_ids(self, connection: Any, event_ids: list[str]) -> dict[str, int]:
-        rows = await connection.fetch_all(SELECT_EXISTING_EVENT_IDS, {"event_ids": event_ids})
-        return {row._mapping["event_id"]: row._mapping["id"] for row in rows}
+    async def store(self, events: list[dict]) -> list[StoredEvent]:
+        """Store a batch in one transaction: what each event became, in the batch's order."""
+        async with self.database.connection() as connection:
+            if not self.is_postgres:
+                async with connection.transaction():
+                    return [await self._store_one(connection, event) for event in events]
+            rows = await COMMIT_STATEMENTS[STORE_EVENTS].fetch(
+                connection, self._batch_values(events)
+            )
+            found: dict[str, dict] = {"known": {}, "inserted": {}, "student": {}}
+            for row in rows:
+                found[row["kind"]][row["key"]] = (
+                    dict(row) if row["kind"] == "student" else row["id"]
+                )
+            known, inserted = found["known"], found["inserted"]
+            fresh = first_occurrences(events, known)
+            lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
+            if lost:  # a writer outside the commit order stored them first
+                rows = await connection.fetch_all(SELECT_EXISTING_EVENT_IDS, {"event_ids": lost})
+                known.update({row._mapping["event_id"]: row._mapping["id"] for row in rows})
+            return batch_results(events, fresh, known, inserted, found["student"])
 
     def _batch_values(self, events: list[dict]) -> dict[str, Any]:
         rows = [
@@ -1322,10 +1281,10 @@ class Storage:
                 "name": event["student_name"],
                 "course_id": event["course_id"],
                 "team": event["team"],
-                "seen": self.db_timestamp(event["received_at"]),
+                "seen": format_timestamp(event["received_at"]),
             },
         )
-        new_id = await connection.fetch_val(self._insert_event, self._event_values(event))
+        new_id = await connection.fetch_val(INSERT_EVENT, self._event_values(event))
         if new_id is None:  # a concurrent writer stored the same event_id first
             existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
             return StoredEvent({"id": existing, "event_id": event["event_id"]}, duplicate=True)
@@ -1337,8 +1296,10 @@ class Storage:
         for column in JSON_COLUMNS:
             if values[column] is not None:
                 values[column] = orjson.dumps(values[column]).decode()
-        values["occurred_at"] = self.db_timestamp(event["occurred_at"])
-        values["received_at"] = self.db_timestamp(event["received_at"])
+        # asyncpg wants aware datetimes; SQLite keeps our sortable UTC text.
+        if not self.is_postgres:
+            values["occurred_at"] = format_timestamp(event["occurred_at"])
+            values["received_at"] = format_timestamp(event["received_at"])
         return values
 
 
@@ -1426,6 +1387,15 @@ class RedisBus:
         await self._publisher.aclose()
 
 
+Bus = MemoryBus | RedisBus
+
+
+def build_bus(settings: Settings) -> Bus:
+    if settings.redis_url is None:
+        return MemoryBus()
+    return RedisBus(settings.redis_url, settings.notification_channel)
+
+
 def encode_batch(stored: Iterable[StoredEvent]) -> bytes | None:
     """One bus message per committed batch: the new events' documents, duplicates left out."""
     documents = [item.document for item in stored if not item.duplicate]
@@ -1459,8 +1429,8 @@ class StreamFilter:
     wanted: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The hub asks every client about every event (issue 5's profile: 7% of fan-out time
-        # in the generic all()); most dashboards watch everything, so keep only what is set.
+        # The hub asks every client about every event (7% of fan-out time went to a generic
+        # all() over the three); most dashboards watch everything, so keep only what is set.
         constraints = (
             ("student_id", self.student_id),
             ("course_id", self.course_id),
@@ -1480,43 +1450,52 @@ class StreamFilter:
         return True
 
 
+# Why a client's stream ended.
+OVERFLOWED = "overflowed"  # its queue filled up: cut off at once, even mid-write
+CLOSED = "closed"  # it left, or the server is shutting down
+TIMED_OUT = "timed out"  # a write blocked SEND_TIMEOUT_SECONDS
+FAILED = "failed"  # a write failed: the connection is gone
+
+
 @dataclass(eq=False)
 class Client:
-    """One connected dashboard: a bounded queue of shared frames and a wake-up flag."""
+    """One connected dashboard: a bounded queue of shared frames, and the task writing them."""
 
     filter: StreamFilter
     limit: int
     owner: str = ""
     frames: deque[Frame] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    overflow: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: bool = False
-
-    @property
-    def overflowed(self) -> bool:
-        return self.overflow.is_set()
+    ended: str | None = None
+    writer: asyncio.Task | None = None
 
     def offer(self, frame: Frame) -> None:
-        if self.overflowed or not self.filter.matches(frame.document):
+        if self.ended is not None or not self.filter.matches(frame.document):
             return
         if len(self.frames) >= self.limit:
-            self.overflow.set()
-            self.frames.clear()
+            self.end(OVERFLOWED)
         else:
             self.frames.append(frame)
-        self.wakeup.set()
+            self.wakeup.set()
 
-    def close(self) -> None:
-        self.closed = True
+    def end(self, reason: str) -> None:
+        """Let the client go; on overflow its writer is cancelled, even mid-write."""
+        if self.ended is not None:
+            return
+        self.ended = reason
+        self.frames.clear()
         self.wakeup.set()
+        if reason == OVERFLOWED and self.writer is not None:
+            self.writer.cancel()
 
-    async def next_frames(self) -> list[Frame]:
-        """Everything queued since the last call; empty once the client must be let go."""
-        while not self.frames and not (self.closed or self.overflowed):
+    async def next_frames(self, idle_seconds: float | None = None) -> list[Frame]:
+        """Everything queued since the last call; empty after idle_seconds of quiet, or once
+        the client has ended."""
+        if not self.frames and self.ended is None:
             self.wakeup.clear()
-            await self.wakeup.wait()
-        if self.closed or self.overflowed:
-            return []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(idle_seconds):
+                    await self.wakeup.wait()
         frames = list(self.frames)
         self.frames.clear()
         return frames
@@ -1538,24 +1517,17 @@ class Hub:
 
     @contextlib.contextmanager
     def subscribe(self, stream_filter: StreamFilter, owner: str = "") -> Iterator[Client]:
-        client = self.add(stream_filter, owner)
-        try:
-            yield client
-        finally:
-            self.remove(client)
-
-    def add(self, stream_filter: StreamFilter, owner: str = "") -> Client:
+        """A client receiving every delivered event that matches, for as long as it is held."""
         client = Client(stream_filter, self.queue_limit, owner)
         self.clients.add(client)
         self.per_owner[owner] += 1
-        return client
-
-    def remove(self, client: Client) -> None:
-        if client in self.clients:
+        try:
+            yield client
+        finally:
             self.clients.discard(client)
-            self.per_owner[client.owner] -= 1
-            if not self.per_owner[client.owner]:
-                del self.per_owner[client.owner]
+            self.per_owner[owner] -= 1
+            if not self.per_owner[owner]:
+                del self.per_owner[owner]
 
     def deliver(self, documents: Iterable[dict]) -> None:
         # Events at or below last_id were already delivered (a replay after a reconnect).
@@ -1577,7 +1549,7 @@ class Hub:
 
     def close_all(self) -> None:
         for client in list(self.clients):
-            client.close()
+            client.end(CLOSED)
 
 
 async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
@@ -1589,7 +1561,11 @@ async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
             return
 
 
-async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage) -> None:
+RECONNECT_MIN_SECONDS = 0.25
+RECONNECT_MAX_SECONDS = 8.0
+
+
+async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
     """The background subscriber: bus -> hub, for ever, reconnecting with backoff."""
     delay = RECONNECT_MIN_SECONDS
     while True:
@@ -1604,20 +1580,29 @@ async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage
                     hub.deliver_payload(payload)
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # noqa: BLE001 - any failure means: reconnect
+        except Exception as error:  # any failure means: reconnect
             logger.warning("bus subscription lost (%s); retrying in %.1f s", error, delay)
         hub.subscribed.clear()
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
 
-RECONNECT_MIN_SECONDS = 0.25
-RECONNECT_MAX_SECONDS = 8.0
-STARTUP_BUS_WAIT_SECONDS = 3.0
-RETRY_AFTER_SECONDS = 2
+# Ingest
 
 
-# Ingest: group commit
+@dataclass
+class Service:
+    """What the handlers reach through their request: built by the lifespan at start-up."""
+
+    settings: Settings
+    storage: Storage
+    bus: Bus
+    hub: Hub
+    committer: Committer
+
+
+def service_of(connection: HTTPConnection) -> Service:
+    return connection.app.state.service
 
 
 @dataclass
@@ -1633,7 +1618,7 @@ class Committer:
     next one, so an idle service adds no wait at all.
     """
 
-    def __init__(self, storage: Storage, bus: MemoryBus | RedisBus, max_events: int) -> None:
+    def __init__(self, storage: Storage, bus: Bus, max_events: int) -> None:
         self.storage = storage
         self.bus = bus
         self.max_events = max_events
@@ -1656,7 +1641,7 @@ class Committer:
     async def _commit_batch(self, batch: list[PendingWrite]) -> None:
         try:
             await self._commit(batch)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             if len(batch) == 1:
                 logger.warning("could not store %d events: %r", len(batch[0].events), error)
                 if not batch[0].done.done():
@@ -1671,7 +1656,9 @@ class Committer:
         events = [
             {**event, "received_at": received_at} for pending in batch for event in pending.events
         ]
-        stored = await self.storage.store(events, self._publish)
+        async with self.storage.commit_order():
+            stored = await self.storage.store(events)
+            await self._publish(stored)
         start = 0
         for pending in batch:
             end = start + len(pending.events)
@@ -1685,9 +1672,372 @@ class Committer:
             return
         try:
             await self.bus.publish(payload)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             # Stored is what we promised; subscribers catch up from the database on reconnect.
             logger.warning("could not publish %d bytes to the bus: %r", len(payload), error)
+
+
+async def post_events(request: Request) -> Response:
+    """Store one event or a batch; 201 with each event's id once all are committed."""
+    service = service_of(request)
+    settings = service.settings
+    if not is_json_content_type(request.headers.get("content-type")):
+        raise ApiError(415, "unsupported_media_type", "send the events as application/json")
+    try:
+        body = parse_json_body(await read_body(request, settings.max_body_bytes))
+    except ClientDisconnect:
+        return Response(status_code=400)
+    tokens = [
+        bearer_token(request.headers),
+        request.query_params.get("token"),
+        envelope_token(body),
+    ]
+    require_token(settings.ingest_tokens, tokens, "ingest")
+    events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
+    try:
+        stored = await service.committer.submit(events)
+    except StorageUnavailable:
+        raise storage_unavailable("the events could not be stored") from None
+    return JSONResponse({"events": [item.receipt() for item in stored]}, status_code=201)
+
+
+# Streams
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """Last-Event-ID / last_event_id: a non-negative integer, or None when absent or garbage."""
+    if value is None or not value.strip().isdigit():
+        return None
+    number = int(value.strip())
+    return number if number <= INT64_MAX else None
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What a (re)connecting client gets before the live stream: a replay or a resync notice."""
+
+    after_id: int
+    replay: list[Frame] = field(default_factory=list)
+    notice: dict | None = None
+
+
+def resync_notice(limit: int, latest_id: int) -> dict:
+    return {
+        "type": "resync",
+        "reason": "too_far_behind",
+        "message": f"more than {limit} events were missed; reload state from the read API",
+        "latest_id": latest_id,
+    }
+
+
+async def open_stream(service: Service, client: Client, after_id: int | None) -> Opening:
+    """The replay after `after_id` (subscribed first, so nothing falls between the two),
+    or a resync notice when more than REPLAY_LIMIT events were missed."""
+    if after_id is None:
+        return Opening(0)
+    limit = service.settings.replay_limit
+    try:
+        documents = await service.storage.events_after(after_id, limit + 1)
+    except Exception as error:
+        raise StorageUnavailable(f"cannot replay right now: {error!r}") from error
+    if len(documents) > limit:
+        return Opening(after_id, notice=resync_notice(limit, service.hub.last_id))
+    replay = [Frame.of(document) for document in documents if client.filter.matches(document)]
+    return Opening(after_id, replay)
+
+
+async def write_stream(
+    client: Client, transport: Transport, opening: Opening, deadline: float
+) -> str:
+    """The client's one writer: its opening, then live frames, each id once and in id order,
+    whatever is queued in one write, every write within `deadline` seconds.
+
+    Returns why it stopped (see Client.end); an overflow cancels it wherever it waits.
+    """
+    client.writer = asyncio.current_task()
+    try:
+        if opening.notice is not None:
+            await within_deadline(transport.write_notice(opening.notice), deadline)
+        frames, last_sent = opening.replay, opening.after_id
+        while client.ended is None:
+            # The replay/live seam: frames queued while the replay was read may repeat it.
+            fresh = [frame for frame in frames if frame.id > last_sent]
+            if fresh:
+                await within_deadline(transport.write_frames(fresh), deadline)
+                last_sent = fresh[-1].id
+            frames = await client.next_frames(transport.ping_seconds)
+            if not frames and client.ended is None:
+                await within_deadline(transport.write_ping(), deadline)
+    except asyncio.CancelledError:
+        if client.ended == OVERFLOWED and asyncio.current_task().uncancel() == 0:
+            logger.warning("slow dashboard cut off after %d queued events", client.limit)
+            return OVERFLOWED
+        raise
+    except TimeoutError:
+        logger.info("dashboard dropped: a write blocked for %s s", deadline)
+        client.end(TIMED_OUT)
+    except Exception as error:  # reset, closed or refused: the connection is gone
+        logger.info("dashboard dropped: %r", error)
+        client.end(FAILED)
+    finally:
+        client.writer = None
+    return client.ended or CLOSED
+
+
+async def within_deadline(write: Awaitable[None], deadline: float) -> None:
+    """The send deadline: a dashboard that stops reading is dropped, never waited for."""
+    async with asyncio.timeout(deadline):
+        await write
+
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),  # nginx and similar proxies would buffer the stream
+]
+# A comment line: keeps idle proxies (Heroku's router: 55 s) from cutting the stream.
+SSE_PING = b": ping\n\n"
+FINAL_WRITE_SECONDS = 1.0
+
+
+@dataclass
+class SseTransport:
+    send: Send
+    ping_seconds: float | None
+
+    async def write(self, chunk: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def write_frames(self, frames: list[Frame]) -> None:
+        await self.write(b"".join(frame.sse for frame in frames))
+
+    async def write_notice(self, notice: dict) -> None:
+        await self.write(b"event: resync\ndata: %s\n\n" % orjson.dumps(notice))
+
+    async def write_ping(self) -> None:
+        await self.write(SSE_PING)
+
+
+@dataclass
+class WebSocketTransport:
+    websocket: WebSocket
+    ping_seconds: float | None = None  # uvicorn pings WebSockets at the protocol level
+
+    async def write_frames(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            await self.websocket.send_text(frame.ws)
+
+    async def write_notice(self, notice: dict) -> None:
+        await self.websocket.send_text(orjson.dumps(notice).decode())
+
+    async def write_ping(self) -> None:
+        return None
+
+
+Transport = SseTransport | WebSocketTransport
+
+
+@dataclass
+class EventStream:
+    """The SSE response: retry hint, then write_stream until the client leaves or must go."""
+
+    service: Service
+    stream_filter: StreamFilter
+    owner: str
+    after_id: int | None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = self.service.settings
+        with self.service.hub.subscribe(self.stream_filter, self.owner) as client:
+            # The first bytes of a new connection fit in any socket buffer.
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            transport = SseTransport(send, settings.sse_ping_seconds)
+            await transport.write(b"retry: %d\n\n" % settings.sse_retry_ms)
+            watcher = asyncio.create_task(watch_for_disconnect(receive, client))
+            try:
+                opening = await open_stream(self.service, client, self.after_id)
+                await write_stream(client, transport, opening, settings.send_timeout_seconds)
+            except StorageUnavailable as error:
+                # Ending the stream makes EventSource reconnect after the retry hint.
+                logger.warning("SSE replay failed: %s", error)
+            finally:
+                watcher.cancel()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FINAL_WRITE_SECONDS):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def watch_for_disconnect(receive: Receive, client: Client) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    client.end(CLOSED)
+
+
+async def stream_events(request: Request) -> ASGIApp:
+    """Server-Sent Events: replay after Last-Event-ID, then every new event."""
+    service = service_of(request)
+    after_id = parse_last_event_id(
+        request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    )
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    owner = admit_stream(request)
+    return EventStream(service, StreamFilter.from_query(request.query_params), owner, after_id)
+
+
+async def websocket_events(websocket: WebSocket) -> None:
+    """WebSocket: one JSON text frame per event; `last_event_id` resumes like SSE."""
+    service = service_of(websocket)
+    after_id = parse_last_event_id(websocket.query_params.get("last_event_id"))
+    try:
+        owner = admit_websocket(websocket)
+    except ApiError as refusal:
+        # Closing before accept answers the handshake with HTTP 403.
+        logger.info("WebSocket refused: %s", refusal.message)
+        await websocket.close(code=1008, reason=refusal.code)
+        return
+    await websocket.accept()
+    stream_filter = StreamFilter.from_query(websocket.query_params)
+    with service.hub.subscribe(stream_filter, owner) as client:
+        try:
+            opening = await open_stream(service, client, after_id)
+        except StorageUnavailable:
+            await websocket.close(code=1011, reason="storage_unavailable")
+            return
+        watcher = asyncio.create_task(watch_for_close(websocket, client))
+        try:
+            transport = WebSocketTransport(websocket)
+            ended = await write_stream(
+                client, transport, opening, service.settings.send_timeout_seconds
+            )
+        finally:
+            watcher.cancel()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(FINAL_WRITE_SECONDS):
+            await websocket.close(code=websocket_close_code(ended))
+
+
+def websocket_close_code(ended: str) -> int:
+    if ended != CLOSED:
+        return 1013  # too slow, or gone: try again later, and resume by id
+    return 1012 if AppStatus.should_exit else 1000  # 1012: the service restarts
+
+
+async def watch_for_close(websocket: WebSocket, client: Client) -> None:
+    # A push-only socket would never notice the client leaving, and uvicorn's shutdown
+    # would then wait for it.
+    with contextlib.suppress(Exception):
+        while True:
+            await websocket.receive_text()
+    client.end(CLOSED)
+
+
+# Read API
+
+# Keyset pages on the event id (or student id), never OFFSET: a page stays correct while
+# events keep arriving.
+PAGE_LIMIT_DEFAULT = 100
+PAGE_LIMIT_MAX = 1_000
+EVENT_QUERY_FILTERS = {
+    "student_id": IDENTIFIER_MAX_CHARS,
+    "course_id": TEXT_MAX_CHARS,
+    "event_type": IDENTIFIER_MAX_CHARS,
+    "notebook_path": TEXT_MAX_CHARS,
+}
+
+
+def query_text(query: Mapping[str, str], name: str, max_chars: int, errors: FieldErrors) -> Any:
+    """An optional text filter; empty means absent, as an HTML form sends it."""
+    value = query.get(name) or None
+    if value is not None and len(value) > max_chars:
+        errors.add(name, f"must be at most {max_chars} characters")
+        return None
+    return value
+
+
+def query_int(
+    query: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], errors: FieldErrors
+) -> int:
+    raw = query.get(name, "").strip()
+    if not raw:
+        return default
+    low, high = bounds
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        errors.add(name, f"must be a whole number from {low} to {high}")
+        return default
+    return int(raw)
+
+
+def raise_query_errors(errors: FieldErrors) -> None:
+    if errors.details:
+        raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
+
+
+def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/events parameters to the SQL parameters of SELECT_EVENT_PAGE, or a 422."""
+    errors = FieldErrors()
+    params = {
+        name: query_text(query, name, max_chars, errors)
+        for name, max_chars in EVENT_QUERY_FILTERS.items()
+    }
+    params["since_id"] = query_int(query, "since_id", 0, (0, INT64_MAX), errors)
+    params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
+    params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/students parameters to the SQL parameters of SELECT_STUDENT_PAGE, or a 422."""
+    errors = FieldErrors()
+    params = {
+        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
+        "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
+        "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
+    }
+    raise_query_errors(errors)
+    return params
+
+
+async def read_storage(read: Awaitable[Any]) -> Any:
+    """A read for the read API; a database failure becomes 503, as for writes."""
+    try:
+        return await read
+    except Exception as error:  # the driver's errors differ by backend
+        logger.warning("read failed: %r", error)
+        raise storage_unavailable("the database could not be read") from None
+
+
+async def list_events(request: Request) -> Response:
+    """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    params = parse_events_query(request.query_params)
+    # Read before the page: resuming the stream from latest_id then misses nothing.
+    latest_id = await read_storage(service.storage.max_event_id())
+    page_and_one = {**params, "limit": params["limit"] + 1}
+    documents = await read_storage(service.storage.events_page(page_and_one))
+    page = documents[: params["limit"]]
+    more = len(documents) > params["limit"]
+    return JSONResponse(
+        {
+            "events": page,
+            "next_before_id": page[-1]["id"] if more else None,
+            "latest_id": max([latest_id, *(document["id"] for document in page)]),
+        }
+    )
+
+
+async def list_students(request: Request) -> Response:
+    """Students by student_id with their counts; `next_after` fetches the next page."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    params = parse_students_query(request.query_params)
+    page_and_one = {**params, "limit": params["limit"] + 1}
+    students = await read_storage(service.storage.students_page(page_and_one))
+    page = students[: params["limit"]]
+    more = len(students) > params["limit"]
+    return JSONResponse({"students": page, "next_after": page[-1]["student_id"] if more else None})
 
 
 # Access control
@@ -1759,6 +2109,42 @@ def client_key(connection: HTTPConnection) -> str:
     return "address:" + (connection.client.host if connection.client else "unknown")
 
 
+def admit_stream(connection: HTTPConnection) -> str:
+    """The owner key of a new stream, or 429 once that owner holds too many."""
+    service = service_of(connection)
+    owner = client_key(connection)
+    limit = service.settings.max_streams_per_client
+    if service.hub.per_owner[owner] >= limit:
+        raise ApiError(429, "too_many_streams", f"at most {limit} streams per token or address")
+    return owner
+
+
+def admit_websocket(websocket: WebSocket) -> str:
+    settings = service_of(websocket).settings
+    origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
+    if not origin_allowed(origin, host, settings.cors_origins):
+        raise ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
+    require_token(settings.dashboard_tokens, presented_tokens(websocket), "dashboard")
+    return admit_stream(websocket)
+
+
+async def create_session(request: Request) -> Response:
+    """Trade a dashboard token (Authorization: Bearer) for the HttpOnly cookie that
+    EventSource, which cannot send headers, presents by itself."""
+    token = bearer_token(request.headers)
+    require_token(service_of(request).settings.dashboard_tokens, [token], "dashboard")
+    response = JSONResponse({"status": "ok"})
+    if token:
+        response.set_cookie(
+            TOKEN_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+    return response
+
+
 class RedactTokens(logging.Filter):
     """Keeps `?token=` values out of uvicorn's access log."""
 
@@ -1781,14 +2167,14 @@ SECURITY_HEADERS = [
 class SecurityHeaders:
     """Adds the headers browsers need to keep student-provided text inert, to every response."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
-        async def send_with_headers(message: dict) -> None:
+        async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
@@ -1796,318 +2182,13 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-# HTTP endpoints
-
-
-def storage_unavailable(what_failed: str) -> ApiError:
-    # 503, not 4xx: the JupyterLab clients retry 5xx and drop an event on any 4xx.
-    return ApiError(
-        503,
-        "storage_unavailable",
-        f"{what_failed}; retry shortly",
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )
-
-
-def api_error_response(error: ApiError) -> JSONResponse:
-    body = error_body(error.status, error.code, error.message, error.details)
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing with 413 before more than `limit` bytes are read."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def post_events(request: Request) -> Response:
-    """Store one event or a batch; 201 with each event's id once all are committed."""
-    state = request.app.state
-    settings: Settings = state.settings
-    if not is_json_content_type(request.headers.get("content-type")):
-        raise ApiError(415, "unsupported_media_type", "send the events as application/json")
-    try:
-        body = parse_json_body(await read_body(request, settings.max_body_bytes))
-    except ClientDisconnect:
-        return Response(status_code=400)
-    tokens = [
-        bearer_token(request.headers),
-        request.query_params.get("token"),
-        envelope_token(body),
-    ]
-    require_token(settings.ingest_tokens, tokens, "ingest")
-    events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
-    try:
-        stored = await state.committer.submit(events)
-    except StorageUnavailable:
-        raise storage_unavailable("the events could not be stored") from None
-    return JSONResponse({"events": [item.receipt() for item in stored]}, status_code=201)
-
-
-async def replay_frames(storage: Storage, after_id: int, limit: int) -> tuple[list[Frame], bool]:
-    """Stored events after `after_id`, at most `limit`, and whether more were left out."""
-    documents = await storage.events_after(after_id, limit + 1)
-    return [Frame.of(document) for document in documents[:limit]], len(documents) > limit
-
-
-def resync_notice(limit: int, latest_id: int) -> dict:
-    return {
-        "type": "resync",
-        "reason": "too_far_behind",
-        "message": f"more than {limit} events were missed; reload state from the read API",
-        "latest_id": latest_id,
-    }
-
-
-async def open_stream(
-    state: Any, client: Client, after_id: int | None
-) -> tuple[list[Frame], dict | None]:
-    """What a (re)connecting client gets before the live stream: the replay, or a resync."""
-    if after_id is None:
-        return [], None
-    try:
-        frames, truncated = await replay_frames(
-            state.storage, after_id, state.settings.replay_limit
-        )
-    except Exception as error:  # noqa: BLE001
-        raise StorageUnavailable(f"cannot replay right now: {error!r}") from error
-    if truncated:
-        return [], resync_notice(state.settings.replay_limit, state.hub.last_id)
-    return [frame for frame in frames if client.filter.matches(frame.document)], None
-
-
-async def sse_body(state: Any, client: Client, after_id: int | None) -> AsyncIterator[bytes]:
-    """retry hint, then the replay (or a resync notice), then live frames, each id once."""
-    yield b"retry: %d\n\n" % state.settings.sse_retry_ms
-    try:
-        replay, notice = await open_stream(state, client, after_id)
-    except StorageUnavailable as error:
-        # Ending the stream makes EventSource reconnect after the retry hint.
-        logger.warning("SSE replay failed: %s", error)
-        return
-    if notice is not None:
-        yield b"event: resync\ndata: %s\n\n" % orjson.dumps(notice)
-    last_sent = after_id or 0
-    if replay:
-        yield b"".join(frame.sse for frame in replay)
-        last_sent = replay[-1].id
-    while frames := await client.next_frames():
-        fresh = [frame for frame in frames if frame.id > last_sent]
-        if fresh:
-            last_sent = fresh[-1].id
-            yield b"".join(frame.sse for frame in fresh)
-
-
-async def until_overflow(client: Client, work: Awaitable[Any]) -> Any | None:
-    """Run work (a client's sender) but stop it the moment the client's queue overflows:
-    a sender blocked on a full socket would otherwise hold the client until send timeout.
-    Returns work's result, or None when it was cut off."""
-    result = None
-    async with anyio.create_task_group() as group:
-
-        async def cut_off() -> None:
-            await client.overflow.wait()
-            logger.warning("slow dashboard cut off after %d queued events", client.limit)
-            group.cancel_scope.cancel()
-
-        group.start_soon(cut_off)
-        result = await work
-        group.cancel_scope.cancel()
-    return result
-
-
-@dataclass
-class ClientStream:
-    """An ASGI response streaming SSE to one hub client, and unregistering it at the end."""
-
-    response: Response
-    client: Client
-    hub: Hub
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await until_overflow(self.client, self.response(scope, receive, send))
-        finally:
-            self.hub.remove(self.client)
-
-
-def admit_stream(connection: HTTPConnection) -> str:
-    """The owner key of a new stream, or 429 once that owner holds too many."""
-    state = connection.app.state
-    owner = client_key(connection)
-    if state.hub.per_owner[owner] >= state.settings.max_streams_per_client:
-        raise ApiError(
-            429,
-            "too_many_streams",
-            f"at most {state.settings.max_streams_per_client} streams per token or address",
-        )
-    return owner
-
-
-async def stream_events(request: Request) -> Response:
-    """Server-Sent Events: replay after Last-Event-ID, then every new event."""
-    state = request.app.state
-    after_id = parse_last_event_id(
-        request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    )
-    require_token(state.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    client = state.hub.add(StreamFilter.from_query(request.query_params), admit_stream(request))
-    response = EventSourceResponse(
-        sse_body(state, client, after_id),
-        ping=state.settings.sse_ping_seconds,
-        send_timeout=state.settings.send_timeout_seconds,
-    )
-    return ClientStream(response, client, state.hub)  # type: ignore[return-value]
-
-
-async def websocket_events(websocket: WebSocket) -> None:
-    """WebSocket: one JSON text frame per event; `last_event_id` resumes like SSE."""
-    state = websocket.app.state
-    after_id = parse_last_event_id(websocket.query_params.get("last_event_id"))
-    try:
-        owner = admit_websocket(websocket)
-    except ApiError as refusal:
-        # Closing before accept answers the handshake with HTTP 403.
-        logger.info("WebSocket refused: %s", refusal.message)
-        await websocket.close(code=1008, reason=refusal.code)
-        return
-    await websocket.accept()
-    stream_filter = StreamFilter.from_query(websocket.query_params)
-    with state.hub.subscribe(stream_filter, owner) as client:
-        try:
-            replay, notice = await open_stream(state, client, after_id)
-        except StorageUnavailable:
-            await websocket.close(code=1011, reason="storage_unavailable")
-            return
-        receiver = asyncio.create_task(watch_for_close(websocket, client))
-        sender = send_websocket_frames(websocket, client, replay, notice, after_id, state.settings)
-        try:
-            # Cut off on overflow: 1013, try again later (and resume by id).
-            code = await until_overflow(client, sender) or 1013
-        finally:
-            receiver.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(websocket.close(code=code), 1.0)
-
-
-def admit_websocket(websocket: WebSocket) -> str:
-    settings: Settings = websocket.app.state.settings
-    origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
-    if not origin_allowed(origin, host, settings.cors_origins):
-        raise ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
-    require_token(settings.dashboard_tokens, presented_tokens(websocket), "dashboard")
-    return admit_stream(websocket)
-
-
-async def watch_for_close(websocket: WebSocket, client: Client) -> None:
-    # A push-only socket would never notice the client leaving (see STACK.md).
-    with contextlib.suppress(Exception):
-        while True:
-            await websocket.receive_text()
-    client.close()
-
-
-async def send_websocket_frames(
-    websocket: WebSocket,
-    client: Client,
-    replay: list[Frame],
-    notice: dict | None,
-    after_id: int | None,
-    settings: Settings,
-) -> int:
-    """Send until the client leaves or must go; return the close code to use."""
-    timeout = settings.send_timeout_seconds
-    try:
-        if notice is not None:
-            await asyncio.wait_for(websocket.send_text(orjson.dumps(notice).decode()), timeout)
-        last_sent = replay[-1].id if replay else after_id or 0
-        for frame in replay:
-            await asyncio.wait_for(websocket.send_text(frame.ws), timeout)
-        while frames := await client.next_frames():
-            # One deadline for what is queued, not a wait_for task per frame (issue 5).
-            async with asyncio.timeout(timeout):
-                for frame in frames:
-                    if frame.id > last_sent:
-                        await websocket.send_text(frame.ws)
-                        last_sent = frame.id
-    except Exception:  # noqa: BLE001 - timed out, reset or closed: the client must go
-        return 1013  # too slow to write to, or gone: try again later
-    if client.overflowed:
-        return 1013
-    return 1012 if client.closed and AppStatus.should_exit else 1000
-
-
-async def create_session(request: Request) -> Response:
-    """Trade a dashboard token (Authorization: Bearer) for the HttpOnly cookie that
-    EventSource, which cannot send headers, presents by itself."""
-    token = bearer_token(request.headers)
-    require_token(request.app.state.settings.dashboard_tokens, [token], "dashboard")
-    response = JSONResponse({"status": "ok"})
-    if token:
-        response.set_cookie(
-            TOKEN_COOKIE,
-            token,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
-    return response
-
-
-async def read_storage(read: Awaitable[Any]) -> Any:
-    """A read for the read API; a database failure becomes 503, as for writes."""
-    try:
-        return await read
-    except Exception as error:  # noqa: BLE001 - the driver's errors differ by backend
-        logger.warning("read failed: %r", error)
-        raise storage_unavailable("the database could not be read") from None
-
-
-async def list_events(request: Request) -> Response:
-    """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    storage: Storage = request.app.state.storage
-    params = parse_events_query(request.query_params)
-    # Read before the page: resuming the stream from latest_id then misses nothing.
-    latest_id = await read_storage(storage.max_event_id())
-    documents = await read_storage(storage.events_page({**params, "limit": params["limit"] + 1}))
-    page = documents[: params["limit"]]
-    more = len(documents) > params["limit"]
-    return JSONResponse(
-        {
-            "events": page,
-            "next_before_id": page[-1]["id"] if more else None,
-            "latest_id": max([latest_id, *(document["id"] for document in page)]),
-        }
-    )
-
-
-async def list_students(request: Request) -> Response:
-    """Students by student_id with their counts; `next_after` fetches the next page."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    storage: Storage = request.app.state.storage
-    params = parse_students_query(request.query_params)
-    students = await read_storage(storage.students_page({**params, "limit": params["limit"] + 1}))
-    page = students[: params["limit"]]
-    more = len(students) > params["limit"]
-    return JSONResponse({"students": page, "next_after": page[-1]["student_id"] if more else None})
-
+# Application
 
 STATIC_DIR = Path(__file__).with_name("static")
 # SecurityHeaders adds the CSP (the page has no inline script or style) and friends.
 PAGE_HEADERS = {"Cache-Control": "no-cache"}
+HEALTH_CHECK_SECONDS = 2.0
+STARTUP_BUS_WAIT_SECONDS = 3.0
 
 
 async def dashboard_page(request: Request) -> Response:
@@ -2117,30 +2198,32 @@ async def dashboard_page(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """200 when the database and the bus answer; 503 naming what is down."""
-    state = request.app.state
-    checks = {"database": state.storage.ping, "bus": state.bus.ping}
+    service = service_of(request)
+    checks = {"database": service.storage.ping, "bus": service.bus.ping}
     report: dict[str, str] = {}
     for name, check in checks.items():
         try:
-            await asyncio.wait_for(check(), timeout=2.0)
+            await asyncio.wait_for(check(), timeout=HEALTH_CHECK_SECONDS)
             report[name] = "up"
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             report[name] = f"down: {error!r}"
-    if report["bus"] == "up" and not state.hub.bus_connected:
+    if report["bus"] == "up" and not service.hub.bus_connected:
         report["bus"] = "down: subscriber not connected"
     healthy = all(value == "up" for value in report.values())
     return JSONResponse(
-        {"status": "ok" if healthy else "unavailable", **report, "clients": len(state.hub.clients)},
+        {
+            "status": "ok" if healthy else "unavailable",
+            **report,
+            "clients": len(service.hub.clients),
+        },
         status_code=200 if healthy else 503,
     )
 
 
-# Application
-
-
 async def handle_api_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, ApiError)
-    return api_error_response(error)
+    body = error_body(error.status, error.code, error.message, error.details)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 async def handle_http_error(request: Request, error: Exception) -> Response:
@@ -2160,12 +2243,6 @@ async def close_streams_on_shutdown(hub: Hub) -> None:
     hub.close_all()
 
 
-def build_bus(settings: Settings) -> MemoryBus | RedisBus:
-    if settings.redis_url is None:
-        return MemoryBus()
-    return RedisBus(settings.redis_url, settings.notification_channel)
-
-
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -2175,12 +2252,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     hub = Hub(settings.client_queue_limit)
     hub.last_id = await storage.max_event_id()
     committer = Committer(storage, bus, settings.max_batch_events)
-    app.state.storage, app.state.bus, app.state.hub, app.state.committer = (
-        storage,
-        bus,
-        hub,
-        committer,
-    )
+    app.state.service = Service(settings, storage, bus, hub, committer)
     tasks = [
         asyncio.create_task(committer.run(), name="committer"),
         asyncio.create_task(relay_bus_to_hub(bus, hub, storage), name="subscriber"),
@@ -2253,7 +2325,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
+@functools.cache
 def app_from_environment() -> Starlette:
+    """The app as deployed: logging configured, Settings read from the environment."""
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
@@ -2266,4 +2340,9 @@ def app_from_environment() -> Starlette:
         sys.exit(f"telemetry: configuration error: {error}")
 
 
-app = app_from_environment()
+def __getattr__(name: str) -> Any:
+    """`telemetry:app`, as uvicorn and the Procfile name it, built on first access: importing
+    the module reads no environment, configures no logging and cannot exit."""
+    if name == "app":
+        return app_from_environment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

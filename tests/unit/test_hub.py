@@ -2,7 +2,7 @@ import asyncio
 
 import orjson
 
-from telemetry import Frame, Hub, StoredEvent, StreamFilter, encode_batch
+from telemetry import OVERFLOWED, Frame, Hub, StoredEvent, StreamFilter, encode_batch
 
 
 def document(event_id: int, **fields) -> dict:
@@ -46,7 +46,7 @@ async def test_slow_client_overflows_without_touching_others() -> None:
         hub.deliver([document(1), document(2)])
         assert [f.id for f in await fast.next_frames()] == [1, 2]
         hub.deliver([document(3)])
-        assert slow.overflowed and not slow.frames
+        assert slow.ended == OVERFLOWED and not slow.frames
         assert [f.id for f in await fast.next_frames()] == [3]
         assert await slow.next_frames() == []
 
