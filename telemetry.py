@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import functools
 import hashlib
@@ -34,6 +35,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import sys
 import uuid
 from collections import Counter, deque
@@ -43,9 +45,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
-from databases import Database
+from databases import Database, DatabaseURL
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sse_starlette.sse import AppStatus  # importing it makes uvicorn's SIGTERM set should_exit
@@ -772,8 +775,9 @@ RETURNING id
 # PostgreSQL stores a whole group-committed batch in one statement: arrays travel
 # as typed parameters and unnest into rows, so the text is the same for any batch size, and
 # being one statement it is one transaction with no BEGIN/COMMIT round trips. It answers
-# with the batch's already stored event_ids, the new ids, and each student's row as it was
-# before, from which Python replays the documents that one-by-one upserts would have given.
+# with the batch's already stored event_ids, the new ids, each student's row as it was
+# before, from which Python replays the documents that one-by-one upserts would have given,
+# and the highest id committed before the batch (its statement snapshot predates the insert).
 # Events join their known ids rather than `= ANY(array)`: once asyncpg's prepared statement
 # gets a generic plan, the latter scans the whole table (90 ms per 500 events at 100k rows).
 STORE_EVENTS = """
@@ -839,6 +843,8 @@ UNION ALL
 SELECT 'inserted', event_id, id, NULL, NULL, NULL FROM inserted
 UNION ALL
 SELECT 'student', student_id, NULL, name, course_id, team FROM previous
+UNION ALL
+SELECT 'follows', NULL, (SELECT COALESCE(MAX(id), 0) FROM events), NULL, NULL, NULL
 """
 
 SELECT_EXISTING_EVENT_IDS = """
@@ -985,14 +991,16 @@ class AsyncpgStatement:
 
         return cls(NAMED_PARAMETER.sub(number, sql), tuple(names))
 
-    async def fetch(self, connection: Any, values: Mapping[str, Any]) -> list:
-        arguments = [values[name] for name in self.names]
-        return await connection.raw_connection.fetch(self.sql, *arguments)
+    async def fetch(self, connection: asyncpg.Connection, values: Mapping[str, Any]) -> list:
+        return await connection.fetch(self.sql, *(values[name] for name in self.names))
 
 
 COMMIT_STATEMENTS = {
-    sql: AsyncpgStatement.of(sql) for sql in (STORE_EVENTS, LOCK_COMMITS, UNLOCK_COMMITS)
+    sql: AsyncpgStatement.of(sql)
+    for sql in (STORE_EVENTS, SELECT_EXISTING_EVENT_IDS, LOCK_COMMITS, UNLOCK_COMMITS)
 }
+# A database that does not answer a connection attempt within this is down, for ingest.
+CONNECT_TIMEOUT_SECONDS = 3.0
 
 
 class StorageUnavailable(Exception):
@@ -1103,6 +1111,15 @@ class StoredEvent:
         }
 
 
+@dataclass
+class StoredBatch:
+    """A committed batch: what each event became, in order, and the highest id committed
+    before it, which its bus message carries so that a gap before it shows."""
+
+    results: list[StoredEvent]
+    follows: int
+
+
 def first_occurrences(events: list[dict], known: Mapping[str, int]) -> list[dict]:
     """The events to insert: not stored before, and the first of any repeated event_id."""
     seen: set[str] = set(known)
@@ -1156,14 +1173,17 @@ class Storage:
 
     def __init__(self, url: str, pool_size: int) -> None:
         self.is_postgres = url.startswith("postgresql")
-        options = {"min_size": 1, "max_size": pool_size} if self.is_postgres else {}
+        # On PostgreSQL the committer has a connection of its own, one of pool_size.
+        options = {"min_size": 1, "max_size": max(pool_size - 1, 1)} if self.is_postgres else {}
         self.database = Database(url, **options)
+        self._writer: asyncpg.Connection | None = None
 
     async def connect(self) -> None:
         await self.database.connect()
         await self.apply_schema()
 
     async def disconnect(self) -> None:
+        self._drop_writer()
         await self.database.disconnect()
 
     def schema_statements(self) -> list[str]:
@@ -1226,37 +1246,73 @@ class Storage:
         On PostgreSQL an advisory lock spans the INSERT and the PUBLISH, so ids reach the bus
         in id order across processes; within a process the one committer task does the rest.
         """
-        async with self.database.connection() as connection:
-            if self.is_postgres:
-                await COMMIT_STATEMENTS[LOCK_COMMITS].fetch(connection, {"key": COMMIT_LOCK_KEY})
-            try:
+        if not self.is_postgres:
+            async with self.database.connection():
                 yield
-            finally:
-                if self.is_postgres:
-                    unlock = COMMIT_STATEMENTS[UNLOCK_COMMITS]
-                    await unlock.fetch(connection, {"key": COMMIT_LOCK_KEY})
+            return
+        writer = await self._writer_connection()
+        try:
+            await COMMIT_STATEMENTS[LOCK_COMMITS].fetch(writer, {"key": COMMIT_LOCK_KEY})
+            yield
+        except BaseException:
+            self._drop_writer()  # its session's end releases the lock
+            raise
+        try:
+            await COMMIT_STATEMENTS[UNLOCK_COMMITS].fetch(writer, {"key": COMMIT_LOCK_KEY})
+        except Exception as error:  # committed and published: only the lock is left to free
+            logger.warning("could not release the commit lock: %r", error)
+            self._drop_writer()
 
-    async def store(self, events: list[dict]) -> list[StoredEvent]:
-        """Store a batch in one transaction: what each event became, in the batch's order."""
-        async with self.database.connection() as connection:
-            if not self.is_postgres:
-                async with connection.transaction():
-                    return [await self._store_one(connection, event) for event in events]
-            rows = await COMMIT_STATEMENTS[STORE_EVENTS].fetch(
-                connection, self._batch_values(events)
+    async def _writer_connection(self) -> asyncpg.Connection:
+        """The committer's own connection, opened again after any failure.
+
+        Not one of `databases`' pooled connections: those are bound to their task, and one
+        whose backend was terminated while being released stays marked as acquired for that
+        task ("Connection is already acquired"), so a long-lived committer would never store
+        again.
+        """
+        if self._writer is None or self._writer.is_closed():
+            url = DatabaseURL(str(self.database.url))
+            ssl = url.options.get("ssl")
+            self._writer = await asyncpg.connect(
+                host=url.hostname,
+                port=url.port,
+                user=url.username,
+                password=url.password,
+                database=url.database,
+                ssl={"true": True, "false": False}.get(ssl.lower(), ssl) if ssl else None,
+                timeout=CONNECT_TIMEOUT_SECONDS,
             )
-            found: dict[str, dict] = {"known": {}, "inserted": {}, "student": {}}
-            for row in rows:
-                found[row["kind"]][row["key"]] = (
-                    dict(row) if row["kind"] == "student" else row["id"]
-                )
-            known, inserted = found["known"], found["inserted"]
-            fresh = first_occurrences(events, known)
-            lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
-            if lost:  # a writer outside the commit order stored them first
-                rows = await connection.fetch_all(SELECT_EXISTING_EVENT_IDS, {"event_ids": lost})
-                known.update({row._mapping["event_id"]: row._mapping["id"] for row in rows})
-            return batch_results(events, fresh, known, inserted, found["student"])
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.terminate()
+            self._writer = None
+
+    async def store(self, events: list[dict]) -> StoredBatch:
+        """Store a batch in one transaction: what each event became, in the batch's order."""
+        if not self.is_postgres:
+            async with self.database.connection() as connection:
+                async with connection.transaction():
+                    follows = await connection.fetch_val(SELECT_MAX_EVENT_ID)
+                    results = [await self._store_one(connection, event) for event in events]
+                    return StoredBatch(results, follows)
+        writer = await self._writer_connection()
+        rows = await COMMIT_STATEMENTS[STORE_EVENTS].fetch(writer, self._batch_values(events))
+        found: dict[str, dict] = {"known": {}, "inserted": {}, "student": {}, "follows": {}}
+        for row in rows:
+            found[row["kind"]][row["key"]] = dict(row) if row["kind"] == "student" else row["id"]
+        known, inserted = found["known"], found["inserted"]
+        fresh = first_occurrences(events, known)
+        lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
+        if lost:  # a writer outside the commit order stored them first
+            rows = await COMMIT_STATEMENTS[SELECT_EXISTING_EVENT_IDS].fetch(
+                writer, {"event_ids": lost}
+            )
+            known.update({row["event_id"]: row["id"] for row in rows})
+        results = batch_results(events, fresh, known, inserted, found["student"])
+        return StoredBatch(results, found["follows"][None])
 
     def _batch_values(self, events: list[dict]) -> dict[str, Any]:
         rows = [
@@ -1268,7 +1324,8 @@ class Storage:
             for event in events
         ]
         arrays = {column: [row[column] for row in rows] for column in STORE_EVENTS_ARRAYS}
-        return {**arrays, "received_at": events[0]["received_at"]}
+        received_at = events[0]["received_at"] if events else dt.datetime.now(dt.UTC)
+        return {**arrays, "received_at": received_at}
 
     async def _store_one(self, connection: Any, event: dict) -> StoredEvent:
         existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
@@ -1396,10 +1453,23 @@ def build_bus(settings: Settings) -> Bus:
     return RedisBus(settings.redis_url, settings.notification_channel)
 
 
-def encode_batch(stored: Iterable[StoredEvent]) -> bytes | None:
-    """One bus message per committed batch: the new events' documents, duplicates left out."""
-    documents = [item.document for item in stored if not item.duplicate]
-    return orjson.dumps(documents) if documents else None
+def encode_batch(batch: StoredBatch) -> bytes | None:
+    """One bus message per committed batch: the new events' documents, duplicates left out,
+    and the id they follow."""
+    documents = [item.document for item in batch.results if not item.duplicate]
+    if not documents:
+        return None
+    return orjson.dumps({"follows": batch.follows, "events": documents})
+
+
+def decode_message(payload: bytes) -> tuple[int, list[dict]] | None:
+    """A bus message's (follows, documents); None, and a warning, if it is not one."""
+    try:
+        message = orjson.loads(payload)
+        return int(message["follows"]), list(message["events"])
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        logger.warning("ignored a malformed bus message of %d bytes", len(payload))
+        return None
 
 
 # Hub
@@ -1510,6 +1580,8 @@ class Hub:
         self.per_owner: Counter[str] = Counter()
         self.last_id = 0
         self.subscribed = asyncio.Event()
+        # Held while filling from the database, so deliveries stay in id order.
+        self.filling = asyncio.Lock()
 
     @property
     def bus_connected(self) -> bool:
@@ -1539,26 +1611,37 @@ class Hub:
             for client in self.clients:
                 client.offer(frame)
 
-    def deliver_payload(self, payload: bytes) -> None:
-        try:
-            documents = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            logger.warning("ignored a malformed bus message of %d bytes", len(payload))
-            return
-        self.deliver(documents)
-
     def close_all(self) -> None:
         for client in list(self.clients):
             client.end(CLOSED)
 
 
 async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
-    """Deliver from the database whatever was committed while the bus was not listening."""
+    """Deliver from the database whatever was committed and not delivered yet.
+
+    Safe at any moment: ids commit in order under the commit order, so what is committed
+    is every id up to the highest, and what the bus brings later is skipped by id.
+    """
     while True:
-        documents = await storage.events_after(hub.last_id, page_size)
+        # A task of its own: `databases` binds a connection to its task, and a long-lived
+        # task whose connection broke while being released could never read again.
+        documents = await asyncio.create_task(storage.events_after(hub.last_id, page_size))
         hub.deliver(documents)
         if len(documents) < page_size:
             return
+
+
+async def deliver_message(hub: Hub, storage: Storage, payload: bytes) -> None:
+    """A batch from the bus, after any earlier events it follows that never came: those of
+    a process that died between its commit and its publish, or whose publish failed."""
+    message = decode_message(payload)
+    if message is None:
+        return
+    follows, documents = message
+    async with hub.filling:
+        if follows > hub.last_id:
+            await catch_up(hub, storage)
+        hub.deliver(documents)
 
 
 RECONNECT_MIN_SECONDS = 0.25
@@ -1571,13 +1654,14 @@ async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
     while True:
         try:
             async with bus.subscribe() as messages:
-                await catch_up(hub, storage)
+                async with hub.filling:
+                    await catch_up(hub, storage)
                 hub.subscribed.set()
                 if delay > RECONNECT_MIN_SECONDS:
                     logger.info("bus subscription restored")
                 delay = RECONNECT_MIN_SECONDS
                 async for payload in messages:
-                    hub.deliver_payload(payload)
+                    await deliver_message(hub, storage, payload)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # any failure means: reconnect
@@ -1585,6 +1669,26 @@ async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
         hub.subscribed.clear()
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+
+GAP_CHECK_SECONDS = 1.0
+
+
+async def close_gaps(hub: Hub, storage: Storage) -> None:
+    """A gap no later message reveals (its process died and the others went quiet) closes
+    within two checks: events committed a whole check ago and still undelivered are read
+    from the database. Younger ones are left to their publish, normally a millisecond away."""
+    committed_before = 0
+    while True:
+        await asyncio.sleep(GAP_CHECK_SECONDS)
+        try:
+            latest = await asyncio.create_task(storage.max_event_id())
+            if hub.last_id < committed_before:
+                async with hub.filling:
+                    await catch_up(hub, storage)
+            committed_before = latest
+        except Exception as error:
+            logger.warning("could not check for undelivered events: %r", error)
 
 
 # Ingest
@@ -1611,6 +1715,23 @@ class PendingWrite:
     done: asyncio.Future[list[StoredEvent]]
 
 
+# Every POST is answered within this: 201, or 503 with Retry-After (clients retry 5xx).
+POST_DEADLINE_SECONDS = 8.0
+# One batch: the commit order, the statement and the publish. A POST may wait for the batch
+# before its own, so twice this stays within POST_DEADLINE_SECONDS.
+COMMIT_DEADLINE_SECONDS = 4.0
+# While storing fails, how often the committer tries the ingest path by itself, so that
+# /healthz recovers without waiting for a POST.
+PROBE_SECONDS = 1.0
+
+
+def is_bad_row(error: Exception) -> bool:
+    """A failure of the data (SQLSTATE class 22 or 23), not of the database."""
+    if isinstance(error, asyncpg.PostgresError):
+        return str(error.sqlstate)[:2] in ("22", "23")
+    return isinstance(error, sqlite3.DatabaseError)
+
+
 class Committer:
     """Coalesces concurrent POSTs into one transaction and one bus message.
 
@@ -1622,34 +1743,68 @@ class Committer:
         self.storage = storage
         self.bus = bus
         self.max_events = max_events
+        self.failure: str | None = None  # why the last attempt to store failed, until one works
         self._queue: asyncio.Queue[PendingWrite] = asyncio.Queue()
 
     async def submit(self, events: list[dict]) -> list[StoredEvent]:
         pending = PendingWrite(events, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
-        return await asyncio.shield(pending.done)
+        try:
+            async with asyncio.timeout(POST_DEADLINE_SECONDS):
+                return await asyncio.shield(pending.done)
+        except TimeoutError:
+            pending.done.cancel()  # still queued: never stored; in flight: a retry dedupes
+            raise StorageUnavailable("storing took too long") from None
 
     async def run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            try:
+                async with asyncio.timeout(PROBE_SECONDS if self.failure else None):
+                    batch = [await self._queue.get()]
+            except TimeoutError:
+                await self._try(self._probe)
+                continue
             size = len(batch[0].events)
             while not self._queue.empty() and size < self.max_events:
                 batch.append(self._queue.get_nowait())
                 size += len(batch[-1].events)
-            await self._commit_batch(batch)
+            batch = [pending for pending in batch if not pending.done.done()]
+            if batch:
+                await self._commit_batch(batch)
 
     async def _commit_batch(self, batch: list[PendingWrite]) -> None:
-        try:
-            await self._commit(batch)
-        except Exception as error:
-            if len(batch) == 1:
-                logger.warning("could not store %d events: %r", len(batch[0].events), error)
-                if not batch[0].done.done():
-                    batch[0].done.set_exception(StorageUnavailable(str(error)))
-                return
+        error = await self._try(self._commit, batch)
+        if error is None:
+            return
+        if len(batch) > 1 and is_bad_row(error):
             # One request's bad row must not fail its neighbours: retry them one by one.
             for pending in batch:
                 await self._commit_batch([pending])
+            return
+        logger.warning("could not store %d events: %r", sum(len(p.events) for p in batch), error)
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_exception(StorageUnavailable(str(error)))
+
+    async def _try(self, attempt: Callable[..., Awaitable[None]], *args: Any) -> Exception | None:
+        """Run one attempt to store within the commit deadline; keep `failure` up to date."""
+        try:
+            async with asyncio.timeout(COMMIT_DEADLINE_SECONDS):
+                await attempt(*args)
+        except Exception as error:
+            if not is_bad_row(error):
+                self.failure = repr(error) if not isinstance(error, TimeoutError) else "timed out"
+            return error
+        if self.failure is not None:
+            logger.info("storing again after: %s", self.failure)
+            self.failure = None
+        return None
+
+    async def _probe(self) -> None:
+        # An empty batch takes the commit order and the events table's write lock, as a
+        # real one does, and stores nothing.
+        async with self.storage.commit_order():
+            await self.storage.store([])
 
     async def _commit(self, batch: list[PendingWrite]) -> None:
         received_at = dt.datetime.now(dt.UTC)
@@ -1663,17 +1818,18 @@ class Committer:
         for pending in batch:
             end = start + len(pending.events)
             if not pending.done.done():
-                pending.done.set_result(stored[start:end])
+                pending.done.set_result(stored.results[start:end])
             start = end
 
-    async def _publish(self, stored: list[StoredEvent]) -> None:
+    async def _publish(self, stored: StoredBatch) -> None:
         payload = encode_batch(stored)
         if payload is None:
             return
         try:
             await self.bus.publish(payload)
         except Exception as error:
-            # Stored is what we promised; subscribers catch up from the database on reconnect.
+            # Stored is what we promised; other processes read what they missed from the
+            # database (deliver_message, close_gaps).
             logger.warning("could not publish %d bytes to the bus: %r", len(payload), error)
 
 
@@ -1838,6 +1994,19 @@ class WebSocketTransport:
 Transport = SseTransport | WebSocketTransport
 
 
+# uvicorn cannot abort a response: a stream cut off on purpose ends unfinished, and uvicorn
+# closes its connection, as wanted, but logs that as an ERROR. write_stream has logged why.
+CUT_OFF = contextvars.ContextVar("cut_off", default=False)
+UNFINISHED_RESPONSE = "ASGI callable returned without completing response."
+
+
+class QuietCutOffs(logging.Filter):
+    """Drops uvicorn's error line about a stream this task cut off on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == UNFINISHED_RESPONSE and CUT_OFF.get())
+
+
 @dataclass
 class EventStream:
     """The SSE response: retry hint, then write_stream until the client leaves or must go."""
@@ -1857,7 +2026,10 @@ class EventStream:
             watcher = asyncio.create_task(watch_for_disconnect(receive, client))
             try:
                 opening = await open_stream(self.service, client, self.after_id)
-                await write_stream(client, transport, opening, settings.send_timeout_seconds)
+                ended = await write_stream(
+                    client, transport, opening, settings.send_timeout_seconds
+                )
+                CUT_OFF.set(ended in (OVERFLOWED, TIMED_OUT))
             except StorageUnavailable as error:
                 # Ending the stream makes EventSource reconnect after the retry hint.
                 logger.warning("SSE replay failed: %s", error)
@@ -2197,7 +2369,7 @@ async def dashboard_page(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """200 when the database and the bus answer; 503 naming what is down."""
+    """200 when events can be stored and the bus answers; 503 naming what is down."""
     service = service_of(request)
     checks = {"database": service.storage.ping, "bus": service.bus.ping}
     report: dict[str, str] = {}
@@ -2207,6 +2379,8 @@ async def healthz(request: Request) -> Response:
             report[name] = "up"
         except Exception as error:
             report[name] = f"down: {error!r}"
+    if report["database"] == "up" and service.committer.failure:
+        report["database"] = f"down: cannot store: {service.committer.failure}"
     if report["bus"] == "up" and not service.hub.bus_connected:
         report["bus"] = "down: subscriber not connected"
     healthy = all(value == "up" for value in report.values())
@@ -2256,6 +2430,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(committer.run(), name="committer"),
         asyncio.create_task(relay_bus_to_hub(bus, hub, storage), name="subscriber"),
+        asyncio.create_task(close_gaps(hub, storage), name="gap-check"),
         asyncio.create_task(close_streams_on_shutdown(hub), name="shutdown-watch"),
     ]
     if not (settings.ingest_tokens and settings.dashboard_tokens):
@@ -2333,6 +2508,7 @@ def app_from_environment() -> Starlette:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    logging.getLogger("uvicorn.error").addFilter(QuietCutOffs())
     try:
         return create_app(load_settings(os.environ))
     except ConfigError as error:

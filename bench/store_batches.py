@@ -62,7 +62,7 @@ async def measure(storage: telemetry.Storage, size: int, batches: int) -> tuple[
         async with storage.commit_order():
             stored = await storage.store(events)
         store.append(time.perf_counter() - started)
-        replay.append(replay_seconds(events, stored))
+        replay.append(replay_seconds(events, stored.results))
     return statistics.median(store) * 1000, statistics.median(replay) * 1000
 
 

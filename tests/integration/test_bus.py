@@ -14,6 +14,7 @@ from telemetry import (
     RedisBus,
     Settings,
     Storage,
+    StoredBatch,
     StoredEvent,
     StreamFilter,
     encode_batch,
@@ -54,10 +55,10 @@ async def store_and_publish(storage: Storage, bus, student: str) -> int:
     now = dt.datetime.now(dt.UTC)
     events = normalise_batch({"student_id": student, "event_type": "x"}, now, Settings())
     async with storage.commit_order():
-        stored = await storage.store([{**events[0], "received_at": now}])
+        batch = await storage.store([{**events[0], "received_at": now}])
         with contextlib.suppress(Exception):  # Redis is down in some tests: stored counts
-            await bus.publish(encode_batch(stored))
-    return stored[0].document["id"]
+            await bus.publish(encode_batch(batch))
+    return batch.results[0].document["id"]
 
 
 def received_ids(client) -> list[int]:
@@ -118,5 +119,6 @@ async def test_subscriber_waits_for_redis_that_is_down_at_start(
         await wait_for(lambda: received_ids(client) == [stored])
 
 
-def test_bus_message_is_the_batch_of_documents() -> None:
-    assert orjson.loads(encode_batch([StoredEvent({"id": 1}, False)])) == [{"id": 1}]
+def test_bus_message_is_the_batch_of_documents_and_the_id_it_follows() -> None:
+    batch = StoredBatch([StoredEvent({"id": 8}, False), StoredEvent({"id": 3}, True)], follows=7)
+    assert orjson.loads(encode_batch(batch)) == {"follows": 7, "events": [{"id": 8}]}

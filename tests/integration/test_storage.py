@@ -16,13 +16,13 @@ def events(*raws: dict) -> list[dict]:
 
 
 async def test_events_are_stored_with_increasing_ids_and_the_student_upserted(storage) -> None:
-    stored = await storage.store(
+    batch = await storage.store(
         events(
             {"student_id": "s1", "event_type": "a", "student_name": "Ada", "course_id": "c1"},
             {"student_id": "s1", "event_type": "b", "team": "T"},
         )
     )
-    first, second = (item.document for item in stored)
+    first, second = (item.document for item in batch.results)
     assert second["id"] > first["id"]
     assert second["student_name"] == "Ada" and second["team"] == "T"
     assert second["course_id"] == "c1"  # the student's course when the event names none
@@ -32,8 +32,8 @@ async def test_events_are_stored_with_increasing_ids_and_the_student_upserted(st
 
 async def test_duplicate_event_id_is_stored_once(storage) -> None:
     raw = {"student_id": "s1", "event_type": "a", "event_id": "same"}
-    first = await storage.store(events(raw))
-    again = await storage.store(events(raw, raw))
+    first = (await storage.store(events(raw))).results
+    again = (await storage.store(events(raw, raw))).results
     assert [item.duplicate for item in first + again] == [False, True, True]
     assert {item.document["id"] for item in first + again} == {first[0].document["id"]}
     assert await storage.database.fetch_val("SELECT COUNT(*) FROM events") == 1
@@ -62,7 +62,7 @@ def batch(raws: list[dict]) -> list[dict]:
 
 
 async def test_repeated_event_ids_answer_the_first_id_as_duplicates(storage) -> None:
-    first, second = [await storage.store(batch(raws)) for raws in BATCHES]
+    first, second = [(await storage.store(batch(raws))).results for raws in BATCHES]
     assert [item.receipt() for item in first + second] == [
         {"id": 1, "event_id": "e1", "duplicate": False},
         {"id": 2, "event_id": "e2", "duplicate": False},
@@ -112,7 +112,7 @@ async def test_replay_returns_what_was_broadcast(storage) -> None:
         "custom": {"nested": [1, "two"]},
     }
     stored = await storage.store(events(raw, {"student_id": "s2", "event_type": "x"}))
-    live = [item.document for item in stored]
+    live = [item.document for item in stored.results]
     assert await storage.events_after(0, 10) == live
     assert await storage.events_after(live[0]["id"], 10) == live[1:]
     assert await storage.events_after(0, 1) == live[:1]
@@ -125,9 +125,23 @@ async def test_replay_gives_the_students_course_as_live_delivery_does(storage) -
             {"student_id": "s1", "event_type": "b"},
         )
     )
-    live = [item.document for item in stored]
+    live = [item.document for item in stored.results]
     assert [document["course_id"] for document in live] == ["c1", "c1"]
     assert await storage.events_after(0, 10) == live
+
+
+async def test_a_batch_follows_the_highest_id_committed_before_it(storage) -> None:
+    first = await storage.store(
+        events({"student_id": "s", "event_type": "a"}, {"student_id": "s", "event_type": "b"})
+    )
+    duplicate = {
+        "student_id": "s",
+        "event_type": "a",
+        "event_id": first.results[0].document["event_id"],
+    }
+    second = await storage.store(events(duplicate, {"student_id": "s", "event_type": "c"}))
+    assert (first.follows, second.follows) == (0, first.results[-1].document["id"])
+    assert second.results[1].document["id"] > second.follows
 
 
 async def test_failed_batch_stores_nothing(storage) -> None:
@@ -144,7 +158,7 @@ async def test_a_batch_is_committed_when_store_returns_inside_the_commit_order(s
     await other.connect()
     try:
         async with storage.commit_order():
-            [stored] = await storage.store(events({"student_id": "s", "event_type": "a"}))
+            [stored] = (await storage.store(events({"student_id": "s", "event_type": "a"}))).results
             assert await other.max_event_id() == stored.document["id"]
     finally:
         await other.disconnect()
