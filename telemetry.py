@@ -2029,12 +2029,15 @@ class EventStream:
                 ended = await write_stream(
                     client, transport, opening, settings.send_timeout_seconds
                 )
-                CUT_OFF.set(ended in (OVERFLOWED, TIMED_OUT))
             except StorageUnavailable as error:
                 # Ending the stream makes EventSource reconnect after the retry hint.
                 logger.warning("SSE replay failed: %s", error)
+                ended = CLOSED
             finally:
                 watcher.cancel()
+        if ended in (OVERFLOWED, TIMED_OUT):
+            CUT_OFF.set(True)  # its socket would hold the final write too: leave it unfinished
+            return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FINAL_WRITE_SECONDS):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -17,6 +17,7 @@ from telemetry import (
     StoredBatch,
     StoredEvent,
     StreamFilter,
+    deliver_message,
     encode_batch,
     normalise_batch,
     relay_bus_to_hub,
@@ -117,6 +118,27 @@ async def test_subscriber_waits_for_redis_that_is_down_at_start(
         private_redis.start()
         await wait_for(lambda: hub.bus_connected, timeout=20)
         await wait_for(lambda: received_ids(client) == [stored])
+
+
+async def test_a_message_following_an_undelivered_id_brings_the_missing_events_first(
+    storage,
+) -> None:
+    hub = Hub(queue_limit=100)
+    with hub.subscribe(StreamFilter()) as client:
+        now = dt.datetime.now(dt.UTC)
+        lost, batch = [
+            await storage.store(
+                [{**event, "received_at": now} for event in normalise_batch(raw, now, Settings())]
+            )
+            for raw in (
+                {"student_id": "a", "event_type": "x"},
+                {"student_id": "b", "event_type": "y"},
+            )
+        ]  # the first batch's publish never happened
+        await deliver_message(hub, storage, encode_batch(batch))
+        await deliver_message(hub, storage, encode_batch(batch))  # a repeat changes nothing
+        ids = [lost.results[0].document["id"], batch.results[0].document["id"]]
+        assert received_ids(client) == ids
 
 
 def test_bus_message_is_the_batch_of_documents_and_the_id_it_follows() -> None:
