@@ -11,7 +11,7 @@ from tests.e2e.clients import SseClient, WebSocketClient, event, post_events
 
 
 @pytest.fixture
-def production(start_server, postgres_database_url, channel):
+def production(postgres_database_url, channel, start_server):
     """A server as deployed: PostgreSQL and Redis."""
     env = {
         "DATABASE_URL": postgres_database_url,
@@ -22,7 +22,7 @@ def production(start_server, postgres_database_url, channel):
 
 
 async def test_posted_events_reach_sse_and_websocket_dashboards(
-    connect_dashboard, production
+    production, connect_dashboard
 ) -> None:
     server = production()
     sse = await connect_dashboard(SseClient(server.url))
@@ -38,7 +38,7 @@ async def test_posted_events_reach_sse_and_websocket_dashboards(
 
 
 async def test_same_event_id_twice_gives_one_row_and_one_message(
-    connect_dashboard, production
+    production, connect_dashboard
 ) -> None:
     server = production()
     sse = await connect_dashboard(SseClient(server.url))
@@ -51,7 +51,7 @@ async def test_same_event_id_twice_gives_one_row_and_one_message(
 
 
 async def test_event_posted_to_one_dyno_reaches_dashboards_on_another(
-    connect_dashboard, production
+    production, connect_dashboard
 ) -> None:
     web1, web2 = production(), production()
     sse = await connect_dashboard(SseClient(web2.url))
@@ -63,7 +63,7 @@ async def test_event_posted_to_one_dyno_reaches_dashboards_on_another(
     await ws.wait_for_ids(ids)
 
 
-async def test_embedded_default_needs_no_server(connect_dashboard, start_server) -> None:
+async def test_embedded_default_needs_no_server(start_server, connect_dashboard) -> None:
     server = start_server()
     health = httpx.get(f"{server.url}/healthz").json()
     assert (health["database"], health["bus"]) == ("up", "up")
@@ -75,7 +75,7 @@ async def test_embedded_default_needs_no_server(connect_dashboard, start_server)
     assert (server.cwd / "telemetry.db").exists()
 
 
-async def test_stream_filters_apply_server_side(connect_dashboard, production) -> None:
+async def test_stream_filters_apply_server_side(production, connect_dashboard) -> None:
     server = production()
     by_student = await connect_dashboard(SseClient(server.url, student_id="s2"))
     by_type = await connect_dashboard(WebSocketClient(server.ws_url, event_type="help"))

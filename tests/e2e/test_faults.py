@@ -24,7 +24,7 @@ def health(server) -> httpx.Response:
 
 
 async def test_dashboards_get_every_event_across_a_killed_redis_subscription(
-    connect_dashboard, start_server, postgres_database_url, private_redis
+    postgres_database_url, private_redis, start_server, connect_dashboard
 ) -> None:
     server = start_server(DATABASE_URL=postgres_database_url, REDIS_URL=private_redis.url)
     sse = await connect_dashboard(SseClient(server.url))
@@ -40,7 +40,7 @@ async def test_dashboards_get_every_event_across_a_killed_redis_subscription(
 
 
 async def test_redis_restart_keeps_dashboards_connected_and_posts_stored(
-    connect_dashboard, start_server, postgres_database_url, private_redis
+    postgres_database_url, private_redis, start_server, connect_dashboard
 ) -> None:
     server = start_server(DATABASE_URL=postgres_database_url, REDIS_URL=private_redis.url)
     sse = await connect_dashboard(SseClient(server.url))
@@ -59,7 +59,7 @@ async def test_redis_restart_keeps_dashboards_connected_and_posts_stored(
 
 
 async def test_service_starts_with_redis_down_and_recovers_by_itself(
-    connect_dashboard, start_server, postgres_database_url, private_redis
+    postgres_database_url, private_redis, start_server, connect_dashboard
 ) -> None:
     private_redis.stop()
     server = start_server(DATABASE_URL=postgres_database_url, REDIS_URL=private_redis.url)
@@ -86,7 +86,7 @@ async def count_rows(database_url: str) -> int:
 
 
 async def test_database_outage_answers_503_then_recovers_without_restart(
-    connect_dashboard, start_server, postgres_database_url, channel
+    postgres_database_url, channel, start_server, connect_dashboard
 ) -> None:
     parts = urlsplit(postgres_database_url)
     proxy = await TcpProxy(parts.hostname, parts.port).start()
@@ -114,7 +114,7 @@ async def test_database_outage_answers_503_then_recovers_without_restart(
 
 
 async def test_terminated_database_connections_are_replaced(
-    start_server, postgres_database_url, channel
+    postgres_database_url, channel, start_server
 ) -> None:
     server = start_server(
         DATABASE_URL=postgres_database_url, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel
@@ -136,7 +136,7 @@ async def test_terminated_database_connections_are_replaced(
 
 
 async def test_slow_consumer_is_cut_off_while_others_keep_up(
-    connect_dashboard, start_server, raw_sse_socket
+    start_server, raw_sse_socket, connect_dashboard
 ) -> None:
     server = start_server(CLIENT_QUEUE_LIMIT="20", SEND_TIMEOUT_SECONDS="30")
     fast = await connect_dashboard(SseClient(server.url))
@@ -164,7 +164,7 @@ async def test_vanished_clients_are_detected_and_freed(start_server, raw_sse_soc
 
 
 async def test_sigterm_ends_streams_finishes_posts_and_exits_promptly(
-    connect_dashboard, start_server, postgres_database_url, channel
+    postgres_database_url, channel, start_server, connect_dashboard
 ) -> None:
     server = start_server(
         DATABASE_URL=postgres_database_url, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel

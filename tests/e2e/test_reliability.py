@@ -41,7 +41,7 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0)
 
 
 @pytest.fixture
-def production(start_server, postgres_database_url, channel):
+def production(postgres_database_url, channel, start_server):
     """Servers as deployed, all on this test's own database and channel."""
     env = {
         "DATABASE_URL": postgres_database_url,
@@ -193,7 +193,7 @@ async def test_posts_answer_201_or_503_through_repeated_connection_terminations(
     await assert_acknowledged_are_stored(postgres_database_url, posters.acknowledged)
 
 
-async def test_posts_recover_after_postgresql_restarts(start_server, private_postgres, channel):
+async def test_posts_recover_after_postgresql_restarts(private_postgres, channel, start_server):
     server = start_server(
         DATABASE_URL=private_postgres.url, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel
     )

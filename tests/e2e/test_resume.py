@@ -9,7 +9,7 @@ from tests.e2e.clients import SseClient, WebSocketClient, event, post_events
 
 
 @pytest.fixture
-def server(start_server, postgres_database_url, channel):
+def server(postgres_database_url, channel, start_server):
     return start_server(
         DATABASE_URL=postgres_database_url,
         REDIS_URL=REDIS_URL,
@@ -24,7 +24,7 @@ def ids_of(receipts: list[dict]) -> list[int]:
 
 @pytest.mark.parametrize("client_class", [SseClient, WebSocketClient])
 async def test_reconnecting_client_gets_exactly_what_it_missed(
-    connect_dashboard, server, client_class
+    server, client_class, connect_dashboard
 ) -> None:
     url = server.url if client_class is SseClient else server.ws_url
     first = await connect_dashboard(client_class(url))
@@ -38,7 +38,7 @@ async def test_reconnecting_client_gets_exactly_what_it_missed(
     await again.wait_for_ids(missed + live)
 
 
-async def test_resume_applies_the_stream_filter_to_the_replay(connect_dashboard, server) -> None:
+async def test_resume_applies_the_stream_filter_to_the_replay(server, connect_dashboard) -> None:
     receipts = await post_events(server.url, event(1), event(2), event(4))
     client = await connect_dashboard(SseClient(server.url, last_event_id=0, student_id="s1"))
     await client.wait_for_ids([receipts[0]["id"], receipts[2]["id"]])
@@ -46,7 +46,7 @@ async def test_resume_applies_the_stream_filter_to_the_replay(connect_dashboard,
 
 @pytest.mark.parametrize("client_class", [SseClient, WebSocketClient])
 async def test_client_too_far_behind_is_told_to_resync(
-    connect_dashboard, server, client_class
+    server, client_class, connect_dashboard
 ) -> None:
     url = server.url if client_class is SseClient else server.ws_url
     await post_events(server.url, *(event(n) for n in range(60)))
@@ -57,7 +57,7 @@ async def test_client_too_far_behind_is_told_to_resync(
 
 
 async def test_no_gap_or_duplicate_at_the_seam_while_events_keep_coming(
-    connect_dashboard, server
+    server, connect_dashboard
 ) -> None:
     """Reconnect over and over while another client posts: the union is every id once."""
     posted: list[int] = []

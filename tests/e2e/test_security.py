@@ -54,7 +54,7 @@ def test_ingest_with_a_valid_token_is_stored(server, kwargs) -> None:
 
 
 async def test_pioneer_envelope_token_is_accepted_and_never_stored(
-    connect_dashboard, server
+    server, connect_dashboard
 ) -> None:
     body = {
         "data": {
@@ -72,7 +72,7 @@ async def test_pioneer_envelope_token_is_accepted_and_never_stored(
     assert INGEST not in str(replay.documents)
 
 
-async def test_dashboard_streams_need_a_token(connect_dashboard, server) -> None:
+async def test_dashboard_streams_need_a_token(server, connect_dashboard) -> None:
     refused = httpx.get(f"{server.url}/api/v1/stream", timeout=5)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
     with pytest.raises(websockets.InvalidStatus) as error:
@@ -133,7 +133,7 @@ def test_no_cors_by_default(start_server) -> None:
     assert "access-control-allow-origin" not in response.headers
 
 
-async def test_streams_per_token_are_limited(connect_dashboard, server) -> None:
+async def test_streams_per_token_are_limited(server, connect_dashboard) -> None:
     await connect_dashboard(SseClient(server.url, token=DASHBOARD))
     await connect_dashboard(WebSocketClient(server.ws_url, token=DASHBOARD))
     third = httpx.get(f"{server.url}/api/v1/stream", params={"token": DASHBOARD}, timeout=5)
