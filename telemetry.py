@@ -1729,7 +1729,7 @@ def is_bad_row(error: Exception) -> bool:
     """A failure of the data (SQLSTATE class 22 or 23), not of the database."""
     if isinstance(error, asyncpg.PostgresError):
         return str(error.sqlstate)[:2] in ("22", "23")
-    return isinstance(error, sqlite3.DatabaseError)
+    return isinstance(error, sqlite3.IntegrityError | sqlite3.DataError)
 
 
 class Committer:
