@@ -11,6 +11,9 @@ Decisions a reader must not undo:
   lock from before its INSERT until after its PUBLISH (`Storage.commit_order`). So an id is
   committed and published only after every smaller id, and a dashboard that resumes after
   id N can never miss a smaller id committed later.
+- A bus message names the highest id committed before its batch, and the hub reads any
+  undelivered events below it from the database first (a process can die between its
+  commit and its publish); a check every second closes a gap no message reveals.
 - The subscriber resubscribes itself. redis-py's own retry would reconnect silently and
   lose what was published meanwhile, so it is switched off: every drop surfaces here, and
   after each (re)subscription the hub catches up from the database before going live.
