@@ -7,15 +7,19 @@ Data path:
 
 Decisions a reader must not undo:
 - Ids are safe to resume from. Within one process a single committer task writes and
-  publishes batches one after another; across processes (PostgreSQL) the committer holds
-  an advisory lock from before its INSERT until after its PUBLISH. So an id is committed
-  and published only after every smaller id, and a dashboard that resumes after id N
-  can never miss a smaller id committed later.
+  publishes batches one after another; across processes (PostgreSQL) it holds an advisory
+  lock from before its INSERT until after its PUBLISH (`Storage.commit_order`). So an id is
+  committed and published only after every smaller id, and a dashboard that resumes after
+  id N can never miss a smaller id committed later.
+- A bus message names the highest id committed before its batch, and the hub reads any
+  undelivered events below it from the database first (a process can die between its
+  commit and its publish); a check every second closes a gap no message reveals.
 - The subscriber resubscribes itself. redis-py's own retry would reconnect silently and
   lose what was published meanwhile, so it is switched off: every drop surfaces here, and
   after each (re)subscription the hub catches up from the database before going live.
 - The hub never awaits a client. Each client has a bounded queue of shared, pre-encoded
-  frames; a client whose queue overflows is disconnected and resumes by id.
+  frames and one writer; a client whose queue overflows is cut off at once, even
+  mid-write, and resumes by id.
 - The dashboard's summaries (schema.sql: cell_runs, cell_totals, student_counts, activity,
   hand_raises) are written by the statement or transaction that stores the events they
   count, so an aggregate reads a few thousand rows, never every event.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import csv
 import datetime as dt
 import functools
@@ -38,6 +43,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import sys
 import uuid
 from collections import Counter, deque
@@ -47,14 +53,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import anyio
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
-from databases import Database
+from databases import Database, DatabaseURL
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sse_starlette import EventSourceResponse
-from sse_starlette.sse import AppStatus
+from sse_starlette.sse import AppStatus  # importing it makes uvicorn's SIGTERM set should_exit
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -62,11 +67,10 @@ from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 logger = logging.getLogger("telemetry")
-
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 
 
 # Configuration
@@ -78,6 +82,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    """One field per environment variable: DATABASE_URL is database_url, and so on."""
+
     database_url: str = "sqlite:///telemetry.db"
     database_pool_size: int = 5
     redis_url: str | None = None
@@ -98,21 +104,19 @@ class Settings:
     pioneer_environ_allow: frozenset[str] = frozenset()
 
 
-def env_int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = environ.get(name, "").strip()
+def whole_number(name: str, raw: str, default: int) -> int:
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r} must be at least 1")
     return value
 
 
-def env_seconds(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name, "").strip()
+def seconds(name: str, raw: str, default: float) -> float:
     if not raw:
         return default
     try:
@@ -124,26 +128,30 @@ def env_seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
-def env_list(environ: Mapping[str, str], name: str) -> tuple[str, ...]:
+def text(name: str, raw: str, default: str) -> str:
+    return raw or default
+
+
+def comma_list(name: str, raw: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
     """A comma-separated list; empty when unset."""
-    return tuple(item.strip() for item in environ.get(name, "").split(",") if item.strip())
+    return tuple(item.strip() for item in raw.split(",") if item.strip()) or default
 
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def env_names(environ: Mapping[str, str], name: str) -> frozenset[str]:
+def variable_names(name: str, raw: str, default: frozenset[str] = frozenset()) -> frozenset[str]:
     """A comma-separated list of environment variable names; empty when unset."""
-    names = frozenset(env_list(environ, name))
+    names = frozenset(comma_list(name, raw))
     for item in sorted(names):
         if not ENV_NAME.fullmatch(item):
             raise ConfigError(f"{name} holds {item!r}, which is not an environment variable name")
-    return names
+    return names or default
 
 
-def env_name(environ: Mapping[str, str], name: str, default: str) -> str:
+def variable_name(name: str, raw: str, default: str) -> str:
     """One environment variable name; the default when unset or empty."""
-    names = env_names(environ, name)
+    names = variable_names(name, raw)
     if len(names) > 1:
         raise ConfigError(f"{name} must name one variable, not {len(names)}")
     return next(iter(names), default)
@@ -187,38 +195,42 @@ def normalise_redis_url(raw: str | None) -> str | None:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
 
 
+# Each variable, read by (name, stripped value, the Settings default) into the field of the
+# same name in lower case.
+ENVIRONMENT: dict[str, Callable[[str, str, Any], Any]] = {
+    "DATABASE_URL": lambda name, raw, default: normalise_database_url(raw),
+    "DATABASE_POOL_SIZE": whole_number,
+    "REDIS_URL": lambda name, raw, default: normalise_redis_url(raw),
+    "NOTIFICATION_CHANNEL": text,
+    "MAX_BODY_BYTES": whole_number,
+    "MAX_BATCH_EVENTS": whole_number,
+    "MAX_OUTPUTS_BYTES": whole_number,
+    "REPLAY_LIMIT": whole_number,
+    "CLIENT_QUEUE_LIMIT": whole_number,
+    "SSE_RETRY_MS": whole_number,
+    "SSE_PING_SECONDS": seconds,
+    "SEND_TIMEOUT_SECONDS": seconds,
+    "INGEST_TOKENS": comma_list,
+    "DASHBOARD_TOKENS": comma_list,
+    "CORS_ORIGINS": comma_list,
+    "MAX_STREAMS_PER_CLIENT": whole_number,
+    "PIONEER_STUDENT_ENV": variable_name,
+    "PIONEER_ENVIRON_ALLOW": variable_names,
+}
+
+
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Read the configuration from environment variables; raise ConfigError naming a bad one."""
-    redis_url = normalise_redis_url(environ.get("REDIS_URL"))
-    if redis_url is None and env_int(environ, "WEB_CONCURRENCY", 1) > 1:
+    values = {
+        name.lower(): read(name, environ.get(name, "").strip(), getattr(Settings, name.lower()))
+        for name, read in ENVIRONMENT.items()
+    }
+    workers = whole_number("WEB_CONCURRENCY", environ.get("WEB_CONCURRENCY", "").strip(), 1)
+    if values["redis_url"] is None and workers > 1:
         raise ConfigError(
             "WEB_CONCURRENCY > 1 needs REDIS_URL: the in-process bus cannot reach other workers"
         )
-    return Settings(
-        database_url=normalise_database_url(environ.get("DATABASE_URL")),
-        database_pool_size=env_int(environ, "DATABASE_POOL_SIZE", Settings.database_pool_size),
-        redis_url=redis_url,
-        notification_channel=environ.get("NOTIFICATION_CHANNEL", "").strip()
-        or Settings.notification_channel,
-        max_body_bytes=env_int(environ, "MAX_BODY_BYTES", Settings.max_body_bytes),
-        max_batch_events=env_int(environ, "MAX_BATCH_EVENTS", Settings.max_batch_events),
-        max_outputs_bytes=env_int(environ, "MAX_OUTPUTS_BYTES", Settings.max_outputs_bytes),
-        replay_limit=env_int(environ, "REPLAY_LIMIT", Settings.replay_limit),
-        client_queue_limit=env_int(environ, "CLIENT_QUEUE_LIMIT", Settings.client_queue_limit),
-        sse_retry_ms=env_int(environ, "SSE_RETRY_MS", Settings.sse_retry_ms),
-        sse_ping_seconds=env_seconds(environ, "SSE_PING_SECONDS", Settings.sse_ping_seconds),
-        send_timeout_seconds=env_seconds(
-            environ, "SEND_TIMEOUT_SECONDS", Settings.send_timeout_seconds
-        ),
-        ingest_tokens=env_list(environ, "INGEST_TOKENS"),
-        dashboard_tokens=env_list(environ, "DASHBOARD_TOKENS"),
-        cors_origins=env_list(environ, "CORS_ORIGINS"),
-        max_streams_per_client=env_int(
-            environ, "MAX_STREAMS_PER_CLIENT", Settings.max_streams_per_client
-        ),
-        pioneer_student_env=env_name(environ, "PIONEER_STUDENT_ENV", Settings.pioneer_student_env),
-        pioneer_environ_allow=env_names(environ, "PIONEER_ENVIRON_ALLOW"),
-    )
+    return Settings(**values)
 
 
 # Validation
@@ -250,25 +262,17 @@ def error_body(status: int, code: str, message: str, details: list[dict[str, str
     return {"error": body}
 
 
-# cell-monitor-extension posts camelCase; these keys map one to one onto ours.
-CAMEL_CASE_ALIASES = {
-    "eventId": "event_id",
-    "eventType": "event_type",
-    "eventTime": "occurred_at",
-    "emailAddress": "student_id",
-    "userId": "student_id",
-    "userName": "student_name",
-    "teamName": "team",
-    "courseId": "course_id",
-    "sessionId": "session_id",
-    "notebookPath": "notebook_path",
-    "cellId": "cell_id",
-    "cellIndex": "cell_index",
-    "code": "source",
-    "executionCount": "execution_count",
-    "result": "outputs",
-    "executionDurationMs": "duration_ms",
-}
+class FieldErrors:
+    """Collects every problem of a request so the client hears about all of them at once."""
+
+    def __init__(self) -> None:
+        self.details: list[dict[str, str]] = []
+
+    def add(self, field_path: str, problem: str) -> None:
+        self.details.append({"field": field_path, "problem": problem})
+
+
+# Validation: our events
 
 IDENTIFIER_MAX_CHARS = 256
 TEXT_MAX_CHARS = 4_096
@@ -289,16 +293,6 @@ KNOWN_FIELDS = frozenset(
 )
 
 
-class FieldErrors:
-    """Collects every problem of a request so the client hears about all of them at once."""
-
-    def __init__(self) -> None:
-        self.details: list[dict[str, str]] = []
-
-    def add(self, field_path: str, problem: str) -> None:
-        self.details.append({"field": field_path, "problem": problem})
-
-
 def replace_nul(value: Any) -> Any:
     """PostgreSQL text and jsonb cannot hold U+0000: store U+FFFD in its place, everywhere."""
     if isinstance(value, str):
@@ -308,45 +302,6 @@ def replace_nul(value: Any) -> Any:
     if isinstance(value, dict):
         return {replace_nul(key): replace_nul(item) for key, item in value.items()}
     return value
-
-
-# Named in errors as the client named them when a camelCase event leaves them out.
-CAMEL_CASE_REQUIRED = {"student_id": "emailAddress", "event_type": "eventType"}
-CAMEL_CASE_PROBLEMS = {"hasError": "must be true or false"}
-
-
-def camel_case_origins(raw: dict[str, Any]) -> dict[str, str]:
-    """Our field -> the key the client sent it as, so errors name what the client wrote."""
-    origins = {CAMEL_CASE_ALIASES[key]: key for key in raw if key in CAMEL_CASE_ALIASES}
-    if "hasError" in raw and "status" not in raw:
-        origins["status"] = "hasError"
-    if raw.get("errorMessage") and "error" not in raw:
-        origins["error"] = "errorMessage"
-    if origins:
-        origins = {**CAMEL_CASE_REQUIRED, **origins}
-    return {target: key for target, key in origins.items() if target not in raw}
-
-
-def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
-    """Map cell-monitor-extension's camelCase shape onto ours; snake_case passes through."""
-    event: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in ("hasError", "errorMessage"):
-            continue
-        target = CAMEL_CASE_ALIASES.get(key, key)
-        if target in event and target != key:
-            continue  # an explicit snake_case key wins over its alias
-        event[target] = value
-    if "hasError" in raw and "status" not in raw:
-        # A string "true" is a client bug to report (see CAMEL_CASE_PROBLEMS), not an "ok".
-        has_error = raw["hasError"]
-        if isinstance(has_error, bool):
-            event["status"] = "error" if has_error else "ok"
-        elif has_error is not None:
-            event["status"] = has_error
-    if raw.get("errorMessage") and "error" not in raw:
-        event["error"] = {"ename": None, "evalue": raw["errorMessage"], "traceback": []}
-    return event
 
 
 def parse_occurred_at(value: Any, now: dt.datetime) -> dt.datetime:
@@ -491,11 +446,8 @@ def normalise_event(
             except ValueError as problem:
                 problem_at(name, str(problem))
     try:
-        event["occurred_at"] = (
-            now
-            if source.get("occurred_at") is None
-            else parse_occurred_at(source["occurred_at"], now)
-        )
+        occurred_at = source.get("occurred_at")
+        event["occurred_at"] = now if occurred_at is None else parse_occurred_at(occurred_at, now)
     except ValueError as problem:
         problem_at("occurred_at", str(problem))
     if len(errors.details) > before:
@@ -507,6 +459,70 @@ def normalise_event(
     event["extra"] = {key: value for key, value in source.items() if key not in KNOWN_FIELDS}
     return event
 
+
+# Validation: the camelCase shape
+
+# cell-monitor-extension posts camelCase; these keys map one to one onto ours.
+CAMEL_CASE_ALIASES = {
+    "eventId": "event_id",
+    "eventType": "event_type",
+    "eventTime": "occurred_at",
+    "emailAddress": "student_id",
+    "userId": "student_id",
+    "userName": "student_name",
+    "teamName": "team",
+    "courseId": "course_id",
+    "sessionId": "session_id",
+    "notebookPath": "notebook_path",
+    "cellId": "cell_id",
+    "cellIndex": "cell_index",
+    "code": "source",
+    "executionCount": "execution_count",
+    "result": "outputs",
+    "executionDurationMs": "duration_ms",
+}
+
+
+# Named in errors as the client named them when a camelCase event leaves them out.
+CAMEL_CASE_REQUIRED = {"student_id": "emailAddress", "event_type": "eventType"}
+CAMEL_CASE_PROBLEMS = {"hasError": "must be true or false"}
+
+
+def camel_case_origins(raw: dict[str, Any]) -> dict[str, str]:
+    """Our field -> the key the client sent it as, so errors name what the client wrote."""
+    origins = {CAMEL_CASE_ALIASES[key]: key for key in raw if key in CAMEL_CASE_ALIASES}
+    if "hasError" in raw and "status" not in raw:
+        origins["status"] = "hasError"
+    if raw.get("errorMessage") and "error" not in raw:
+        origins["error"] = "errorMessage"
+    if origins:
+        origins = {**CAMEL_CASE_REQUIRED, **origins}
+    return {target: key for target, key in origins.items() if target not in raw}
+
+
+def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
+    """Map cell-monitor-extension's camelCase shape onto ours; snake_case passes through."""
+    event: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("hasError", "errorMessage"):
+            continue
+        target = CAMEL_CASE_ALIASES.get(key, key)
+        if target in event and target != key:
+            continue  # an explicit snake_case key wins over its alias
+        event[target] = value
+    if "hasError" in raw and "status" not in raw:
+        # A string "true" is a client bug to report (see CAMEL_CASE_PROBLEMS), not an "ok".
+        has_error = raw["hasError"]
+        if isinstance(has_error, bool):
+            event["status"] = "error" if has_error else "ok"
+        elif has_error is not None:
+            event["status"] = has_error
+    if raw.get("errorMessage") and "error" not in raw:
+        event["error"] = {"ename": None, "evalue": raw["errorMessage"], "traceback": []}
+    return event
+
+
+# Validation: jupyterlab-pioneer
 
 # jupyterlab-pioneer's remote_exporter (1.7.3) posts one event per request, as
 #   {"data": {"eventDetail": {eventName, eventTime, eventInfo},
@@ -724,12 +740,12 @@ def normalise_pioneer(
     return event
 
 
+# Validation: request bodies
+
+
 def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dict[str, Any]]:
     """A request body (one event or an array of them) to normalised events, or an ApiError."""
-    if isinstance(body, list):
-        items, prefix = body, "events"
-    else:
-        items, prefix = [body], "event"
+    items, prefix = (body, "events") if isinstance(body, list) else ([body], "event")
     if not items:
         raise ApiError(422, "empty_batch", "the request holds no events")
     if len(items) > settings.max_batch_events:
@@ -739,9 +755,7 @@ def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dic
             f"a batch holds at most {settings.max_batch_events} events; this one has {len(items)}",
         )
     errors = FieldErrors()
-    paths = (
-        [f"{prefix}[{index}]" for index in range(len(items))] if prefix == "events" else [prefix]
-    )
+    paths = [f"{prefix}[{index}]" for index in range(len(items))] if body is items else [prefix]
     events = [
         (normalise_pioneer if is_pioneer_envelope(item) else normalise_event)(
             item, path, now, settings, errors
@@ -752,7 +766,7 @@ def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dic
         raise ApiError(
             422, "invalid_event", "some events are invalid; none was stored", errors.details
         )
-    return events  # type: ignore[return-value]
+    return [event for event in events if event is not None]
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -767,160 +781,18 @@ def parse_json_body(body: bytes) -> Any:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {problem}") from None
 
 
-def parse_last_event_id(value: str | None) -> int | None:
-    """Last-Event-ID / last_event_id: a non-negative integer, or None when absent or garbage."""
-    if value is None or not value.strip().isdigit():
-        return None
-    number = int(value.strip())
-    return number if number <= INT64_MAX else None
-
-
-# Read API query parameters. Keyset pages on the event id (or student id), never OFFSET:
-# a page stays correct while events keep arriving.
-PAGE_LIMIT_DEFAULT = 100
-PAGE_LIMIT_MAX = 1_000
-EVENT_QUERY_FILTERS = {
-    "student_id": IDENTIFIER_MAX_CHARS,
-    "course_id": TEXT_MAX_CHARS,
-    "event_type": IDENTIFIER_MAX_CHARS,
-    "notebook_path": TEXT_MAX_CHARS,
-}
-
-
-def query_text(query: Mapping[str, str], name: str, max_chars: int, errors: FieldErrors) -> Any:
-    """An optional text filter; empty means absent, as an HTML form sends it."""
-    value = query.get(name) or None
-    if value is not None and len(value) > max_chars:
-        errors.add(name, f"must be at most {max_chars} characters")
-        return None
-    return value
-
-
-def query_int(
-    query: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], errors: FieldErrors
-) -> int:
-    raw = query.get(name, "").strip()
-    if not raw:
-        return default
-    low, high = bounds
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        errors.add(name, f"must be a whole number from {low} to {high}")
-        return default
-    return int(raw)
-
-
-def check_parameter_names(
-    query: Mapping[str, str], allowed: Iterable[str], errors: FieldErrors
-) -> None:
-    """A misspelt filter (`?course=cs101`) must not quietly answer with everyone."""
-    known = {*allowed, "token"}
-    for name in query:
-        if name not in known:
-            errors.add(name, "is not a parameter of this endpoint")
-
-
-def query_bool(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool:
-    raw = query.get(name, "").strip().lower()
-    if raw not in ("", "true", "false"):
-        errors.add(name, "must be true or false")
-    return raw == "true"
-
-
-def raise_query_errors(errors: FieldErrors) -> None:
-    if errors.details:
-        raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
-
-
-def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/events parameters to the SQL parameters of SELECT_EVENT_PAGE, or a 422."""
-    errors = FieldErrors()
-    params = {
-        name: query_text(query, name, max_chars, errors)
-        for name, max_chars in EVENT_QUERY_FILTERS.items()
-    }
-    params["since_id"] = query_int(query, "since_id", 0, (0, INT64_MAX), errors)
-    params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
-    params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
-    params["collapse_beats"] = query_bool(query, "collapse_beats", errors)
-    check_parameter_names(query, [*params, "since_id", "before_id"], errors)
-    raise_query_errors(errors)
-    return params
-
-
-def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/students parameters to the SQL parameters of SELECT_STUDENT_PAGE, or a 422."""
-    errors = FieldErrors()
-    params = {
-        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
-        "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
-        "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
-    }
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
-    return params
-
-
-STREAM_PARAMETERS = ("student_id", "course_id", "event_type", "last_event_id")
-
-
-def check_stream_query(query: Mapping[str, str]) -> None:
-    """The streams' filters are free text: only a misspelt name can be refused."""
-    errors = FieldErrors()
-    check_parameter_names(query, STREAM_PARAMETERS, errors)
-    raise_query_errors(errors)
-
-
-CELLS_LIMIT_DEFAULT = 200
-ACTIVITY_MINUTES_DEFAULT = 60
-ACTIVITY_MINUTES_MAX = 1_440
-
-
-def parse_course_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/help and GET /api/v1/students.csv: an optional course_id, or a 422."""
-    errors = FieldErrors()
-    params = {"course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors)}
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
-    return params
-
-
-def parse_cells_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/cells parameters: course_id, notebook_path and limit, or a 422."""
-    errors = FieldErrors()
-    params = {
-        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
-        "notebook_path": query_text(query, "notebook_path", TEXT_MAX_CHARS, errors),
-        "limit": query_int(query, "limit", CELLS_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
-    }
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
-    return params
-
-
-def parse_activity_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/activity parameters: course_id and a window of 1 to 1440 minutes."""
-    errors = FieldErrors()
-    params = {
-        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
-        "minutes": query_int(
-            query, "minutes", ACTIVITY_MINUTES_DEFAULT, (1, ACTIVITY_MINUTES_MAX), errors
-        ),
-    }
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
-    return params
-
-
-def parse_export_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/events.csv: the filters of GET /api/v1/events, without paging."""
-    errors = FieldErrors()
-    params = {
-        name: query_text(query, name, max_chars, errors)
-        for name, max_chars in EVENT_QUERY_FILTERS.items()
-    }
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
-    return params
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing with 413 before more than `limit` bytes are read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 INSTRUCTOR_NAME_MAX_CHARS = IDENTIFIER_MAX_CHARS
@@ -953,6 +825,9 @@ def parse_instructor(body: bytes, content_type: str | None) -> str | None:
 
 # Storage
 
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+
+# SQLite has no arrays: it stores a batch one event at a time, in one transaction.
 UPSERT_STUDENT = """
 INSERT INTO students (student_id, name, course_id, team, first_seen, last_seen)
 VALUES (:student_id, :name, :course_id, :team, :seen, :seen)
@@ -973,8 +848,8 @@ INSERT INTO events (
     duration_ms, seq, outputs, outputs_truncated, extra
 ) VALUES (
     :event_id, :student_id, :event_type, :occurred_at, :received_at, :course_id, :session_id,
-    :notebook_path, :cell_id, :cell_index, :execution_count, :source, :status, {json_error},
-    :duration_ms, :seq, {json_outputs}, :outputs_truncated, {json_extra}
+    :notebook_path, :cell_id, :cell_index, :execution_count, :source, :status, :error,
+    :duration_ms, :seq, :outputs, :outputs_truncated, :extra
 )
 ON CONFLICT (event_id) DO NOTHING
 RETURNING id
@@ -1059,11 +934,12 @@ ON CONFLICT (course_id, minute) DO UPDATE SET
 """
 
 
-# PostgreSQL stores a whole group-committed batch in one statement (issue 5): arrays travel
+# PostgreSQL stores a whole group-committed batch in one statement: arrays travel
 # as typed parameters and unnest into rows, so the text is the same for any batch size, and
 # being one statement it is one transaction with no BEGIN/COMMIT round trips. It answers
-# with the batch's already stored event_ids, the new ids, and each student's row as it was
-# before, from which Python replays the documents that one-by-one upserts would have given.
+# with the batch's already stored event_ids, the new ids, each student's row as it was
+# before, from which Python replays the documents that one-by-one upserts would have given,
+# and the highest id committed before the batch (its statement snapshot predates the insert).
 # Events join their known ids rather than `= ANY(array)`: once asyncpg's prepared statement
 # gets a generic plan, the latter scans the whole table (90 ms per 500 events at 100k rows).
 STORE_EVENTS = f"""
@@ -1176,6 +1052,8 @@ UNION ALL
 SELECT 'inserted', event_id, id, NULL, NULL, NULL FROM inserted
 UNION ALL
 SELECT 'student', student_id, NULL, name, course_id, team FROM previous
+UNION ALL
+SELECT 'follows', NULL, (SELECT COALESCE(MAX(id), 0) FROM events), NULL, NULL, NULL
 """
 
 SELECT_EXISTING_EVENT_IDS = """
@@ -1455,7 +1333,7 @@ class AsyncpgStatement:
     """A :name statement in asyncpg's $n form, converted once, for the commit path.
 
     `databases` compiles every statement through SQLAlchemy on every call: 0.6 ms for
-    STORE_EVENTS, paid per batch on the event loop that also serves the requests (issue 5).
+    STORE_EVENTS, paid per batch on the event loop that also serves the requests.
     """
 
     sql: str
@@ -1472,15 +1350,15 @@ class AsyncpgStatement:
 
         return cls(NAMED_PARAMETER.sub(number, sql), tuple(names))
 
-    async def fetch(self, connection: Any, values: Mapping[str, Any]) -> list:
-        arguments = [values[name] for name in self.names]
-        return await connection.raw_connection.fetch(self.sql, *arguments)
+    async def fetch(self, connection: asyncpg.Connection, values: Mapping[str, Any]) -> list:
+        return await connection.fetch(self.sql, *(values[name] for name in self.names))
 
 
 COMMIT_STATEMENTS = {
     sql: AsyncpgStatement.of(sql)
     for sql in (
         STORE_EVENTS,
+        SELECT_EXISTING_EVENT_IDS,
         LOCK_COMMITS,
         UNLOCK_COMMITS,
         SELECT_LATEST_HANDS,
@@ -1498,14 +1376,29 @@ FAST_READS = {
         SELECT_RECENT_EXECUTIONS_LATERAL,
     )
 }
+# A database that does not answer a connection attempt within this is down, for ingest.
+CONNECT_TIMEOUT_SECONDS = 3.0
 
 
 class StorageUnavailable(Exception):
     """The database could not store or read right now; the client should retry."""
 
 
+RETRY_AFTER_SECONDS = 2
+
+
+def storage_unavailable(what_failed: str) -> ApiError:
+    # 503, not 4xx: the JupyterLab clients retry 5xx and drop an event on any 4xx.
+    return ApiError(
+        503,
+        "storage_unavailable",
+        f"{what_failed}; retry shortly",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 # A batch's events share received_at, and often occurred_at: strftime was 14% of the
-# 50-event ingest profile (issue 5).
+# 50-event ingest profile.
 @functools.lru_cache(maxsize=1024)
 def format_timestamp(value: dt.datetime | str) -> str:
     """One text form for every timestamp we emit, sortable as text (SQLite stores this form)."""
@@ -1862,6 +1755,15 @@ class StoredEvent:
         }
 
 
+@dataclass
+class StoredBatch:
+    """A committed batch: what each event became, in order, and the highest id committed
+    before it, which its bus message carries so that a gap before it shows."""
+
+    results: list[StoredEvent]
+    follows: int
+
+
 def first_occurrences(events: list[dict], known: Mapping[str, int]) -> list[dict]:
     """The events to insert: not stored before, and the first of any repeated event_id."""
     seen: set[str] = set(known)
@@ -1915,12 +1817,10 @@ class Storage:
 
     def __init__(self, url: str, pool_size: int) -> None:
         self.is_postgres = url.startswith("postgresql")
-        options = {"min_size": 1, "max_size": pool_size} if self.is_postgres else {}
+        # On PostgreSQL the committer has a connection of its own, one of pool_size.
+        options = {"min_size": 1, "max_size": max(pool_size - 1, 1)} if self.is_postgres else {}
         self.database = Database(url, **options)
-        json_param = "CAST(:{} AS jsonb)" if self.is_postgres else ":{}"
-        self._insert_event = INSERT_EVENT.format(
-            **{f"json_{column}": json_param.format(column) for column in JSON_COLUMNS}
-        )
+        self._writer: asyncpg.Connection | None = None
         self._select_failing_groups = SELECT_FAILING_GROUPS.format(
             students=JSON_ARRAY_AGGREGATES["postgres" if self.is_postgres else "sqlite"]
         )
@@ -1930,6 +1830,7 @@ class Storage:
         await self.apply_schema()
 
     async def disconnect(self) -> None:
+        self._drop_writer()
         await self.database.disconnect()
 
     def schema_statements(self) -> list[str]:
@@ -1948,7 +1849,7 @@ class Storage:
             if not await self.database.fetch_val(COUNT_STUDENT_COUNTS):
                 await self.database.execute(FILL_STUDENT_COUNTS)
 
-    def db_timestamp(self, moment: dt.datetime) -> dt.datetime | str:
+    def db_time(self, moment: dt.datetime) -> dt.datetime | str:
         # asyncpg wants aware datetimes; SQLite keeps our sortable UTC text.
         return moment if self.is_postgres else format_timestamp(moment)
 
@@ -1995,7 +1896,7 @@ class Storage:
 
     async def hands(self, course_id: str | None, now: dt.datetime) -> list[dict]:
         """Raises still beating at `now`, oldest first, with where their student last was."""
-        cutoff = self.db_timestamp(now - HAND_TIMEOUT)
+        cutoff = self.db_time(now - HAND_TIMEOUT)
         rows = await self.database.fetch_all(
             SELECT_BEATING_HANDS, {"cutoff": cutoff, "course_id": course_id}
         )
@@ -2028,7 +1929,7 @@ class Storage:
         if not self.is_postgres:
             return [row._mapping for row in await self.database.fetch_all(sql, dict(params))]
         async with self.database.connection() as connection:
-            return await FAST_READS[sql].fetch(connection, params)
+            return await FAST_READS[sql].fetch(connection.raw_connection, params)
 
     async def activity(self, course_id: str | None, minutes: int, now: dt.datetime) -> list[dict]:
         """Executions, errors and raised hands per minute, the last `minutes`, oldest first."""
@@ -2038,48 +1939,104 @@ class Storage:
         )
         return activity_series([dict(row) for row in rows], first, minutes)
 
-    async def store(
-        self, events: list[dict], after_commit: Callable[[list[StoredEvent]], Awaitable[None]]
-    ) -> list[StoredEvent]:
-        """Store a batch in one transaction, then call after_commit while still holding the
-        commit order (see the module docstring)."""
-        async with self.database.connection() as connection:
-            if self.is_postgres:
-                await COMMIT_STATEMENTS[LOCK_COMMITS].fetch(connection, {"key": COMMIT_LOCK_KEY})
-            try:
-                stored = await self._store_batch(connection, events)
-                await after_commit(stored)
-            finally:
-                if self.is_postgres:
-                    unlock = COMMIT_STATEMENTS[UNLOCK_COMMITS]
-                    await unlock.fetch(connection, {"key": COMMIT_LOCK_KEY})
+    @contextlib.asynccontextmanager
+    async def commit_order(self) -> AsyncIterator[None]:
+        """While held, no other process commits: store, then publish, inside it.
+
+        On PostgreSQL an advisory lock spans the INSERT and the PUBLISH, so ids reach the bus
+        in id order across processes; within a process the one committer task does the rest.
+        """
+        if not self.is_postgres:
+            async with self.database.connection():
+                yield
+            return
+        writer = await self._writer_connection()
+        try:
+            await COMMIT_STATEMENTS[LOCK_COMMITS].fetch(writer, {"key": COMMIT_LOCK_KEY})
+            yield
+        except BaseException:
+            self._drop_writer()  # its session's end releases the lock
+            raise
+        try:
+            await COMMIT_STATEMENTS[UNLOCK_COMMITS].fetch(writer, {"key": COMMIT_LOCK_KEY})
+        except Exception as error:  # committed and published: only the lock is left to free
+            logger.warning("could not release the commit lock: %r", error)
+            self._drop_writer()
+
+    async def _writer_connection(self) -> asyncpg.Connection:
+        """The committer's own connection, opened again after any failure.
+
+        Not one of `databases`' pooled connections: those are bound to their task, and one
+        whose backend was terminated while being released stays marked as acquired for that
+        task ("Connection is already acquired"), so a long-lived committer would never store
+        again.
+        """
+        if self._writer is None or self._writer.is_closed():
+            url = DatabaseURL(str(self.database.url))
+            ssl = url.options.get("ssl")
+            self._writer = await asyncpg.connect(
+                host=url.hostname,
+                port=url.port,
+                user=url.username,
+                password=url.password,
+                database=url.database,
+                ssl={"true": True, "false": False}.get(ssl.lower(), ssl) if ssl else None,
+                timeout=CONNECT_TIMEOUT_SECONDS,
+            )
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.terminate()
+            self._writer = None
+
+    async def store(self, events: list[dict]) -> StoredBatch:
+        """Store a batch in one transaction, with the dashboard summaries: what each event
+        became, in the batch's order. On PostgreSQL, STORE_EVENTS updates cell_runs,
+        cell_totals, student_counts and activity itself, so a batch without help events stays
+        one statement (a transaction and separate upserts cost 2.7 ms per 50-event batch)."""
+        if not self.is_postgres:
+            async with self.database.connection() as connection:
+                async with connection.transaction():
+                    follows = await connection.fetch_val(SELECT_MAX_EVENT_ID)
+                    results = [await self._store_one(connection, event) for event in events]
+                    documents = [item.document for item in results if not item.duplicate]
+                    if documents:
+                        await self._summarise(connection, documents, events[0]["received_at"])
+                    return StoredBatch(results, follows)
+        writer = await self._writer_connection()
+        if not any(event["event_type"] in HAND_EVENTS for event in events):
+            return await self._store_rows(writer, events)
+        async with writer.transaction():
+            stored = await self._store_rows(writer, events)
+            documents = [item.document for item in stored.results if not item.duplicate]
+            await self._record_hands(writer, documents, events[0]["received_at"])
         return stored
 
-    async def _store_batch(self, connection: Any, events: list[dict]) -> list[StoredEvent]:
-        """Events and the dashboard summaries, in one transaction. On PostgreSQL, STORE_EVENTS
-        updates cell_runs and activity itself: a batch without help events stays one statement
-        (a transaction around it and two upserts cost 2.7 ms per 50-event batch)."""
-        at = events[0]["received_at"]
-        if not self.is_postgres:  # SQLite has no arrays: one event at a time, same results
-            async with connection.transaction():
-                stored = [await self._store_one(connection, event) for event in events]
-                documents = [item.document for item in stored if not item.duplicate]
-                await self._record_cell_runs(connection, cell_run_rows(documents))
-                await self._upsert(connection, "student_counts", student_count_rows(documents))
-                executions = activity_rows(documents, [], minute_of(at))
-                await self._upsert(connection, "activity", executions)
-                await self._record_hands(connection, documents, at)
-            return stored
-        if not any(event["event_type"] in HAND_EVENTS for event in events):
-            return await self._store_rows(connection, events)
-        async with connection.transaction():
-            stored = await self._store_rows(connection, events)
-            documents = [item.document for item in stored if not item.duplicate]
-            await self._record_hands(connection, documents, at)
-        return stored
+    async def _store_rows(self, writer: asyncpg.Connection, events: list[dict]) -> StoredBatch:
+        rows = await COMMIT_STATEMENTS[STORE_EVENTS].fetch(writer, self._batch_values(events))
+        found: dict[str, dict] = {"known": {}, "inserted": {}, "student": {}, "follows": {}}
+        for row in rows:
+            found[row["kind"]][row["key"]] = dict(row) if row["kind"] == "student" else row["id"]
+        known, inserted = found["known"], found["inserted"]
+        fresh = first_occurrences(events, known)
+        lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
+        if lost:  # a writer outside the commit order stored them first
+            rows = await COMMIT_STATEMENTS[SELECT_EXISTING_EVENT_IDS].fetch(
+                writer, {"event_ids": lost}
+            )
+            known.update({row["event_id"]: row["id"] for row in rows})
+        results = batch_results(events, fresh, known, inserted, found["student"])
+        return StoredBatch(results, found["follows"][None])
+
+    async def _summarise(self, connection: Any, documents: list[dict], at: dt.datetime) -> None:
+        """SQLite's summaries, in its batch transaction (STORE_EVENTS writes PostgreSQL's)."""
+        await self._record_cell_runs(connection, cell_run_rows(documents))
+        await self._upsert(connection, "student_counts", student_count_rows(documents))
+        await self._upsert(connection, "activity", activity_rows(documents, [], minute_of(at)))
+        await self._record_hands(connection, documents, at)
 
     async def _record_cell_runs(self, connection: Any, runs: list[dict]) -> None:
-        """SQLite's cell_runs and cell_totals upserts (STORE_EVENTS does both on PostgreSQL)."""
         priors = {}
         for run in runs:
             key = {column: run[column] for column in CELL_RUN_KEY}
@@ -2097,6 +2054,7 @@ class Storage:
             await self._upsert(connection, "activity", activity_rows([], raised, minute_of(at)))
 
     async def _upsert(self, connection: Any, table: str, rows: list[dict]) -> None:
+        """One summary table's rows: a statement of arrays on PostgreSQL, one by one on SQLite."""
         if not rows:
             return
         if not self.is_postgres:
@@ -2120,7 +2078,7 @@ class Storage:
                 raised.append(document)
         rows = [
             {
-                column: self.db_timestamp(as_datetime(value))
+                column: self.db_time(as_datetime(value))
                 if column in HAND_TIMES and value is not None
                 else value
                 for column, value in hand.items()
@@ -2142,23 +2100,6 @@ class Storage:
                 rows += [] if row is None else [row._mapping]
         return {row["student_id"]: dict(row) for row in rows}
 
-    async def _store_rows(self, connection: Any, events: list[dict]) -> list[StoredEvent]:
-        store = COMMIT_STATEMENTS[STORE_EVENTS]
-        rows = await store.fetch(connection, self._batch_values(events))
-        found: dict[str, dict] = {"known": {}, "inserted": {}, "student": {}}
-        for row in rows:
-            found[row["kind"]][row["key"]] = row["id"] if row["kind"] != "student" else dict(row)
-        known, inserted = found["known"], found["inserted"]
-        fresh = first_occurrences(events, known)
-        lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
-        if lost:  # a writer outside the commit lock stored them first
-            known.update(await self._existing_ids(connection, lost))
-        return batch_results(events, fresh, known, inserted, found["student"])
-
-    async def _existing_ids(self, connection: Any, event_ids: list[str]) -> dict[str, int]:
-        rows = await connection.fetch_all(SELECT_EXISTING_EVENT_IDS, {"event_ids": event_ids})
-        return {row._mapping["event_id"]: row._mapping["id"] for row in rows}
-
     def _batch_values(self, events: list[dict]) -> dict[str, Any]:
         rows = [
             {
@@ -2171,7 +2112,7 @@ class Storage:
             for event in events
         ]
         arrays = {column: [row[column] for row in rows] for column in STORE_EVENTS_ARRAYS}
-        received_at = events[0]["received_at"]
+        received_at = events[0]["received_at"] if events else dt.datetime.now(dt.UTC)
         return {**arrays, "received_at": received_at, "minute": minute_of(received_at)}
 
     async def _store_one(self, connection: Any, event: dict) -> StoredEvent:
@@ -2185,10 +2126,10 @@ class Storage:
                 "name": event["student_name"],
                 "course_id": event["course_id"],
                 "team": event["team"],
-                "seen": self.db_timestamp(event["received_at"]),
+                "seen": format_timestamp(event["received_at"]),
             },
         )
-        new_id = await connection.fetch_val(self._insert_event, self._event_values(event))
+        new_id = await connection.fetch_val(INSERT_EVENT, self._event_values(event))
         if new_id is None:  # a concurrent writer stored the same event_id first
             existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
             return StoredEvent({"id": existing, "event_id": event["event_id"]}, duplicate=True)
@@ -2200,8 +2141,10 @@ class Storage:
         for column in JSON_COLUMNS:
             if values[column] is not None:
                 values[column] = orjson.dumps(values[column]).decode()
-        values["occurred_at"] = self.db_timestamp(event["occurred_at"])
-        values["received_at"] = self.db_timestamp(event["received_at"])
+        # asyncpg wants aware datetimes; SQLite keeps our sortable UTC text.
+        if not self.is_postgres:
+            values["occurred_at"] = format_timestamp(event["occurred_at"])
+            values["received_at"] = format_timestamp(event["received_at"])
         return values
 
 
@@ -2289,10 +2232,32 @@ class RedisBus:
         await self._publisher.aclose()
 
 
-def encode_batch(stored: Iterable[StoredEvent]) -> bytes | None:
-    """One bus message per committed batch: the new events' documents, duplicates left out."""
-    documents = [item.document for item in stored if not item.duplicate]
-    return orjson.dumps(documents) if documents else None
+Bus = MemoryBus | RedisBus
+
+
+def build_bus(settings: Settings) -> Bus:
+    if settings.redis_url is None:
+        return MemoryBus()
+    return RedisBus(settings.redis_url, settings.notification_channel)
+
+
+def encode_batch(batch: StoredBatch) -> bytes | None:
+    """One bus message per committed batch: the new events' documents, duplicates left out,
+    and the id they follow."""
+    documents = [item.document for item in batch.results if not item.duplicate]
+    if not documents:
+        return None
+    return orjson.dumps({"follows": batch.follows, "events": documents})
+
+
+def decode_message(payload: bytes) -> tuple[int, list[dict]] | None:
+    """A bus message's (follows, documents); None, and a warning, if it is not one."""
+    try:
+        message = orjson.loads(payload)
+        return int(message["follows"]), list(message["events"])
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        logger.warning("ignored a malformed bus message of %d bytes", len(payload))
+        return None
 
 
 # Hub
@@ -2322,8 +2287,8 @@ class StreamFilter:
     wanted: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The hub asks every client about every event (issue 5's profile: 7% of fan-out time
-        # in the generic all()); most dashboards watch everything, so keep only what is set.
+        # The hub asks every client about every event (7% of fan-out time went to a generic
+        # all() over the three); most dashboards watch everything, so keep only what is set.
         constraints = (
             ("student_id", self.student_id),
             ("course_id", self.course_id),
@@ -2343,43 +2308,52 @@ class StreamFilter:
         return True
 
 
+# Why a client's stream ended.
+OVERFLOWED = "overflowed"  # its queue filled up: cut off at once, even mid-write
+CLOSED = "closed"  # it left, or the server is shutting down
+TIMED_OUT = "timed out"  # a write blocked SEND_TIMEOUT_SECONDS
+FAILED = "failed"  # a write failed: the connection is gone
+
+
 @dataclass(eq=False)
 class Client:
-    """One connected dashboard: a bounded queue of shared frames and a wake-up flag."""
+    """One connected dashboard: a bounded queue of shared frames, and the task writing them."""
 
     filter: StreamFilter
     limit: int
     owner: str = ""
     frames: deque[Frame] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    overflow: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: bool = False
-
-    @property
-    def overflowed(self) -> bool:
-        return self.overflow.is_set()
+    ended: str | None = None
+    writer: asyncio.Task | None = None
 
     def offer(self, frame: Frame) -> None:
-        if self.overflowed or not self.filter.matches(frame.document):
+        if self.ended is not None or not self.filter.matches(frame.document):
             return
         if len(self.frames) >= self.limit:
-            self.overflow.set()
-            self.frames.clear()
+            self.end(OVERFLOWED)
         else:
             self.frames.append(frame)
-        self.wakeup.set()
+            self.wakeup.set()
 
-    def close(self) -> None:
-        self.closed = True
+    def end(self, reason: str) -> None:
+        """Let the client go; on overflow its writer is cancelled, even mid-write."""
+        if self.ended is not None:
+            return
+        self.ended = reason
+        self.frames.clear()
         self.wakeup.set()
+        if reason == OVERFLOWED and self.writer is not None:
+            self.writer.cancel()
 
-    async def next_frames(self) -> list[Frame]:
-        """Everything queued since the last call; empty once the client must be let go."""
-        while not self.frames and not (self.closed or self.overflowed):
+    async def next_frames(self, idle_seconds: float | None = None) -> list[Frame]:
+        """Everything queued since the last call; empty after idle_seconds of quiet, or once
+        the client has ended."""
+        if not self.frames and self.ended is None:
             self.wakeup.clear()
-            await self.wakeup.wait()
-        if self.closed or self.overflowed:
-            return []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(idle_seconds):
+                    await self.wakeup.wait()
         frames = list(self.frames)
         self.frames.clear()
         return frames
@@ -2394,6 +2368,8 @@ class Hub:
         self.per_owner: Counter[str] = Counter()
         self.last_id = 0
         self.subscribed = asyncio.Event()
+        # Held while filling from the database, so deliveries stay in id order.
+        self.filling = asyncio.Lock()
 
     @property
     def bus_connected(self) -> bool:
@@ -2401,24 +2377,17 @@ class Hub:
 
     @contextlib.contextmanager
     def subscribe(self, stream_filter: StreamFilter, owner: str = "") -> Iterator[Client]:
-        client = self.add(stream_filter, owner)
-        try:
-            yield client
-        finally:
-            self.remove(client)
-
-    def add(self, stream_filter: StreamFilter, owner: str = "") -> Client:
+        """A client receiving every delivered event that matches, for as long as it is held."""
         client = Client(stream_filter, self.queue_limit, owner)
         self.clients.add(client)
         self.per_owner[owner] += 1
-        return client
-
-    def remove(self, client: Client) -> None:
-        if client in self.clients:
+        try:
+            yield client
+        finally:
             self.clients.discard(client)
-            self.per_owner[client.owner] -= 1
-            if not self.per_owner[client.owner]:
-                del self.per_owner[client.owner]
+            self.per_owner[owner] -= 1
+            if not self.per_owner[owner]:
+                del self.per_owner[owner]
 
     def deliver(self, documents: Iterable[dict]) -> None:
         # Events at or below last_id were already delivered (a replay after a reconnect).
@@ -2430,63 +2399,125 @@ class Hub:
             for client in self.clients:
                 client.offer(frame)
 
-    def deliver_payload(self, payload: bytes) -> None:
-        try:
-            documents = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            logger.warning("ignored a malformed bus message of %d bytes", len(payload))
-            return
-        self.deliver(documents)
-
     def close_all(self) -> None:
         for client in list(self.clients):
-            client.close()
+            client.end(CLOSED)
 
 
 async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
-    """Deliver from the database whatever was committed while the bus was not listening."""
+    """Deliver from the database whatever was committed and not delivered yet.
+
+    Safe at any moment: ids commit in order under the commit order, so what is committed
+    is every id up to the highest, and what the bus brings later is skipped by id.
+    """
     while True:
-        documents = await storage.events_after(hub.last_id, page_size)
+        # A task of its own: `databases` binds a connection to its task, and a long-lived
+        # task whose connection broke while being released could never read again.
+        documents = await asyncio.create_task(storage.events_after(hub.last_id, page_size))
         hub.deliver(documents)
         if len(documents) < page_size:
             return
 
 
-async def relay_bus_to_hub(bus: MemoryBus | RedisBus, hub: Hub, storage: Storage) -> None:
+async def deliver_message(hub: Hub, storage: Storage, payload: bytes) -> None:
+    """A batch from the bus, after any earlier events it follows that never came: those of
+    a process that died between its commit and its publish, or whose publish failed."""
+    message = decode_message(payload)
+    if message is None:
+        return
+    follows, documents = message
+    async with hub.filling:
+        if follows > hub.last_id:
+            await catch_up(hub, storage)
+        hub.deliver(documents)
+
+
+RECONNECT_MIN_SECONDS = 0.25
+RECONNECT_MAX_SECONDS = 8.0
+
+
+async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
     """The background subscriber: bus -> hub, for ever, reconnecting with backoff."""
     delay = RECONNECT_MIN_SECONDS
     while True:
         try:
             async with bus.subscribe() as messages:
-                await catch_up(hub, storage)
+                async with hub.filling:
+                    await catch_up(hub, storage)
                 hub.subscribed.set()
                 if delay > RECONNECT_MIN_SECONDS:
                     logger.info("bus subscription restored")
                 delay = RECONNECT_MIN_SECONDS
                 async for payload in messages:
-                    hub.deliver_payload(payload)
+                    await deliver_message(hub, storage, payload)
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # noqa: BLE001 - any failure means: reconnect
+        except Exception as error:  # any failure means: reconnect
             logger.warning("bus subscription lost (%s); retrying in %.1f s", error, delay)
         hub.subscribed.clear()
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
 
-RECONNECT_MIN_SECONDS = 0.25
-RECONNECT_MAX_SECONDS = 8.0
-STARTUP_BUS_WAIT_SECONDS = 3.0
-RETRY_AFTER_SECONDS = 2
+GAP_CHECK_SECONDS = 1.0
 
 
-# Ingest: group commit
+async def close_gaps(hub: Hub, storage: Storage) -> None:
+    """A gap no later message reveals (its process died and the others went quiet) closes
+    within two checks: events committed a whole check ago and still undelivered are read
+    from the database. Younger ones are left to their publish, normally a millisecond away."""
+    committed_before = 0
+    while True:
+        await asyncio.sleep(GAP_CHECK_SECONDS)
+        try:
+            latest = await asyncio.create_task(storage.max_event_id())
+            if hub.last_id < committed_before:
+                async with hub.filling:
+                    await catch_up(hub, storage)
+            committed_before = latest
+        except Exception as error:
+            logger.warning("could not check for undelivered events: %r", error)
+
+
+# Ingest
+
+
+@dataclass
+class Service:
+    """What the handlers reach through their request: built by the lifespan at start-up."""
+
+    settings: Settings
+    storage: Storage
+    bus: Bus
+    hub: Hub
+    committer: Committer
+
+
+def service_of(connection: HTTPConnection) -> Service:
+    return connection.app.state.service
 
 
 @dataclass
 class PendingWrite:
     events: list[dict]
     done: asyncio.Future[list[StoredEvent]]
+
+
+# Every POST is answered within this: 201, or 503 with Retry-After (clients retry 5xx).
+POST_DEADLINE_SECONDS = 8.0
+# One batch: the commit order, the statement and the publish. A POST may wait for the batch
+# before its own, so twice this stays within POST_DEADLINE_SECONDS.
+COMMIT_DEADLINE_SECONDS = 4.0
+# While storing fails, how often the committer tries the ingest path by itself, so that
+# /healthz recovers without waiting for a POST.
+PROBE_SECONDS = 1.0
+
+
+def is_bad_row(error: Exception) -> bool:
+    """A failure of the data (SQLSTATE class 22 or 23), not of the database."""
+    if isinstance(error, asyncpg.PostgresError):
+        return str(error.sqlstate)[:2] in ("22", "23")
+    return isinstance(error, sqlite3.IntegrityError | sqlite3.DataError)
 
 
 class Committer:
@@ -2496,61 +2527,737 @@ class Committer:
     next one, so an idle service adds no wait at all.
     """
 
-    def __init__(self, storage: Storage, bus: MemoryBus | RedisBus, max_events: int) -> None:
+    def __init__(self, storage: Storage, bus: Bus, max_events: int) -> None:
         self.storage = storage
         self.bus = bus
         self.max_events = max_events
+        self.failure: str | None = None  # why the last attempt to store failed, until one works
         self._queue: asyncio.Queue[PendingWrite] = asyncio.Queue()
 
     async def submit(self, events: list[dict]) -> list[StoredEvent]:
         pending = PendingWrite(events, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
-        return await asyncio.shield(pending.done)
+        try:
+            async with asyncio.timeout(POST_DEADLINE_SECONDS):
+                return await asyncio.shield(pending.done)
+        except TimeoutError:
+            pending.done.cancel()  # still queued: never stored; in flight: a retry dedupes
+            raise StorageUnavailable("storing took too long") from None
 
     async def run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            try:
+                async with asyncio.timeout(PROBE_SECONDS if self.failure else None):
+                    batch = [await self._queue.get()]
+            except TimeoutError:
+                await self._try(self._probe)
+                continue
             size = len(batch[0].events)
             while not self._queue.empty() and size < self.max_events:
                 batch.append(self._queue.get_nowait())
                 size += len(batch[-1].events)
-            await self._commit_batch(batch)
+            batch = [pending for pending in batch if not pending.done.done()]
+            if batch:
+                await self._commit_batch(batch)
 
     async def _commit_batch(self, batch: list[PendingWrite]) -> None:
-        try:
-            await self._commit(batch)
-        except Exception as error:  # noqa: BLE001
-            if len(batch) == 1:
-                logger.warning("could not store %d events: %r", len(batch[0].events), error)
-                if not batch[0].done.done():
-                    batch[0].done.set_exception(StorageUnavailable(str(error)))
-                return
+        error = await self._try(self._commit, batch)
+        if error is None:
+            return
+        if len(batch) > 1 and is_bad_row(error):
             # One request's bad row must not fail its neighbours: retry them one by one.
             for pending in batch:
                 await self._commit_batch([pending])
+            return
+        logger.warning("could not store %d events: %r", sum(len(p.events) for p in batch), error)
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_exception(StorageUnavailable(str(error)))
+
+    async def _try(self, attempt: Callable[..., Awaitable[None]], *args: Any) -> Exception | None:
+        """Run one attempt to store within the commit deadline; keep `failure` up to date."""
+        try:
+            async with asyncio.timeout(COMMIT_DEADLINE_SECONDS):
+                await attempt(*args)
+        except Exception as error:
+            if not is_bad_row(error):
+                self.failure = repr(error) if not isinstance(error, TimeoutError) else "timed out"
+            return error
+        if self.failure is not None:
+            logger.info("storing again after: %s", self.failure)
+            self.failure = None
+        return None
+
+    async def _probe(self) -> None:
+        # An empty batch takes the commit order and the events table's write lock, as a
+        # real one does, and stores nothing.
+        async with self.storage.commit_order():
+            await self.storage.store([])
 
     async def _commit(self, batch: list[PendingWrite]) -> None:
         received_at = dt.datetime.now(dt.UTC)
         events = [
             {**event, "received_at": received_at} for pending in batch for event in pending.events
         ]
-        stored = await self.storage.store(events, self._publish)
+        async with self.storage.commit_order():
+            stored = await self.storage.store(events)
+            await self._publish(stored)
         start = 0
         for pending in batch:
             end = start + len(pending.events)
             if not pending.done.done():
-                pending.done.set_result(stored[start:end])
+                pending.done.set_result(stored.results[start:end])
             start = end
 
-    async def _publish(self, stored: list[StoredEvent]) -> None:
+    async def _publish(self, stored: StoredBatch) -> None:
         payload = encode_batch(stored)
         if payload is None:
             return
         try:
             await self.bus.publish(payload)
-        except Exception as error:  # noqa: BLE001
-            # Stored is what we promised; subscribers catch up from the database on reconnect.
+        except Exception as error:
+            # Stored is what we promised; other processes read what they missed from the
+            # database (deliver_message, close_gaps).
             logger.warning("could not publish %d bytes to the bus: %r", len(payload), error)
+
+
+async def post_events(request: Request) -> Response:
+    """Store one event or a batch; 201 with each event's id once all are committed."""
+    service = service_of(request)
+    settings = service.settings
+    if not is_json_content_type(request.headers.get("content-type")):
+        raise ApiError(415, "unsupported_media_type", "send the events as application/json")
+    try:
+        body = parse_json_body(await read_body(request, settings.max_body_bytes))
+    except ClientDisconnect:
+        return Response(status_code=400)
+    tokens = [
+        bearer_token(request.headers),
+        request.query_params.get("token"),
+        envelope_token(body),
+    ]
+    require_token(settings.ingest_tokens, tokens, "ingest")
+    events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
+    try:
+        stored = await service.committer.submit(events)
+    except StorageUnavailable:
+        raise storage_unavailable("the events could not be stored") from None
+    return JSONResponse({"events": [item.receipt() for item in stored]}, status_code=201)
+
+
+# Streams
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """Last-Event-ID / last_event_id: a non-negative integer, or None when absent or garbage."""
+    if value is None or not value.strip().isdigit():
+        return None
+    number = int(value.strip())
+    return number if number <= INT64_MAX else None
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What a (re)connecting client gets before the live stream: a replay or a resync notice."""
+
+    after_id: int
+    replay: list[Frame] = field(default_factory=list)
+    notice: dict | None = None
+
+
+def resync_notice(limit: int, latest_id: int) -> dict:
+    return {
+        "type": "resync",
+        "reason": "too_far_behind",
+        "message": f"more than {limit} events were missed; reload state from the read API",
+        "latest_id": latest_id,
+    }
+
+
+async def open_stream(service: Service, client: Client, after_id: int | None) -> Opening:
+    """The replay after `after_id` (subscribed first, so nothing falls between the two),
+    or a resync notice when more than REPLAY_LIMIT events were missed."""
+    if after_id is None:
+        return Opening(0)
+    limit = service.settings.replay_limit
+    try:
+        documents = await service.storage.events_after(after_id, limit + 1)
+    except Exception as error:
+        raise StorageUnavailable(f"cannot replay right now: {error!r}") from error
+    if len(documents) > limit:
+        return Opening(after_id, notice=resync_notice(limit, service.hub.last_id))
+    replay = [Frame.of(document) for document in documents if client.filter.matches(document)]
+    return Opening(after_id, replay)
+
+
+async def write_stream(
+    client: Client, transport: Transport, opening: Opening, deadline: float
+) -> str:
+    """The client's one writer: its opening, then live frames, each id once and in id order,
+    whatever is queued in one write, every write within `deadline` seconds.
+
+    Returns why it stopped (see Client.end); an overflow cancels it wherever it waits.
+    """
+    client.writer = asyncio.current_task()
+    try:
+        if opening.notice is not None:
+            await within_deadline(transport.write_notice(opening.notice), deadline)
+        frames, last_sent = opening.replay, opening.after_id
+        while client.ended is None:
+            # The replay/live seam: frames queued while the replay was read may repeat it.
+            fresh = [frame for frame in frames if frame.id > last_sent]
+            if fresh:
+                await within_deadline(transport.write_frames(fresh), deadline)
+                last_sent = fresh[-1].id
+            frames = await client.next_frames(transport.ping_seconds)
+            if not frames and client.ended is None:
+                await within_deadline(transport.write_ping(), deadline)
+    except asyncio.CancelledError:
+        if client.ended == OVERFLOWED and asyncio.current_task().uncancel() == 0:
+            logger.warning("slow dashboard cut off after %d queued events", client.limit)
+            return OVERFLOWED
+        raise
+    except TimeoutError:
+        logger.info("dashboard dropped: a write blocked for %s s", deadline)
+        client.end(TIMED_OUT)
+    except Exception as error:  # reset, closed or refused: the connection is gone
+        logger.info("dashboard dropped: %r", error)
+        client.end(FAILED)
+    finally:
+        client.writer = None
+    return client.ended or CLOSED
+
+
+async def within_deadline(write: Awaitable[None], deadline: float) -> None:
+    """The send deadline: a dashboard that stops reading is dropped, never waited for."""
+    async with asyncio.timeout(deadline):
+        await write
+
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),  # nginx and similar proxies would buffer the stream
+]
+# A comment line: keeps idle proxies (Heroku's router: 55 s) from cutting the stream.
+SSE_PING = b": ping\n\n"
+FINAL_WRITE_SECONDS = 1.0
+
+
+@dataclass
+class SseTransport:
+    send: Send
+    ping_seconds: float | None
+
+    async def write(self, chunk: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def write_frames(self, frames: list[Frame]) -> None:
+        await self.write(b"".join(frame.sse for frame in frames))
+
+    async def write_notice(self, notice: dict) -> None:
+        await self.write(b"event: resync\ndata: %s\n\n" % orjson.dumps(notice))
+
+    async def write_ping(self) -> None:
+        await self.write(SSE_PING)
+
+
+@dataclass
+class WebSocketTransport:
+    websocket: WebSocket
+    ping_seconds: float | None = None  # uvicorn pings WebSockets at the protocol level
+
+    async def write_frames(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            await self.websocket.send_text(frame.ws)
+
+    async def write_notice(self, notice: dict) -> None:
+        await self.websocket.send_text(orjson.dumps(notice).decode())
+
+    async def write_ping(self) -> None:
+        return None
+
+
+Transport = SseTransport | WebSocketTransport
+
+
+# uvicorn cannot abort a response: a stream cut off on purpose ends unfinished, and uvicorn
+# closes its connection, as wanted, but logs that as an ERROR. write_stream has logged why.
+CUT_OFF = contextvars.ContextVar("cut_off", default=False)
+UNFINISHED_RESPONSE = "ASGI callable returned without completing response."
+
+
+class QuietCutOffs(logging.Filter):
+    """Drops uvicorn's error line about a stream this task cut off on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == UNFINISHED_RESPONSE and CUT_OFF.get())
+
+
+@dataclass
+class EventStream:
+    """The SSE response: retry hint, then write_stream until the client leaves or must go."""
+
+    service: Service
+    stream_filter: StreamFilter
+    owner: str
+    after_id: int | None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = self.service.settings
+        with self.service.hub.subscribe(self.stream_filter, self.owner) as client:
+            # The first bytes of a new connection fit in any socket buffer.
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            transport = SseTransport(send, settings.sse_ping_seconds)
+            await transport.write(b"retry: %d\n\n" % settings.sse_retry_ms)
+            watcher = asyncio.create_task(watch_for_disconnect(receive, client))
+            try:
+                opening = await open_stream(self.service, client, self.after_id)
+                ended = await write_stream(
+                    client, transport, opening, settings.send_timeout_seconds
+                )
+            except StorageUnavailable as error:
+                # Ending the stream makes EventSource reconnect after the retry hint.
+                logger.warning("SSE replay failed: %s", error)
+                ended = CLOSED
+            finally:
+                watcher.cancel()
+        if ended in (OVERFLOWED, TIMED_OUT):
+            CUT_OFF.set(True)  # its socket would hold the final write too: leave it unfinished
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FINAL_WRITE_SECONDS):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def watch_for_disconnect(receive: Receive, client: Client) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    client.end(CLOSED)
+
+
+STREAM_PARAMETERS = ("student_id", "course_id", "event_type", "last_event_id")
+
+
+def check_stream_query(query: Mapping[str, str]) -> None:
+    """The streams' filters are free text: only a misspelt name can be refused."""
+    errors = FieldErrors()
+    check_parameter_names(query, STREAM_PARAMETERS, errors)
+    raise_query_errors(errors)
+
+
+async def stream_events(request: Request) -> ASGIApp:
+    """Server-Sent Events: replay after Last-Event-ID, then every new event."""
+    service = service_of(request)
+    after_id = parse_last_event_id(
+        request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    )
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    check_stream_query(request.query_params)
+    owner = admit_stream(request)
+    return EventStream(service, StreamFilter.from_query(request.query_params), owner, after_id)
+
+
+async def websocket_events(websocket: WebSocket) -> None:
+    """WebSocket: one JSON text frame per event; `last_event_id` resumes like SSE."""
+    service = service_of(websocket)
+    after_id = parse_last_event_id(websocket.query_params.get("last_event_id"))
+    try:
+        owner = admit_websocket(websocket)
+    except ApiError as refusal:
+        # Closing before accept answers the handshake with HTTP 403.
+        logger.info("WebSocket refused: %s", refusal.message)
+        await websocket.close(code=1008, reason=refusal.code)
+        return
+    await websocket.accept()
+    stream_filter = StreamFilter.from_query(websocket.query_params)
+    with service.hub.subscribe(stream_filter, owner) as client:
+        try:
+            opening = await open_stream(service, client, after_id)
+        except StorageUnavailable:
+            await websocket.close(code=1011, reason="storage_unavailable")
+            return
+        watcher = asyncio.create_task(watch_for_close(websocket, client))
+        try:
+            transport = WebSocketTransport(websocket)
+            ended = await write_stream(
+                client, transport, opening, service.settings.send_timeout_seconds
+            )
+        finally:
+            watcher.cancel()
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(FINAL_WRITE_SECONDS):
+            await websocket.close(code=websocket_close_code(ended))
+
+
+def websocket_close_code(ended: str) -> int:
+    if ended != CLOSED:
+        return 1013  # too slow, or gone: try again later, and resume by id
+    return 1012 if AppStatus.should_exit else 1000  # 1012: the service restarts
+
+
+async def watch_for_close(websocket: WebSocket, client: Client) -> None:
+    # A push-only socket would never notice the client leaving, and uvicorn's shutdown
+    # would then wait for it.
+    with contextlib.suppress(Exception):
+        while True:
+            await websocket.receive_text()
+    client.end(CLOSED)
+
+
+# Read API
+
+# Keyset pages on the event id (or student id), never OFFSET: a page stays correct while
+# events keep arriving.
+PAGE_LIMIT_DEFAULT = 100
+PAGE_LIMIT_MAX = 1_000
+EVENT_QUERY_FILTERS = {
+    "student_id": IDENTIFIER_MAX_CHARS,
+    "course_id": TEXT_MAX_CHARS,
+    "event_type": IDENTIFIER_MAX_CHARS,
+    "notebook_path": TEXT_MAX_CHARS,
+}
+
+
+def query_text(query: Mapping[str, str], name: str, max_chars: int, errors: FieldErrors) -> Any:
+    """An optional text filter; empty means absent, as an HTML form sends it."""
+    value = query.get(name) or None
+    if value is not None and len(value) > max_chars:
+        errors.add(name, f"must be at most {max_chars} characters")
+        return None
+    return value
+
+
+def query_int(
+    query: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], errors: FieldErrors
+) -> int:
+    raw = query.get(name, "").strip()
+    if not raw:
+        return default
+    low, high = bounds
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        errors.add(name, f"must be a whole number from {low} to {high}")
+        return default
+    return int(raw)
+
+
+def check_parameter_names(
+    query: Mapping[str, str], allowed: Iterable[str], errors: FieldErrors
+) -> None:
+    """A misspelt filter (`?course=cs101`) must not quietly answer with everyone."""
+    known = {*allowed, "token"}
+    for name in query:
+        if name not in known:
+            errors.add(name, "is not a parameter of this endpoint")
+
+
+def query_bool(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool:
+    raw = query.get(name, "").strip().lower()
+    if raw not in ("", "true", "false"):
+        errors.add(name, "must be true or false")
+    return raw == "true"
+
+
+def raise_query_errors(errors: FieldErrors) -> None:
+    if errors.details:
+        raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
+
+
+def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/events parameters to the SQL parameters of SELECT_EVENT_PAGE, or a 422."""
+    errors = FieldErrors()
+    params = {
+        name: query_text(query, name, max_chars, errors)
+        for name, max_chars in EVENT_QUERY_FILTERS.items()
+    }
+    params["since_id"] = query_int(query, "since_id", 0, (0, INT64_MAX), errors)
+    params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
+    params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
+    params["collapse_beats"] = query_bool(query, "collapse_beats", errors)
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/students parameters to the SQL parameters of SELECT_STUDENT_PAGE, or a 422."""
+    errors = FieldErrors()
+    params = {
+        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
+        "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
+        "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
+    }
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+CELLS_LIMIT_DEFAULT = 200
+ACTIVITY_MINUTES_DEFAULT = 60
+ACTIVITY_MINUTES_MAX = 1_440
+
+
+def parse_course_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/help and GET /api/v1/students.csv: an optional course_id, or a 422."""
+    errors = FieldErrors()
+    params = {"course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors)}
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_cells_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/cells parameters: course_id, notebook_path and limit, or a 422."""
+    errors = FieldErrors()
+    params = {
+        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
+        "notebook_path": query_text(query, "notebook_path", TEXT_MAX_CHARS, errors),
+        "limit": query_int(query, "limit", CELLS_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
+    }
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_activity_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/activity parameters: course_id and a window of 1 to 1440 minutes."""
+    errors = FieldErrors()
+    params = {
+        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
+        "minutes": query_int(
+            query, "minutes", ACTIVITY_MINUTES_DEFAULT, (1, ACTIVITY_MINUTES_MAX), errors
+        ),
+    }
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+def parse_export_query(query: Mapping[str, str]) -> dict[str, Any]:
+    """GET /api/v1/events.csv: the filters of GET /api/v1/events, without paging."""
+    errors = FieldErrors()
+    params = {
+        name: query_text(query, name, max_chars, errors)
+        for name, max_chars in EVENT_QUERY_FILTERS.items()
+    }
+    check_parameter_names(query, params, errors)
+    raise_query_errors(errors)
+    return params
+
+
+async def read_storage(read: Awaitable[Any]) -> Any:
+    """A read for the read API; a database failure becomes 503, as for writes."""
+    try:
+        return await read
+    except Exception as error:  # the driver's errors differ by backend
+        logger.warning("read failed: %r", error)
+        raise storage_unavailable("the database could not be read") from None
+
+
+async def list_events(request: Request) -> Response:
+    """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    params = parse_events_query(request.query_params)
+    # Read before the page: resuming the stream from latest_id then misses nothing.
+    latest_id = await read_storage(service.storage.max_event_id())
+    page_and_one = {**params, "limit": params["limit"] + 1}
+    documents = await read_storage(service.storage.events_page(page_and_one))
+    page = documents[: params["limit"]]
+    more = len(documents) > params["limit"]
+    return JSONResponse(
+        {
+            "events": page,
+            "next_before_id": page[-1]["id"] if more else None,
+            "latest_id": max([latest_id, *(document["id"] for document in page)]),
+        }
+    )
+
+
+async def list_students(request: Request) -> Response:
+    """Students by student_id with their counts; `next_after` fetches the next page."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    params = parse_students_query(request.query_params)
+    page_and_one = {**params, "limit": params["limit"] + 1}
+    now = dt.datetime.now(dt.UTC)
+    students = await read_storage(service.storage.students_page(page_and_one, now))
+    page = students[: params["limit"]]
+    more = len(students) > params["limit"]
+    return JSONResponse(
+        {
+            "now": format_timestamp(now),
+            "students": page,
+            "next_after": page[-1]["student_id"] if more else None,
+        }
+    )
+
+
+async def list_help(request: Request) -> Response:
+    """The help queue, first come first served, and every raise still beating."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    params = parse_course_query(request.query_params)
+    now = dt.datetime.now(dt.UTC)
+    hands = await read_storage(service.storage.hands(params["course_id"], now))
+    return JSONResponse(
+        {
+            "now": format_timestamp(now),
+            "queue": [hand for hand in hands if hand["state"] == "up"],
+            "hands": hands,
+        }
+    )
+
+
+# What an instructor can do about a raised hand, as the event type that records it.
+HAND_ACTIONS = {"on-my-way": "help_on_my_way", "dismiss": "help_dismissed"}
+
+
+async def answer_hand(request: Request) -> Response:
+    """Record "on my way" or a dismissal as an event: stored and published like any, so
+    every dashboard, and any reload, agrees."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    event_type = HAND_ACTIONS.get(request.path_params["action"])
+    if event_type is None:
+        raise ApiError(404, "not_found", "the actions are on-my-way and dismiss")
+    student_id = request.path_params["student_id"]
+    by = parse_instructor(await read_body(request, 4_096), request.headers.get("content-type"))
+    seen, course_id = await read_storage(service.storage.student_course(student_id))
+    if not seen:
+        raise ApiError(404, "no_such_student", f"no student {student_id!r} has been seen")
+    now = dt.datetime.now(dt.UTC)
+    hand = hand_document(await read_storage(service.storage.latest_hand(student_id)), now)
+    if hand is None or hand["state"] != "up":
+        raise ApiError(409, "no_raised_hand", f"{student_id!r} has no raised hand now")
+    raw = {"student_id": student_id, "event_type": event_type, "course_id": course_id, "by": by}
+    [event] = normalise_batch(raw, now, service.settings)
+    try:
+        [stored] = await service.committer.submit([event])
+    except StorageUnavailable:
+        raise storage_unavailable("the action could not be stored") from None
+    hand = hand_document(await read_storage(service.storage.latest_hand(student_id)), now)
+    return JSONResponse(
+        {"id": stored.document["id"], "event_type": event_type, "hand": hand}, status_code=201
+    )
+
+
+async def list_cells(request: Request) -> Response:
+    """Where the class is stuck: per notebook and cell, who ran it and who fails there now."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    params = parse_cells_query(request.query_params)
+    cells = await read_storage(service.storage.cells(params))
+    return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), "cells": cells})
+
+
+async def list_activity(request: Request) -> Response:
+    """Executions, errors and raised hands per minute over the last `minutes`."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    params = parse_activity_query(request.query_params)
+    now = dt.datetime.now(dt.UTC)
+    series = await read_storage(
+        service.storage.activity(params["course_id"], params["minutes"], now)
+    )
+    return JSONResponse(
+        {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
+    )
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula; students write
+# the text we export.
+CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+STUDENT_CSV_COLUMNS = (
+    "student_id name course_id team first_seen last_seen event_count execution_count "
+    "error_count last_notebook_path hand_raised stuck struggling"
+).split()
+EVENT_CSV_COLUMNS = (
+    "id received_at occurred_at student_id student_name team course_id event_type "
+    "notebook_path cell_id cell_index execution_count status duration_ms error source"
+).split()
+EXPORT_PAGE_SIZE = 1_000
+
+
+def csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def csv_line(values: Iterable[Any]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([csv_value(value) for value in values])
+    return buffer.getvalue().encode()
+
+
+def event_csv_row(document: Mapping[str, Any]) -> list[Any]:
+    """An event as one CSV row of EVENT_CSV_COLUMNS; its error as `ename: evalue`."""
+    row = {**document, "error": error_text(document.get("error"))}
+    return [row.get(column) for column in EVENT_CSV_COLUMNS]
+
+
+def student_csv_row(document: Mapping[str, Any]) -> list[Any]:
+    return [document.get(column) for column in STUDENT_CSV_COLUMNS]
+
+
+def csv_response(name: str, lines: AsyncIterator[bytes]) -> Response:
+    return StreamingResponse(
+        lines,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+async def csv_pages(
+    header: list[str], first: list[Any], more: Callable[[Any], Awaitable[list[Any]]], row: Callable
+) -> AsyncIterator[bytes]:
+    """The header, then page after page until one comes back empty; one page in memory."""
+    yield csv_line(header)
+    page = first
+    while page:
+        yield b"".join(csv_line(row(item)) for item in page)
+        try:
+            page = await more(page[-1])
+        except Exception as error:  # the status is sent: end the download short
+            logger.warning("CSV export cut short: %r", error)
+            return
+
+
+async def export_events(request: Request) -> Response:
+    """Events as CSV, oldest first, streamed in keyset pages: a term fits, memory does not grow."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    storage: Storage = service.storage
+    params = {**parse_export_query(request.query_params), "limit": EXPORT_PAGE_SIZE}
+
+    def page_after(last: dict) -> Awaitable[list[dict]]:
+        return storage.events_export({**params, "since_id": last["id"]})
+
+    first = await read_storage(storage.events_export({**params, "since_id": 0}))
+    lines = csv_pages(EVENT_CSV_COLUMNS, first, page_after, event_csv_row)
+    return csv_response("events.csv", lines)
+
+
+async def export_students(request: Request) -> Response:
+    """The students table as CSV, streamed in keyset pages."""
+    service = service_of(request)
+    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
+    storage: Storage = service.storage
+    params = {**parse_course_query(request.query_params), "limit": EXPORT_PAGE_SIZE}
+    now = dt.datetime.now(dt.UTC)
+
+    def page_after(last: dict) -> Awaitable[list[dict]]:
+        return storage.students_page({**params, "after": last["student_id"]}, now)
+
+    first = await read_storage(storage.students_page({**params, "after": ""}, now))
+    lines = csv_pages(STUDENT_CSV_COLUMNS, first, page_after, student_csv_row)
+    return csv_response("students.csv", lines)
 
 
 # Access control
@@ -2620,6 +3327,43 @@ def client_key(connection: HTTPConnection) -> str:
     if token:
         return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
     return "address:" + (connection.client.host if connection.client else "unknown")
+
+
+def admit_stream(connection: HTTPConnection) -> str:
+    """The owner key of a new stream, or 429 once that owner holds too many."""
+    service = service_of(connection)
+    owner = client_key(connection)
+    limit = service.settings.max_streams_per_client
+    if service.hub.per_owner[owner] >= limit:
+        raise ApiError(429, "too_many_streams", f"at most {limit} streams per token or address")
+    return owner
+
+
+def admit_websocket(websocket: WebSocket) -> str:
+    settings = service_of(websocket).settings
+    origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
+    if not origin_allowed(origin, host, settings.cors_origins):
+        raise ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
+    require_token(settings.dashboard_tokens, presented_tokens(websocket), "dashboard")
+    check_stream_query(websocket.query_params)
+    return admit_stream(websocket)
+
+
+async def create_session(request: Request) -> Response:
+    """Trade a dashboard token (Authorization: Bearer) for the HttpOnly cookie that
+    EventSource, which cannot send headers, presents by itself."""
+    token = bearer_token(request.headers)
+    require_token(service_of(request).settings.dashboard_tokens, [token], "dashboard")
+    response = JSONResponse({"status": "ok"})
+    if token:
+        response.set_cookie(
+            TOKEN_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+    return response
 
 
 class RedactTokens(logging.Filter):
@@ -2701,14 +3445,14 @@ SECURITY_HEADERS = [
 class SecurityHeaders:
     """Adds the headers browsers need to keep student-provided text inert, to every response."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
-        async def send_with_headers(message: dict) -> None:
+        async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
@@ -2716,500 +3460,13 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-# HTTP endpoints
-
-
-def storage_unavailable(what_failed: str) -> ApiError:
-    # 503, not 4xx: the JupyterLab clients retry 5xx and drop an event on any 4xx.
-    return ApiError(
-        503,
-        "storage_unavailable",
-        f"{what_failed}; retry shortly",
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )
-
-
-def api_error_response(error: ApiError) -> JSONResponse:
-    body = error_body(error.status, error.code, error.message, error.details)
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing with 413 before more than `limit` bytes are read."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the body must be at most {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def post_events(request: Request) -> Response:
-    """Store one event or a batch; 201 with each event's id once all are committed."""
-    state = request.app.state
-    settings: Settings = state.settings
-    if not is_json_content_type(request.headers.get("content-type")):
-        raise ApiError(415, "unsupported_media_type", "send the events as application/json")
-    try:
-        body = parse_json_body(await read_body(request, settings.max_body_bytes))
-    except ClientDisconnect:
-        return Response(status_code=400)
-    tokens = [
-        bearer_token(request.headers),
-        request.query_params.get("token"),
-        envelope_token(body),
-    ]
-    require_token(settings.ingest_tokens, tokens, "ingest")
-    events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
-    try:
-        stored = await state.committer.submit(events)
-    except StorageUnavailable:
-        raise storage_unavailable("the events could not be stored") from None
-    return JSONResponse({"events": [item.receipt() for item in stored]}, status_code=201)
-
-
-async def replay_frames(storage: Storage, after_id: int, limit: int) -> tuple[list[Frame], bool]:
-    """Stored events after `after_id`, at most `limit`, and whether more were left out."""
-    documents = await storage.events_after(after_id, limit + 1)
-    return [Frame.of(document) for document in documents[:limit]], len(documents) > limit
-
-
-def resync_notice(limit: int, latest_id: int) -> dict:
-    return {
-        "type": "resync",
-        "reason": "too_far_behind",
-        "message": f"more than {limit} events were missed; reload state from the read API",
-        "latest_id": latest_id,
-    }
-
-
-async def open_stream(
-    state: Any, client: Client, after_id: int | None
-) -> tuple[list[Frame], dict | None]:
-    """What a (re)connecting client gets before the live stream: the replay, or a resync."""
-    if after_id is None:
-        return [], None
-    try:
-        frames, truncated = await replay_frames(
-            state.storage, after_id, state.settings.replay_limit
-        )
-    except Exception as error:  # noqa: BLE001
-        raise StorageUnavailable(f"cannot replay right now: {error!r}") from error
-    if truncated:
-        return [], resync_notice(state.settings.replay_limit, state.hub.last_id)
-    return [frame for frame in frames if client.filter.matches(frame.document)], None
-
-
-async def sse_body(state: Any, client: Client, after_id: int | None) -> AsyncIterator[bytes]:
-    """retry hint, then the replay (or a resync notice), then live frames, each id once."""
-    yield b"retry: %d\n\n" % state.settings.sse_retry_ms
-    try:
-        replay, notice = await open_stream(state, client, after_id)
-    except StorageUnavailable as error:
-        # Ending the stream makes EventSource reconnect after the retry hint.
-        logger.warning("SSE replay failed: %s", error)
-        return
-    if notice is not None:
-        yield b"event: resync\ndata: %s\n\n" % orjson.dumps(notice)
-    last_sent = after_id or 0
-    if replay:
-        yield b"".join(frame.sse for frame in replay)
-        last_sent = replay[-1].id
-    while frames := await client.next_frames():
-        fresh = [frame for frame in frames if frame.id > last_sent]
-        if fresh:
-            last_sent = fresh[-1].id
-            yield b"".join(frame.sse for frame in fresh)
-
-
-async def until_overflow(client: Client, work: Awaitable[Any]) -> Any | None:
-    """Run work (a client's sender) but stop it the moment the client's queue overflows:
-    a sender blocked on a full socket would otherwise hold the client until send timeout.
-    Returns work's result, or None when it was cut off."""
-    result = None
-    async with anyio.create_task_group() as group:
-
-        async def cut_off() -> None:
-            await client.overflow.wait()
-            logger.warning("slow dashboard cut off after %d queued events", client.limit)
-            group.cancel_scope.cancel()
-
-        group.start_soon(cut_off)
-        result = await work
-        group.cancel_scope.cancel()
-    return result
-
-
-@dataclass
-class ClientStream:
-    """An ASGI response streaming SSE to one hub client, and unregistering it at the end."""
-
-    response: Response
-    client: Client
-    hub: Hub
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await until_overflow(self.client, self.response(scope, receive, send))
-        finally:
-            self.hub.remove(self.client)
-
-
-def admit_stream(connection: HTTPConnection) -> str:
-    """The owner key of a new stream, or 429 once that owner holds too many."""
-    state = connection.app.state
-    owner = client_key(connection)
-    if state.hub.per_owner[owner] >= state.settings.max_streams_per_client:
-        raise ApiError(
-            429,
-            "too_many_streams",
-            f"at most {state.settings.max_streams_per_client} streams per token or address",
-        )
-    return owner
-
-
-async def stream_events(request: Request) -> Response:
-    """Server-Sent Events: replay after Last-Event-ID, then every new event."""
-    state = request.app.state
-    after_id = parse_last_event_id(
-        request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    )
-    require_token(state.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    check_stream_query(request.query_params)
-    client = state.hub.add(StreamFilter.from_query(request.query_params), admit_stream(request))
-    response = EventSourceResponse(
-        sse_body(state, client, after_id),
-        ping=state.settings.sse_ping_seconds,
-        send_timeout=state.settings.send_timeout_seconds,
-    )
-    return ClientStream(response, client, state.hub)  # type: ignore[return-value]
-
-
-async def websocket_events(websocket: WebSocket) -> None:
-    """WebSocket: one JSON text frame per event; `last_event_id` resumes like SSE."""
-    state = websocket.app.state
-    after_id = parse_last_event_id(websocket.query_params.get("last_event_id"))
-    try:
-        owner = admit_websocket(websocket)
-    except ApiError as refusal:
-        # Closing before accept answers the handshake with HTTP 403.
-        logger.info("WebSocket refused: %s", refusal.message)
-        await websocket.close(code=1008, reason=refusal.code)
-        return
-    await websocket.accept()
-    stream_filter = StreamFilter.from_query(websocket.query_params)
-    with state.hub.subscribe(stream_filter, owner) as client:
-        try:
-            replay, notice = await open_stream(state, client, after_id)
-        except StorageUnavailable:
-            await websocket.close(code=1011, reason="storage_unavailable")
-            return
-        receiver = asyncio.create_task(watch_for_close(websocket, client))
-        sender = send_websocket_frames(websocket, client, replay, notice, after_id, state.settings)
-        try:
-            # Cut off on overflow: 1013, try again later (and resume by id).
-            code = await until_overflow(client, sender) or 1013
-        finally:
-            receiver.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(websocket.close(code=code), 1.0)
-
-
-def admit_websocket(websocket: WebSocket) -> str:
-    settings: Settings = websocket.app.state.settings
-    origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
-    if not origin_allowed(origin, host, settings.cors_origins):
-        raise ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
-    require_token(settings.dashboard_tokens, presented_tokens(websocket), "dashboard")
-    check_stream_query(websocket.query_params)
-    return admit_stream(websocket)
-
-
-async def watch_for_close(websocket: WebSocket, client: Client) -> None:
-    # A push-only socket would never notice the client leaving (see STACK.md).
-    with contextlib.suppress(Exception):
-        while True:
-            await websocket.receive_text()
-    client.close()
-
-
-async def send_websocket_frames(
-    websocket: WebSocket,
-    client: Client,
-    replay: list[Frame],
-    notice: dict | None,
-    after_id: int | None,
-    settings: Settings,
-) -> int:
-    """Send until the client leaves or must go; return the close code to use."""
-    timeout = settings.send_timeout_seconds
-    try:
-        if notice is not None:
-            await asyncio.wait_for(websocket.send_text(orjson.dumps(notice).decode()), timeout)
-        last_sent = replay[-1].id if replay else after_id or 0
-        for frame in replay:
-            await asyncio.wait_for(websocket.send_text(frame.ws), timeout)
-        while frames := await client.next_frames():
-            # One deadline for what is queued, not a wait_for task per frame (issue 5).
-            async with asyncio.timeout(timeout):
-                for frame in frames:
-                    if frame.id > last_sent:
-                        await websocket.send_text(frame.ws)
-                        last_sent = frame.id
-    except Exception:  # noqa: BLE001 - timed out, reset or closed: the client must go
-        return 1013  # too slow to write to, or gone: try again later
-    if client.overflowed:
-        return 1013
-    return 1012 if client.closed and AppStatus.should_exit else 1000
-
-
-async def create_session(request: Request) -> Response:
-    """Trade a dashboard token (Authorization: Bearer) for the HttpOnly cookie that
-    EventSource, which cannot send headers, presents by itself."""
-    token = bearer_token(request.headers)
-    require_token(request.app.state.settings.dashboard_tokens, [token], "dashboard")
-    response = JSONResponse({"status": "ok"})
-    if token:
-        response.set_cookie(
-            TOKEN_COOKIE,
-            token,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
-    return response
-
-
-async def read_storage(read: Awaitable[Any]) -> Any:
-    """A read for the read API; a database failure becomes 503, as for writes."""
-    try:
-        return await read
-    except Exception as error:  # noqa: BLE001 - the driver's errors differ by backend
-        logger.warning("read failed: %r", error)
-        raise storage_unavailable("the database could not be read") from None
-
-
-async def list_events(request: Request) -> Response:
-    """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    storage: Storage = request.app.state.storage
-    params = parse_events_query(request.query_params)
-    # Read before the page: resuming the stream from latest_id then misses nothing.
-    latest_id = await read_storage(storage.max_event_id())
-    documents = await read_storage(storage.events_page({**params, "limit": params["limit"] + 1}))
-    page = documents[: params["limit"]]
-    more = len(documents) > params["limit"]
-    return JSONResponse(
-        {
-            "events": page,
-            "next_before_id": page[-1]["id"] if more else None,
-            "latest_id": max([latest_id, *(document["id"] for document in page)]),
-        }
-    )
-
-
-async def list_students(request: Request) -> Response:
-    """Students by student_id with their counts; `next_after` fetches the next page."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    storage: Storage = request.app.state.storage
-    params = parse_students_query(request.query_params)
-    now = dt.datetime.now(dt.UTC)
-    students = await read_storage(
-        storage.students_page({**params, "limit": params["limit"] + 1}, now)
-    )
-    page = students[: params["limit"]]
-    more = len(students) > params["limit"]
-    return JSONResponse(
-        {
-            "now": format_timestamp(now),
-            "students": page,
-            "next_after": page[-1]["student_id"] if more else None,
-        }
-    )
-
-
-async def list_help(request: Request) -> Response:
-    """The help queue, first come first served, and every raise still beating."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    params = parse_course_query(request.query_params)
-    now = dt.datetime.now(dt.UTC)
-    hands = await read_storage(request.app.state.storage.hands(params["course_id"], now))
-    return JSONResponse(
-        {
-            "now": format_timestamp(now),
-            "queue": [hand for hand in hands if hand["state"] == "up"],
-            "hands": hands,
-        }
-    )
-
-
-# What an instructor can do about a raised hand, as the event type that records it.
-HAND_ACTIONS = {"on-my-way": "help_on_my_way", "dismiss": "help_dismissed"}
-
-
-async def answer_hand(request: Request) -> Response:
-    """Record "on my way" or a dismissal as an event: stored and published like any, so
-    every dashboard, and any reload, agrees."""
-    state = request.app.state
-    require_token(state.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    event_type = HAND_ACTIONS.get(request.path_params["action"])
-    if event_type is None:
-        raise ApiError(404, "not_found", "the actions are on-my-way and dismiss")
-    student_id = request.path_params["student_id"]
-    by = parse_instructor(await read_body(request, 4_096), request.headers.get("content-type"))
-    seen, course_id = await read_storage(state.storage.student_course(student_id))
-    if not seen:
-        raise ApiError(404, "no_such_student", f"no student {student_id!r} has been seen")
-    now = dt.datetime.now(dt.UTC)
-    hand = hand_document(await read_storage(state.storage.latest_hand(student_id)), now)
-    if hand is None or hand["state"] != "up":
-        raise ApiError(409, "no_raised_hand", f"{student_id!r} has no raised hand now")
-    raw = {"student_id": student_id, "event_type": event_type, "course_id": course_id, "by": by}
-    [event] = normalise_batch(raw, now, state.settings)
-    try:
-        [stored] = await state.committer.submit([event])
-    except StorageUnavailable:
-        raise storage_unavailable("the action could not be stored") from None
-    hand = hand_document(await read_storage(state.storage.latest_hand(student_id)), now)
-    return JSONResponse(
-        {"id": stored.document["id"], "event_type": event_type, "hand": hand}, status_code=201
-    )
-
-
-async def list_cells(request: Request) -> Response:
-    """Where the class is stuck: per notebook and cell, who ran it and who fails there now."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    params = parse_cells_query(request.query_params)
-    cells = await read_storage(request.app.state.storage.cells(params))
-    return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), "cells": cells})
-
-
-async def list_activity(request: Request) -> Response:
-    """Executions, errors and raised hands per minute over the last `minutes`."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    params = parse_activity_query(request.query_params)
-    now = dt.datetime.now(dt.UTC)
-    series = await read_storage(
-        request.app.state.storage.activity(params["course_id"], params["minutes"], now)
-    )
-    return JSONResponse(
-        {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
-    )
-
-
-# A spreadsheet runs a cell that starts with one of these as a formula; students write
-# the text we export.
-CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-STUDENT_CSV_COLUMNS = (
-    "student_id name course_id team first_seen last_seen event_count execution_count "
-    "error_count last_notebook_path hand_raised stuck struggling"
-).split()
-EVENT_CSV_COLUMNS = (
-    "id received_at occurred_at student_id student_name team course_id event_type "
-    "notebook_path cell_id cell_index execution_count status duration_ms error source"
-).split()
-EXPORT_PAGE_SIZE = 1_000
-
-
-def csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
-        return "'" + value
-    return value
-
-
-def csv_line(values: Iterable[Any]) -> bytes:
-    buffer = io.StringIO()
-    csv.writer(buffer).writerow([csv_value(value) for value in values])
-    return buffer.getvalue().encode()
-
-
-def event_csv_row(document: Mapping[str, Any]) -> list[Any]:
-    """An event as one CSV row of EVENT_CSV_COLUMNS; its error as `ename: evalue`."""
-    row = {**document, "error": error_text(document.get("error"))}
-    return [row.get(column) for column in EVENT_CSV_COLUMNS]
-
-
-def student_csv_row(document: Mapping[str, Any]) -> list[Any]:
-    return [document.get(column) for column in STUDENT_CSV_COLUMNS]
-
-
-def csv_response(name: str, lines: AsyncIterator[bytes]) -> Response:
-    return StreamingResponse(
-        lines,
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
-
-
-async def csv_pages(
-    header: list[str], first: list[Any], more: Callable[[Any], Awaitable[list[Any]]], row: Callable
-) -> AsyncIterator[bytes]:
-    """The header, then page after page until one comes back empty; one page in memory."""
-    yield csv_line(header)
-    page = first
-    while page:
-        yield b"".join(csv_line(row(item)) for item in page)
-        try:
-            page = await more(page[-1])
-        except Exception as error:  # noqa: BLE001 - the status is sent: end the download short
-            logger.warning("CSV export cut short: %r", error)
-            return
-
-
-async def export_events(request: Request) -> Response:
-    """Events as CSV, oldest first, streamed in keyset pages: a term fits, memory does not grow."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    storage: Storage = request.app.state.storage
-    params = {**parse_export_query(request.query_params), "limit": EXPORT_PAGE_SIZE}
-
-    def page_after(last: dict) -> Awaitable[list[dict]]:
-        return storage.events_export({**params, "since_id": last["id"]})
-
-    first = await read_storage(storage.events_export({**params, "since_id": 0}))
-    lines = csv_pages(EVENT_CSV_COLUMNS, first, page_after, event_csv_row)
-    return csv_response("events.csv", lines)
-
-
-async def export_students(request: Request) -> Response:
-    """The students table as CSV, streamed in keyset pages."""
-    require_token(
-        request.app.state.settings.dashboard_tokens, presented_tokens(request), "dashboard"
-    )
-    storage: Storage = request.app.state.storage
-    params = {**parse_course_query(request.query_params), "limit": EXPORT_PAGE_SIZE}
-    now = dt.datetime.now(dt.UTC)
-
-    def page_after(last: dict) -> Awaitable[list[dict]]:
-        return storage.students_page({**params, "after": last["student_id"]}, now)
-
-    first = await read_storage(storage.students_page({**params, "after": ""}, now))
-    lines = csv_pages(STUDENT_CSV_COLUMNS, first, page_after, student_csv_row)
-    return csv_response("students.csv", lines)
-
+# Application
 
 STATIC_DIR = Path(__file__).with_name("static")
 # SecurityHeaders adds the CSP (the page has no inline script or style) and friends.
 PAGE_HEADERS = {"Cache-Control": "no-cache"}
+HEALTH_CHECK_SECONDS = 2.0
+STARTUP_BUS_WAIT_SECONDS = 3.0
 
 
 async def dashboard_page(request: Request) -> Response:
@@ -3218,26 +3475,29 @@ async def dashboard_page(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """200 when the database and the bus answer; 503 naming what is down."""
-    state = request.app.state
-    checks = {"database": state.storage.ping, "bus": state.bus.ping}
+    """200 when events can be stored and the bus answers; 503 naming what is down."""
+    service = service_of(request)
+    checks = {"database": service.storage.ping, "bus": service.bus.ping}
     report: dict[str, str] = {}
     for name, check in checks.items():
         try:
-            await asyncio.wait_for(check(), timeout=2.0)
+            await asyncio.wait_for(check(), timeout=HEALTH_CHECK_SECONDS)
             report[name] = "up"
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             report[name] = f"down: {error!r}"
-    if report["bus"] == "up" and not state.hub.bus_connected:
+    if report["database"] == "up" and service.committer.failure:
+        report["database"] = f"down: cannot store: {service.committer.failure}"
+    if report["bus"] == "up" and not service.hub.bus_connected:
         report["bus"] = "down: subscriber not connected"
     healthy = all(value == "up" for value in report.values())
     return JSONResponse(
-        {"status": "ok" if healthy else "unavailable", **report, "clients": len(state.hub.clients)},
+        {
+            "status": "ok" if healthy else "unavailable",
+            **report,
+            "clients": len(service.hub.clients),
+        },
         status_code=200 if healthy else 503,
     )
-
-
-# Application
 
 
 def redact_url(url: str) -> str:
@@ -3272,7 +3532,7 @@ async def connect_storage(app: Starlette, settings: Settings) -> Storage:
     storage = Storage(settings.database_url, settings.database_pool_size)
     try:
         await storage.connect()
-    except Exception as error:  # noqa: BLE001 - each driver fails in its own words
+    except Exception as error:  # each driver fails in its own words
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         app.state.startup_error = (
             f"telemetry: cannot use the database at DATABASE_URL="
@@ -3284,7 +3544,8 @@ async def connect_storage(app: Starlette, settings: Settings) -> Storage:
 
 async def handle_api_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, ApiError)
-    return api_error_response(error)
+    body = error_body(error.status, error.code, error.message, error.details)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 async def handle_http_error(request: Request, error: Exception) -> Response:
@@ -3304,12 +3565,6 @@ async def close_streams_on_shutdown(hub: Hub) -> None:
     hub.close_all()
 
 
-def build_bus(settings: Settings) -> MemoryBus | RedisBus:
-    if settings.redis_url is None:
-        return MemoryBus()
-    return RedisBus(settings.redis_url, settings.notification_channel)
-
-
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -3318,15 +3573,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     hub = Hub(settings.client_queue_limit)
     hub.last_id = await storage.max_event_id()
     committer = Committer(storage, bus, settings.max_batch_events)
-    app.state.storage, app.state.bus, app.state.hub, app.state.committer = (
-        storage,
-        bus,
-        hub,
-        committer,
-    )
+    app.state.service = Service(settings, storage, bus, hub, committer)
     tasks = [
         asyncio.create_task(committer.run(), name="committer"),
         asyncio.create_task(relay_bus_to_hub(bus, hub, storage), name="subscriber"),
+        asyncio.create_task(close_gaps(hub, storage), name="gap-check"),
         asyncio.create_task(close_streams_on_shutdown(hub), name="shutdown-watch"),
     ]
     if not (settings.ingest_tokens and settings.dashboard_tokens):
@@ -3397,12 +3648,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return app
 
 
+@functools.cache
 def app_from_environment() -> Starlette:
+    """The app as deployed: logging configured, Settings read from the environment."""
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    logging.getLogger("uvicorn.error").addFilter(QuietCutOffs())
     try:
         return create_app(load_settings(os.environ))
     except ConfigError as error:
@@ -3410,4 +3664,9 @@ def app_from_environment() -> Starlette:
         sys.exit(f"telemetry: configuration error: {error}")
 
 
-app = app_from_environment()
+def __getattr__(name: str) -> Any:
+    """`telemetry:app`, as uvicorn and the Procfile name it, built on first access: importing
+    the module reads no environment, configures no logging and cannot exit."""
+    if name == "app":
+        return app_from_environment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

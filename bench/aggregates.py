@@ -40,7 +40,7 @@ from asgi_lifespan import LifespanManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import telemetry  # noqa: E402
+import telemetry
 
 ADMIN_URL = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 DATABASE = "telemetry_bench_aggregates"
@@ -236,11 +236,11 @@ BEFORE_SUMMARIES = telemetry.AsyncpgStatement.of(
 class StorageBeforeSummaries(telemetry.Storage):
     """The commit path as it was before the summary tables: one statement, no hands."""
 
-    async def _store_batch(self, connection, events):
+    async def store(self, events):
         current = telemetry.COMMIT_STATEMENTS[telemetry.STORE_EVENTS]
         telemetry.COMMIT_STATEMENTS[telemetry.STORE_EVENTS] = BEFORE_SUMMARIES
         try:
-            return await self._store_rows(connection, events)
+            return await self._store_rows(await self._writer_connection(), events)
         finally:
             telemetry.COMMIT_STATEMENTS[telemetry.STORE_EVENTS] = current
 
@@ -269,15 +269,13 @@ async def time_ingest(storage: telemetry.Storage, url: str, batches: int) -> dic
     rng = random.Random(5)
     samples: dict[tuple[str, str], list[float]] = {}
 
-    async def nothing(stored):
-        return None
-
     for number in range(batches):
         helps = 5 if number % 4 >= 2 else 0
         target = storage if number % 2 == 0 else before
         events = ingest_batch(rng, helps)
         began = time.perf_counter()
-        await target.store(events, nothing)
+        async with target.commit_order():
+            await target.store(events)
         kind = (
             "executions only" if helps == 0 else "with 5 help beats",
             "summaries" if target is storage else "before",
@@ -313,7 +311,7 @@ async def main() -> None:
             transport = httpx.ASGITransport(app=manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
                 endpoints = await time_endpoints(client, options.calls)
-            ingest = await time_ingest(app.state.storage, url, options.batches)
+            ingest = await time_ingest(app.state.service.storage, url, options.batches)
     finally:
         if not options.keep:
             await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -145,9 +147,11 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         servers.append(server)
         return server.start()
 
-    yield start
-    for server in servers:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
 
 
 ENV_KEYS = ("DATABASE_URL", "REDIS_URL", "NOTIFICATION_CHANNEL", "WEB_CONCURRENCY")
@@ -195,5 +199,58 @@ class RedisServer:
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+POSTGRES_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/usr/bin"))
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on a free port, for tests that stop or restart it.
+
+    initdb refuses to run as root, so the cluster belongs to the postgres user when the
+    tests run as root; its directory is made outside pytest's private tmp tree.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="telemetry-pg-"))
+        self.data = self.directory / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def run(self, *command: str) -> None:
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*as_postgres, *command], check=True, capture_output=True)
+
+    def init(self) -> PostgresServer:
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+        initdb = str(POSTGRES_BIN / "initdb")
+        self.run(initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        return self.start()
+
+    def start(self) -> PostgresServer:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
+        pg_ctl, log = str(POSTGRES_BIN / "pg_ctl"), str(self.directory / "postgres.log")
+        self.run(pg_ctl, "-D", str(self.data), "-o", options, "-l", log, "-w", "-t", "30", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self.run(str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().init()
+    try:
+        yield server
+    finally:
+        server.remove()

@@ -1,13 +1,18 @@
-"""A real headless Chromium, driven by Debian's chromedriver; a screenshot when a test fails."""
+"""Recording dashboards, and a real headless Chromium (Debian's chromedriver) that leaves a
+screenshot when a test fails."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+
+from tests.conftest import Server
+from tests.e2e.clients import StreamRecorder
 
 # Debian's packages: selenium-manager must never download a browser or a driver.
 CHROMIUM = Path("/usr/bin/chromium")
@@ -57,3 +62,42 @@ def save_evidence(driver: webdriver.Chrome, directory: Path) -> None:
     console = directory / "browser-console.log"
     console.write_text("\n".join(str(entry) for entry in driver.get_log("browser")))
     print(f"\nscreenshot of the failed test: {screenshot}\nbrowser console: {console}")
+
+
+@pytest.fixture
+async def connect_dashboard() -> AsyncIterator[
+    Callable[[StreamRecorder], Awaitable[StreamRecorder]]
+]:
+    """Connects a recording SSE or WebSocket client, closed after the test:
+    `sse = await connect_dashboard(SseClient(url))`."""
+    connected: list[StreamRecorder] = []
+
+    async def connect(client: StreamRecorder) -> StreamRecorder:
+        connected.append(client)
+        return await client.start()
+
+    try:
+        yield connect
+    finally:
+        for client in connected:
+            await client.close()
+
+
+@pytest.fixture
+def raw_sse_socket() -> Iterator[Callable[..., socket.socket]]:
+    """Dashboards that connect and then never read: their receive window fills up."""
+    sockets: list[socket.socket] = []
+
+    def connect(server: Server, receive_buffer: int = 4096) -> socket.socket:
+        sock = socket.socket()
+        sockets.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        return sock
+
+    try:
+        yield connect
+    finally:
+        for sock in sockets:
+            sock.close()

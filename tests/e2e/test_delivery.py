@@ -11,7 +11,7 @@ from tests.e2e.clients import SseClient, WebSocketClient, event, post_events
 
 
 @pytest.fixture
-def production(start_server, postgres_database_url, channel):
+def production(postgres_database_url, channel, start_server):
     """A server as deployed: PostgreSQL and Redis."""
     env = {
         "DATABASE_URL": postgres_database_url,
@@ -21,9 +21,12 @@ def production(start_server, postgres_database_url, channel):
     return lambda **extra: start_server(**env, **extra)
 
 
-async def test_posted_events_reach_sse_and_websocket_dashboards(production) -> None:
+async def test_posted_events_reach_sse_and_websocket_dashboards(
+    production, connect_dashboard
+) -> None:
     server = production()
-    sse, ws = await SseClient(server.url).start(), await WebSocketClient(server.ws_url).start()
+    sse = await connect_dashboard(SseClient(server.url))
+    ws = await connect_dashboard(WebSocketClient(server.ws_url))
     receipts = await post_events(server.url, event(1, source="print('hi')"), event(2))
     ids = [receipt["id"] for receipt in receipts]
     await sse.wait_for_ids(ids)
@@ -32,54 +35,55 @@ async def test_posted_events_reach_sse_and_websocket_dashboards(production) -> N
     assert sse.documents[0]["source"] == "print('hi')"
     assert sse.documents[0]["event_id"] == "e1" and sse.documents[0]["student_id"] == "s1"
     assert sse.retry == 2000
-    await sse.close(), await ws.close()
 
 
-async def test_same_event_id_twice_gives_one_row_and_one_message(production) -> None:
+async def test_same_event_id_twice_gives_one_row_and_one_message(
+    production, connect_dashboard
+) -> None:
     server = production()
-    sse = await SseClient(server.url).start()
+    sse = await connect_dashboard(SseClient(server.url))
     first = await post_events(server.url, event(1))
     again = await post_events(server.url, event(1), event(2))
     assert again[0] == {**first[0], "duplicate": True}
     await sse.wait_for_ids([first[0]["id"], again[1]["id"]])
-    replay = await SseClient(server.url, last_event_id=0).start()
+    replay = await connect_dashboard(SseClient(server.url, last_event_id=0))
     await replay.wait_for_ids([first[0]["id"], again[1]["id"]])
-    await sse.close(), await replay.close()
 
 
-async def test_event_posted_to_one_dyno_reaches_dashboards_on_another(production) -> None:
+async def test_event_posted_to_one_dyno_reaches_dashboards_on_another(
+    production, connect_dashboard
+) -> None:
     web1, web2 = production(), production()
-    sse, ws = await SseClient(web2.url).start(), await WebSocketClient(web2.ws_url).start()
+    sse = await connect_dashboard(SseClient(web2.url))
+    ws = await connect_dashboard(WebSocketClient(web2.ws_url))
     receipts = await post_events(web1.url, event(1))
     receipts += await post_events(web2.url, event(2))
     ids = [receipt["id"] for receipt in receipts]
     await sse.wait_for_ids(ids)
     await ws.wait_for_ids(ids)
-    await sse.close(), await ws.close()
 
 
-async def test_embedded_default_needs_no_server(start_server) -> None:
+async def test_embedded_default_needs_no_server(start_server, connect_dashboard) -> None:
     server = start_server()
     health = httpx.get(f"{server.url}/healthz").json()
     assert (health["database"], health["bus"]) == ("up", "up")
-    sse, ws = await SseClient(server.url).start(), await WebSocketClient(server.ws_url).start()
+    sse = await connect_dashboard(SseClient(server.url))
+    ws = await connect_dashboard(WebSocketClient(server.ws_url))
     ids = [receipt["id"] for receipt in await post_events(server.url, event(1), event(2))]
     await sse.wait_for_ids(ids)
     await ws.wait_for_ids(ids)
     assert (server.cwd / "telemetry.db").exists()
-    await sse.close(), await ws.close()
 
 
-async def test_stream_filters_apply_server_side(production) -> None:
+async def test_stream_filters_apply_server_side(production, connect_dashboard) -> None:
     server = production()
-    by_student = await SseClient(server.url, student_id="s2").start()
-    by_type = await WebSocketClient(server.ws_url, event_type="help").start()
+    by_student = await connect_dashboard(SseClient(server.url, student_id="s2"))
+    by_type = await connect_dashboard(WebSocketClient(server.ws_url, event_type="help"))
     receipts = await post_events(
         server.url, event(1), event(2), event(5, event_type="help"), event(4, event_type="help")
     )
     await by_student.wait_for_ids([receipts[1]["id"], receipts[2]["id"]])
     await by_type.wait_for_ids([receipts[2]["id"], receipts[3]["id"]])
-    await by_student.close(), await by_type.close()
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,11 @@ def health(server) -> httpx.Response:
 
 
 async def test_dashboards_get_every_event_across_a_killed_redis_subscription(
-    start_server, postgres_database_url, private_redis
+    postgres_database_url, private_redis, start_server, connect_dashboard
 ) -> None:
     server = start_server(DATABASE_URL=postgres_database_url, REDIS_URL=private_redis.url)
-    sse, ws = await SseClient(server.url).start(), await WebSocketClient(server.ws_url).start()
+    sse = await connect_dashboard(SseClient(server.url))
+    ws = await connect_dashboard(WebSocketClient(server.ws_url))
     posted = []
     for number in range(6):
         if number % 2:
@@ -36,14 +37,14 @@ async def test_dashboards_get_every_event_across_a_killed_redis_subscription(
     await sse.wait_for_ids(posted)
     await ws.wait_for_ids(posted)
     assert "bus subscription lost" in server.logs()
-    await sse.close(), await ws.close()
 
 
 async def test_redis_restart_keeps_dashboards_connected_and_posts_stored(
-    start_server, postgres_database_url, private_redis
+    postgres_database_url, private_redis, start_server, connect_dashboard
 ) -> None:
     server = start_server(DATABASE_URL=postgres_database_url, REDIS_URL=private_redis.url)
-    sse, ws = await SseClient(server.url).start(), await WebSocketClient(server.ws_url).start()
+    sse = await connect_dashboard(SseClient(server.url))
+    ws = await connect_dashboard(WebSocketClient(server.ws_url))
     before = ids_of(await post_events(server.url, event(1)))
     private_redis.stop()
     during = ids_of(await post_events(server.url, event(2), event(3)))  # still 201
@@ -55,22 +56,20 @@ async def test_redis_restart_keeps_dashboards_connected_and_posts_stored(
     await sse.wait_for_ids(before + during + after)
     await ws.wait_for_ids(before + during + after)
     assert not sse.ended.is_set() and not ws.ended.is_set()
-    await sse.close(), await ws.close()
 
 
 async def test_service_starts_with_redis_down_and_recovers_by_itself(
-    start_server, postgres_database_url, private_redis
+    postgres_database_url, private_redis, start_server, connect_dashboard
 ) -> None:
     private_redis.stop()
     server = start_server(DATABASE_URL=postgres_database_url, REDIS_URL=private_redis.url)
     response = health(server)
     assert response.status_code == 503 and response.json()["database"] == "up"
-    sse = await SseClient(server.url).start()
+    sse = await connect_dashboard(SseClient(server.url))
     stored = ids_of(await post_events(server.url, event(1)))
     private_redis.start()
     await wait_for(lambda: health(server).status_code == 200, timeout=20)
     await sse.wait_for_ids(stored)
-    await sse.close()
 
 
 async def post_status(server, *events: dict) -> httpx.Response:
@@ -87,45 +86,48 @@ async def count_rows(database_url: str) -> int:
 
 
 async def test_database_outage_answers_503_then_recovers_without_restart(
-    start_server, postgres_database_url, channel
+    postgres_database_url, channel, start_server, connect_dashboard
 ) -> None:
     parts = urlsplit(postgres_database_url)
     proxy = await TcpProxy(parts.hostname, parts.port).start()
-    via_proxy = postgres_database_url.replace(f":{parts.port}/", f":{proxy.port}/")
-    # The proxy lives on this event loop: start (which blocks while polling) in a thread.
-    server = await asyncio.to_thread(
-        start_server, DATABASE_URL=via_proxy, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel
-    )
-    sse = await SseClient(server.url).start()
-    first = ids_of(await post_events(server.url, event(1)))
-    proxy.cut()
-    response = await post_status(server, event(2), event(3))
-    assert response.status_code == 503
-    assert response.headers["retry-after"].isdigit()
-    assert response.json()["error"]["code"] == "storage_unavailable"
-    assert (await asyncio.to_thread(health, server)).json()["database"].startswith("down")
-    assert await count_rows(postgres_database_url) == 1  # nothing half-written
-    proxy.restore()
-    retried = await post_status(server, event(2), event(3))
-    assert retried.status_code == 201
-    await sse.wait_for_ids(first + ids_of(retried.json()["events"]))
-    await sse.close()
-    await proxy.stop()
+    try:
+        via_proxy = postgres_database_url.replace(f":{parts.port}/", f":{proxy.port}/")
+        # The proxy lives on this event loop: start (which blocks while polling) in a thread.
+        server = await asyncio.to_thread(
+            start_server, DATABASE_URL=via_proxy, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel
+        )
+        sse = await connect_dashboard(SseClient(server.url))
+        first = ids_of(await post_events(server.url, event(1)))
+        proxy.cut()
+        response = await post_status(server, event(2), event(3))
+        assert response.status_code == 503
+        assert response.headers["retry-after"].isdigit()
+        assert response.json()["error"]["code"] == "storage_unavailable"
+        assert (await asyncio.to_thread(health, server)).json()["database"].startswith("down")
+        assert await count_rows(postgres_database_url) == 1  # nothing half-written
+        proxy.restore()
+        retried = await post_status(server, event(2), event(3))
+        assert retried.status_code == 201
+        await sse.wait_for_ids(first + ids_of(retried.json()["events"]))
+    finally:
+        await proxy.stop()
 
 
 async def test_terminated_database_connections_are_replaced(
-    start_server, postgres_database_url, channel
+    postgres_database_url, channel, start_server
 ) -> None:
     server = start_server(
         DATABASE_URL=postgres_database_url, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel
     )
     await post_events(server.url, event(1))
     admin = await asyncpg.connect(postgres_database_url)
-    killed = await admin.fetchval(
-        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    )
-    await admin.close()
+    try:
+        killed = await admin.fetchval(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
     assert killed >= 1
     statuses = [(await post_status(server, event(n))).status_code for n in range(2, 6)]
     assert set(statuses) <= {201, 503} and statuses[-1] == 201
@@ -133,19 +135,12 @@ async def test_terminated_database_connections_are_replaced(
     assert stored == 1 + statuses.count(201)
 
 
-def raw_sse_socket(server, receive_buffer: int = 4096) -> socket.socket:
-    """A dashboard that connects and then never reads: its receive window fills up."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    sock.connect(("127.0.0.1", server.port))
-    sock.sendall(b"GET /api/v1/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
-    return sock
-
-
-async def test_slow_consumer_is_cut_off_while_others_keep_up(start_server) -> None:
+async def test_slow_consumer_is_cut_off_while_others_keep_up(
+    start_server, raw_sse_socket, connect_dashboard
+) -> None:
     server = start_server(CLIENT_QUEUE_LIMIT="20", SEND_TIMEOUT_SECONDS="30")
-    fast = await SseClient(server.url).start()
-    stuck = raw_sse_socket(server)
+    fast = await connect_dashboard(SseClient(server.url))
+    raw_sse_socket(server)  # stuck: never reads
     await wait_for(lambda: health(server).json()["clients"] == 2)
     big = "x" * 200_000  # enough to fill every socket buffer between us and the server
     posted = []
@@ -153,14 +148,12 @@ async def test_slow_consumer_is_cut_off_while_others_keep_up(start_server) -> No
         posted += ids_of(await post_events(server.url, event(number, source=big)))
     await fast.wait_for_ids(posted)
     await wait_for(lambda: health(server).json()["clients"] == 1)  # the stuck one was let go
-    stuck.close()
-    await fast.close()
 
 
-async def test_vanished_clients_are_detected_and_freed(start_server) -> None:
+async def test_vanished_clients_are_detected_and_freed(start_server, raw_sse_socket) -> None:
     server = start_server(SEND_TIMEOUT_SECONDS="1", SSE_PING_SECONDS="0.5")
     reset = raw_sse_socket(server)
-    silent = raw_sse_socket(server)
+    raw_sse_socket(server)  # silent: never reads, never closes
     await wait_for(lambda: health(server).json()["clients"] == 2)
     # An abortive close sends RST, no FIN.
     reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -168,16 +161,16 @@ async def test_vanished_clients_are_detected_and_freed(start_server) -> None:
     for number in range(80):  # fill every buffer to the silent client so writes block
         await post_events(server.url, event(number, source="y" * 200_000))
     await wait_for(lambda: health(server).json()["clients"] == 0, timeout=20)
-    silent.close()
 
 
 async def test_sigterm_ends_streams_finishes_posts_and_exits_promptly(
-    start_server, postgres_database_url, channel
+    postgres_database_url, channel, start_server, connect_dashboard
 ) -> None:
     server = start_server(
         DATABASE_URL=postgres_database_url, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel
     )
-    sse, ws = await SseClient(server.url).start(), await WebSocketClient(server.ws_url).start()
+    sse = await connect_dashboard(SseClient(server.url))
+    ws = await connect_dashboard(WebSocketClient(server.ws_url))
 
     acknowledged: list[int] = []
 
@@ -203,6 +196,8 @@ async def test_sigterm_ends_streams_finishes_posts_and_exits_promptly(
     assert returncode in (0, -signal.SIGTERM)
     await asyncio.gather(*posters)
     connection = await asyncpg.connect(postgres_database_url)
-    stored = {row["id"] for row in await connection.fetch("SELECT id FROM events")}
-    await connection.close()
+    try:
+        stored = {row["id"] for row in await connection.fetch("SELECT id FROM events")}
+    finally:
+        await connection.close()
     assert acknowledged and set(acknowledged) <= stored

@@ -53,7 +53,9 @@ def test_ingest_with_a_valid_token_is_stored(server, kwargs) -> None:
     assert post(server, event(1), **kwargs).status_code == 201
 
 
-async def test_pioneer_envelope_token_is_accepted_and_never_stored(server) -> None:
+async def test_pioneer_envelope_token_is_accepted_and_never_stored(
+    server, connect_dashboard
+) -> None:
     body = {
         "data": {
             "eventDetail": {"eventName": "NotebookSaveEvent", "eventTime": 1795687200000},
@@ -64,26 +66,24 @@ async def test_pioneer_envelope_token_is_accepted_and_never_stored(server) -> No
     }
     response = post(server, body)
     assert response.status_code == 201, response.text
-    replay = await SseClient(server.url, last_event_id=0, token=DASHBOARD).start()
+    replay = await connect_dashboard(SseClient(server.url, last_event_id=0, token=DASHBOARD))
     await replay.wait_for_ids([response.json()["events"][0]["id"]])
     assert replay.documents[0]["student_id"] == "ada"
     assert INGEST not in str(replay.documents)
-    await replay.close()
 
 
-async def test_dashboard_streams_need_a_token(server) -> None:
+async def test_dashboard_streams_need_a_token(server, connect_dashboard) -> None:
     refused = httpx.get(f"{server.url}/api/v1/stream", timeout=5)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
     with pytest.raises(websockets.InvalidStatus) as error:
         async with websockets.connect(f"{server.ws_url}/api/v1/ws"):
             pass
     assert error.value.response.status_code == 403
-    sse = await SseClient(server.url, token=DASHBOARD).start()
-    ws = await WebSocketClient(server.ws_url, token=DASHBOARD).start()
+    sse = await connect_dashboard(SseClient(server.url, token=DASHBOARD))
+    ws = await connect_dashboard(WebSocketClient(server.ws_url, token=DASHBOARD))
     [receipt] = post(server, event(1), params={"token": INGEST}).json()["events"]
     await sse.wait_for_ids([receipt["id"]])
     await ws.wait_for_ids([receipt["id"]])
-    await sse.close(), await ws.close()
 
 
 def test_session_cookie_opens_the_stream_for_event_source(server) -> None:
@@ -153,15 +153,14 @@ def test_open_ingest_answers_any_origin_but_reads_stay_same_origin(start_server)
     assert read_preflight.json()["error"]["code"] == "cors_refused"
 
 
-async def test_streams_per_token_are_limited(server) -> None:
-    first = await SseClient(server.url, token=DASHBOARD).start()
-    second = await WebSocketClient(server.ws_url, token=DASHBOARD).start()
+async def test_streams_per_token_are_limited(server, connect_dashboard) -> None:
+    await connect_dashboard(SseClient(server.url, token=DASHBOARD))
+    await connect_dashboard(WebSocketClient(server.ws_url, token=DASHBOARD))
     third = httpx.get(f"{server.url}/api/v1/stream", params={"token": DASHBOARD}, timeout=5)
     assert third.status_code == 429 and third.json()["error"]["code"] == "too_many_streams"
     with pytest.raises(websockets.InvalidStatus):
         async with websockets.connect(f"{server.ws_url}/api/v1/ws?token={DASHBOARD}"):
             pass
-    await first.close(), await second.close()
 
 
 def test_tokens_never_reach_the_logs(server) -> None:

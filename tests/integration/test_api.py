@@ -1,43 +1,14 @@
 """The HTTP API in process (httpx over ASGI, lifespan run) on PostgreSQL and SQLite."""
 
-import contextlib
-
-import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
-from telemetry import Settings, create_app
+from tests.errors import assert_error
 
 EVENT = {"student_id": "s1", "event_type": "cell_executed", "event_id": "e1", "source": "1+1"}
 
 
-@contextlib.asynccontextmanager
-async def api_client(database_url: str):
-    app = create_app(Settings(database_url=database_url, max_body_bytes=2_000, max_batch_events=5))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            client.app = app
-            yield client
-
-
-@pytest.fixture
-async def client(database_url: str):
-    async with api_client(database_url) as client:
-        yield client
-
-
 async def count_events(client) -> int:
-    return await client.app.state.storage.database.fetch_val("SELECT COUNT(*) FROM events")
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert (error["status"], error["code"]) == (status, code)
-    assert error["message"]
-    return error
+    return await client.service.storage.database.fetch_val("SELECT COUNT(*) FROM events")
 
 
 async def test_post_answers_201_with_ids_and_duplicate_flags(client) -> None:
@@ -130,14 +101,18 @@ async def test_healthz_reports_database_and_bus(client) -> None:
     assert response.json() == {"status": "ok", "database": "up", "bus": "up", "clients": 0}
 
 
-async def test_healthz_is_503_naming_the_database_when_it_is_gone(postgres_database_url) -> None:
+async def test_healthz_is_503_naming_the_database_when_it_is_gone(
+    api_client, postgres_database_url
+) -> None:
     async with api_client(postgres_database_url) as client:
-        await client.app.state.storage.disconnect()
-        response = await client.get("/healthz")
+        await client.service.storage.disconnect()
+        try:
+            response = await client.get("/healthz")
+        finally:
+            await client.service.storage.database.connect()
         assert response.status_code == 503
         body = response.json()
         assert body["database"].startswith("down") and body["bus"] == "up"
-        await client.app.state.storage.database.connect()
 
 
 async def test_pioneer_s3_date_suffix_reaches_the_same_endpoint(client) -> None:

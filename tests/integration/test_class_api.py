@@ -54,8 +54,8 @@ async def help_queue(api, **params) -> dict:
 
 async def age_hands(api, seconds: float) -> None:
     """Move every raise's last beat `seconds` into the past, as if no beat came since."""
-    storage = api.app.state.storage
-    then = storage.db_timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds))
+    storage = api.service.storage
+    then = storage.db_time(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds))
     await storage.database.execute("UPDATE hand_raises SET last_beat_at = :then", {"then": then})
 
 
@@ -122,7 +122,7 @@ async def test_a_hand_without_a_beat_for_30_seconds_is_down(api) -> None:
 
 async def test_on_my_way_is_recorded_with_who_and_shown_everywhere(api) -> None:
     await post(api, help_event("ada", course_id="cs101"))
-    with api.app.state.hub.subscribe(StreamFilter()) as listener:
+    with api.service.hub.subscribe(StreamFilter()) as listener:
         response = await api.post("/api/v1/help/ada/on-my-way", json={"by": "Ms Lee"})
         assert response.status_code == 201, response.text
         [frame] = await listener.next_frames()
@@ -373,7 +373,7 @@ async def test_camel_case_problems_name_the_clients_own_keys(api) -> None:
 
 async def test_counts_of_a_database_from_before_student_counts_are_filled_at_start(api) -> None:
     await post(api, run("ada", "c1", "error"), run("ada", "c1", "ok"), help_event("ada"))
-    storage = api.app.state.storage
+    storage = api.service.storage
     await storage.database.execute("DROP TABLE student_counts")
     await storage.apply_schema()  # as a start-up of this version on an older database does
     ada = (await students(api))["ada"]

@@ -5,11 +5,10 @@ import re
 import pytest
 
 from telemetry import STATIC_DIR
-from tests.integration.test_api import api_client
 
 
 @pytest.fixture
-async def client(sqlite_database_url: str):
+async def client(api_client, sqlite_database_url: str):
     async with api_client(sqlite_database_url) as client:
         yield client
 

@@ -2,8 +2,6 @@
 
 import pytest
 
-from tests.integration.test_api import api_client
-
 PAYLOADS = [
     "'; DROP TABLE events; --",
     "\\'; DELETE FROM students WHERE '1'='1",
@@ -19,16 +17,14 @@ TEXT_FIELDS = [
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
-async def test_injection_payloads_are_stored_verbatim(database_url, payload) -> None:
+async def test_injection_payloads_are_stored_verbatim(api_client, database_url, payload) -> None:
     event = {field: f"{payload}:{field}" for field in TEXT_FIELDS}
     event["custom"] = {payload: payload}
     async with api_client(database_url) as client:
         response = await client.post("/api/v1/events", json=event)
         assert response.status_code == 201, response.text
-        [stored] = await client.app.state.storage.events_after(0, 10)
-        assert (
-            await client.app.state.storage.database.fetch_val("SELECT COUNT(*) FROM students") == 1
-        )
+        [stored] = await client.service.storage.events_after(0, 10)
+        assert await client.service.storage.database.fetch_val("SELECT COUNT(*) FROM students") == 1
     assert {field: stored[field] for field in TEXT_FIELDS} == {
         field: event[field] for field in TEXT_FIELDS
     }

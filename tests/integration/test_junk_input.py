@@ -37,7 +37,7 @@ async def app_client(tmp_path_factory):
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client, app.state.storage.database
+            yield client, app.state.service.storage.database
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -3,7 +3,7 @@
 import pytest
 
 from telemetry import StreamFilter
-from tests.integration.test_api import api_client, assert_error
+from tests.errors import assert_error
 
 # Six events: two courses, three students, two notebooks, help raised and lowered.
 EVENTS = [
@@ -20,7 +20,7 @@ EVENTS = [
 
 
 @pytest.fixture
-async def client(database_url: str):
+async def client(api_client, database_url: str):
     async with api_client(database_url) as client:
         client.ids = []
         for batch in (EVENTS[:3], EVENTS[3:]):  # api_client takes at most 5 per batch
@@ -74,7 +74,7 @@ async def test_since_id_and_before_id_select_a_window(client) -> None:
 
 
 async def test_read_api_returns_the_documents_the_stream_sends(client) -> None:
-    with client.app.state.hub.subscribe(StreamFilter()) as listener:
+    with client.service.hub.subscribe(StreamFilter()) as listener:
         more = [{**EVENTS[0], "source": "1/0", "error": "boom", "outputs": [{"x": 1}], "seq": 7},
                 {**EVENTS[1], "custom_field": {"nested": True}}]  # fmt: skip
         assert (await client.post("/api/v1/events", json=more)).status_code == 201

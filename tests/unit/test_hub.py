@@ -1,8 +1,18 @@
 import asyncio
 
 import orjson
+import pytest
 
-from telemetry import Frame, Hub, StoredEvent, StreamFilter, encode_batch
+from telemetry import (
+    OVERFLOWED,
+    Frame,
+    Hub,
+    StoredBatch,
+    StoredEvent,
+    StreamFilter,
+    decode_message,
+    encode_batch,
+)
 
 
 def document(event_id: int, **fields) -> dict:
@@ -46,7 +56,7 @@ async def test_slow_client_overflows_without_touching_others() -> None:
         hub.deliver([document(1), document(2)])
         assert [f.id for f in await fast.next_frames()] == [1, 2]
         hub.deliver([document(3)])
-        assert slow.overflowed and not slow.frames
+        assert slow.ended == OVERFLOWED and not slow.frames
         assert [f.id for f in await fast.next_frames()] == [3]
         assert await slow.next_frames() == []
 
@@ -70,15 +80,19 @@ async def test_closing_ends_the_client() -> None:
         assert await waiting == []
 
 
-def test_malformed_bus_message_is_ignored() -> None:
-    hub = Hub(queue_limit=10)
-    with hub.subscribe(StreamFilter()) as client:
-        hub.deliver_payload(b"{not json")
-        hub.deliver_payload(orjson.dumps([document(5)]))
-        assert queued_ids(client) == [5]
+@pytest.mark.parametrize(
+    "payload", [b"{not json", b"[]", b'{"events": []}', b'{"follows": "x", "events": []}']
+)
+def test_malformed_bus_messages_are_ignored(payload: bytes) -> None:
+    assert decode_message(payload) is None
+
+
+def test_a_bus_message_round_trips() -> None:
+    stored = StoredBatch([StoredEvent(document(5), False)], follows=4)
+    assert decode_message(encode_batch(stored)) == (4, [document(5)])
 
 
 def test_duplicates_are_not_published() -> None:
     stored = [StoredEvent(document(1), False), StoredEvent({"id": 1, "event_id": "e"}, True)]
-    assert orjson.loads(encode_batch(stored)) == [document(1)]
-    assert encode_batch(stored[1:]) is None
+    assert orjson.loads(encode_batch(StoredBatch(stored, 0)))["events"] == [document(1)]
+    assert encode_batch(StoredBatch(stored[1:], 0)) is None
