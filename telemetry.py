@@ -1765,6 +1765,8 @@ POST_DEADLINE_SECONDS = 8.0
 # One batch: the commit order, the statement and the publish. A POST may wait for the batch
 # before its own, so twice this stays within POST_DEADLINE_SECONDS.
 COMMIT_DEADLINE_SECONDS = 4.0
+# Batches stored back to back under one hold of the commit order (other processes wait).
+PIPELINED_BATCHES = 8
 # While storing fails, how often the committer tries the ingest path by itself, so that
 # /healthz recovers without waiting for a POST.
 PROBE_SECONDS = 1.0
@@ -1781,7 +1783,8 @@ class Committer:
     """Coalesces concurrent POSTs into one transaction and one bus message.
 
     Batches form naturally: whatever queued while the previous commit ran goes into the
-    next one, so an idle service adds no wait at all.
+    next one, so an idle service adds no wait at all. Under load the next batch is stored
+    while the last one is published (see _commit).
     """
 
     def __init__(self, storage: Storage, bus: Bus, max_events: int) -> None:
@@ -1790,6 +1793,7 @@ class Committer:
         self.max_events = max_events
         self.failure: str | None = None  # why the last attempt to store failed, until one works
         self._queue: asyncio.Queue[PendingWrite] = asyncio.Queue()
+        self._carried: list[PendingWrite] = []
 
     async def submit(self, events: list[dict]) -> list[StoredEvent]:
         pending = PendingWrite(events, asyncio.get_running_loop().create_future())
@@ -1803,19 +1807,26 @@ class Committer:
 
     async def run(self) -> None:
         while True:
-            try:
-                async with asyncio.timeout(PROBE_SECONDS if self.failure else None):
-                    batch = [await self._queue.get()]
-            except TimeoutError:
-                await self._try(self._probe)
-                continue
-            size = len(batch[0].events)
-            while not self._queue.empty() and size < self.max_events:
-                batch.append(self._queue.get_nowait())
-                size += len(batch[-1].events)
-            batch = [pending for pending in batch if not pending.done.done()]
+            if self._carried:  # taken by the last commit, never stored: first in line
+                batch, self._carried = self._carried, []
+            else:
+                try:
+                    async with asyncio.timeout(PROBE_SECONDS if self.failure else None):
+                        first = await self._queue.get()
+                except TimeoutError:
+                    await self._try(self._probe)
+                    continue
+                batch = self._take([first])
             if batch:
                 await self._commit_batch(batch)
+
+    def _take(self, batch: list[PendingWrite]) -> list[PendingWrite]:
+        """`batch` and what queued behind it, up to max_events; none whose POST gave up."""
+        size = sum(len(pending.events) for pending in batch)
+        while not self._queue.empty() and size < self.max_events:
+            batch.append(self._queue.get_nowait())
+            size += len(batch[-1].events)
+        return [pending for pending in batch if not pending.done.done()]
 
     async def _commit_batch(self, batch: list[PendingWrite]) -> None:
         error = await self._try(self._commit, batch)
@@ -1852,13 +1863,39 @@ class Committer:
             await self.storage.store([])
 
     async def _commit(self, batch: list[PendingWrite]) -> None:
+        """Store `batch`, then, while its publish runs, whatever queued meanwhile, and so on:
+        PostgreSQL stores the next batch while Redis takes the last one, under one hold of
+        the commit order. Publishes go out one after another, in id order."""
+        async with self.storage.commit_order():
+            stored = await self.storage.store(self._stamped(batch))
+            publishing = asyncio.create_task(self._publish_and_answer(batch, stored))
+            try:
+                for _ in range(PIPELINED_BATCHES - 1):
+                    batch = self._take([])
+                    if not batch:
+                        break
+                    # Until stored, the next run of the committer owns it: on any failure
+                    # here it is tried again there, alone, with the usual handling.
+                    self._carried = batch
+                    try:
+                        stored = await self.storage.store(self._stamped(batch))
+                    except Exception:
+                        break
+                    self._carried = []
+                    await publishing
+                    publishing = asyncio.create_task(self._publish_and_answer(batch, stored))
+            finally:
+                await publishing
+
+    @staticmethod
+    def _stamped(batch: list[PendingWrite]) -> list[dict]:
         received_at = dt.datetime.now(dt.UTC)
-        events = [
+        return [
             {**event, "received_at": received_at} for pending in batch for event in pending.events
         ]
-        async with self.storage.commit_order():
-            stored = await self.storage.store(events)
-            await self._publish(stored)
+
+    async def _publish_and_answer(self, batch: list[PendingWrite], stored: StoredBatch) -> None:
+        await self._publish(stored)
         start = 0
         for pending in batch:
             end = start + len(pending.events)
