@@ -2317,15 +2317,28 @@ FAILED = "failed"  # a write failed: the connection is gone
 
 @dataclass(eq=False)
 class Client:
-    """One connected dashboard: a bounded queue of shared frames, and the task writing them."""
+    """One connected dashboard: a bounded queue of shared frames, and the task writing them.
+
+    No timer per write or per wait: Hub.watch looks at every client a few times a second,
+    cuts off a write that blocks past its deadline and asks an idle stream for a ping. Two
+    timers per event per client were a tenth of fan-out time.
+    """
 
     filter: StreamFilter
     limit: int
     owner: str = ""
     frames: deque[Frame] = field(default_factory=deque)
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     ended: str | None = None
     writer: asyncio.Task | None = None
+    # Kept up to date by the writer (see write_stream), read by check().
+    writes: int = 0
+    writing: bool = False
+    deadline: float = math.inf
+    ping_seconds: float | None = None
+    ping_due: bool = False
+    _waiter: asyncio.Future | None = field(default=None, repr=False)
+    _seen_writes: int = field(default=-1, repr=False)
+    _seen_at: float = field(default=0.0, repr=False)
 
     def offer(self, frame: Frame) -> None:
         if self.ended is not None or not self.filter.matches(frame.document):
@@ -2334,26 +2347,46 @@ class Client:
             self.end(OVERFLOWED)
         else:
             self.frames.append(frame)
-            self.wakeup.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def end(self, reason: str) -> None:
-        """Let the client go; on overflow its writer is cancelled, even mid-write."""
+        """Let the client go; when cut off (overflow, a blocked write) its writer is
+        cancelled, even mid-write."""
         if self.ended is not None:
             return
         self.ended = reason
         self.frames.clear()
-        self.wakeup.set()
-        if reason == OVERFLOWED and self.writer is not None:
+        self._wake()
+        if reason in (OVERFLOWED, TIMED_OUT) and self.writer is not None:
             self.writer.cancel()
 
-    async def next_frames(self, idle_seconds: float | None = None) -> list[Frame]:
-        """Everything queued since the last call; empty after idle_seconds of quiet, or once
-        the client has ended."""
-        if not self.frames and self.ended is None:
-            self.wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(idle_seconds):
-                    await self.wakeup.wait()
+    def check(self, now: float) -> None:
+        """The watchdog's look: the same write in progress since `deadline` ago is cut off;
+        no write for ping_seconds makes a ping due."""
+        if self.writes != self._seen_writes:
+            self._seen_writes, self._seen_at = self.writes, now
+            return
+        quiet = now - self._seen_at
+        if self.writing:
+            if quiet >= self.deadline:
+                self.end(TIMED_OUT)
+        elif self.ping_seconds is not None and quiet >= self.ping_seconds and not self.ping_due:
+            self.ping_due = True
+            self._wake()
+
+    async def next_frames(self) -> list[Frame]:
+        """Everything queued since the last call; empty when a ping is due or once the
+        client has ended."""
+        if not self.frames and self.ended is None and not self.ping_due:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
         frames = list(self.frames)
         self.frames.clear()
         return frames
@@ -2402,6 +2435,15 @@ class Hub:
     def close_all(self) -> None:
         for client in list(self.clients):
             client.end(CLOSED)
+
+    async def watch(self, interval: float) -> None:
+        """The streams' watchdog: send deadlines and pings (see Client.check), for ever."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for client in list(self.clients):
+                client.check(now)
 
 
 async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
@@ -2508,6 +2550,8 @@ POST_DEADLINE_SECONDS = 8.0
 # One batch: the commit order, the statement and the publish. A POST may wait for the batch
 # before its own, so twice this stays within POST_DEADLINE_SECONDS.
 COMMIT_DEADLINE_SECONDS = 4.0
+# Batches stored back to back under one hold of the commit order (other processes wait).
+PIPELINED_BATCHES = 8
 # While storing fails, how often the committer tries the ingest path by itself, so that
 # /healthz recovers without waiting for a POST.
 PROBE_SECONDS = 1.0
@@ -2524,7 +2568,8 @@ class Committer:
     """Coalesces concurrent POSTs into one transaction and one bus message.
 
     Batches form naturally: whatever queued while the previous commit ran goes into the
-    next one, so an idle service adds no wait at all.
+    next one, so an idle service adds no wait at all. Under load the next batch is stored
+    while the last one is published (see _commit).
     """
 
     def __init__(self, storage: Storage, bus: Bus, max_events: int) -> None:
@@ -2533,6 +2578,7 @@ class Committer:
         self.max_events = max_events
         self.failure: str | None = None  # why the last attempt to store failed, until one works
         self._queue: asyncio.Queue[PendingWrite] = asyncio.Queue()
+        self._carried: list[PendingWrite] = []
 
     async def submit(self, events: list[dict]) -> list[StoredEvent]:
         pending = PendingWrite(events, asyncio.get_running_loop().create_future())
@@ -2546,19 +2592,26 @@ class Committer:
 
     async def run(self) -> None:
         while True:
-            try:
-                async with asyncio.timeout(PROBE_SECONDS if self.failure else None):
-                    batch = [await self._queue.get()]
-            except TimeoutError:
-                await self._try(self._probe)
-                continue
-            size = len(batch[0].events)
-            while not self._queue.empty() and size < self.max_events:
-                batch.append(self._queue.get_nowait())
-                size += len(batch[-1].events)
-            batch = [pending for pending in batch if not pending.done.done()]
+            if self._carried:  # taken by the last commit, never stored: first in line
+                batch, self._carried = self._carried, []
+            else:
+                try:
+                    async with asyncio.timeout(PROBE_SECONDS if self.failure else None):
+                        first = await self._queue.get()
+                except TimeoutError:
+                    await self._try(self._probe)
+                    continue
+                batch = self._take([first])
             if batch:
                 await self._commit_batch(batch)
+
+    def _take(self, batch: list[PendingWrite]) -> list[PendingWrite]:
+        """`batch` and what queued behind it, up to max_events; none whose POST gave up."""
+        size = sum(len(pending.events) for pending in batch)
+        while not self._queue.empty() and size < self.max_events:
+            batch.append(self._queue.get_nowait())
+            size += len(batch[-1].events)
+        return [pending for pending in batch if not pending.done.done()]
 
     async def _commit_batch(self, batch: list[PendingWrite]) -> None:
         error = await self._try(self._commit, batch)
@@ -2595,13 +2648,39 @@ class Committer:
             await self.storage.store([])
 
     async def _commit(self, batch: list[PendingWrite]) -> None:
+        """Store `batch`, then, while its publish runs, whatever queued meanwhile, and so on:
+        PostgreSQL stores the next batch while Redis takes the last one, under one hold of
+        the commit order. Publishes go out one after another, in id order."""
+        async with self.storage.commit_order():
+            stored = await self.storage.store(self._stamped(batch))
+            publishing = asyncio.create_task(self._publish_and_answer(batch, stored))
+            try:
+                for _ in range(PIPELINED_BATCHES - 1):
+                    batch = self._take([])
+                    if not batch:
+                        break
+                    # Until stored, the next run of the committer owns it: on any failure
+                    # here it is tried again there, alone, with the usual handling.
+                    self._carried = batch
+                    try:
+                        stored = await self.storage.store(self._stamped(batch))
+                    except Exception:
+                        break
+                    self._carried = []
+                    await publishing
+                    publishing = asyncio.create_task(self._publish_and_answer(batch, stored))
+            finally:
+                await publishing
+
+    @staticmethod
+    def _stamped(batch: list[PendingWrite]) -> list[dict]:
         received_at = dt.datetime.now(dt.UTC)
-        events = [
+        return [
             {**event, "received_at": received_at} for pending in batch for event in pending.events
         ]
-        async with self.storage.commit_order():
-            stored = await self.storage.store(events)
-            await self._publish(stored)
+
+    async def _publish_and_answer(self, batch: list[PendingWrite], stored: StoredBatch) -> None:
+        await self._publish(stored)
         start = 0
         for pending in batch:
             end = start + len(pending.events)
@@ -2694,44 +2773,52 @@ async def write_stream(
     client: Client, transport: Transport, opening: Opening, deadline: float
 ) -> str:
     """The client's one writer: its opening, then live frames, each id once and in id order,
-    whatever is queued in one write, every write within `deadline` seconds.
+    whatever is queued in one write, every write within `deadline` seconds (Hub.watch).
 
-    Returns why it stopped (see Client.end); an overflow cancels it wherever it waits.
+    Returns why it stopped (see Client.end); a cut-off cancels it wherever it waits.
     """
     client.writer = asyncio.current_task()
+    client.deadline, client.ping_seconds = deadline, transport.ping_seconds
     try:
         if opening.notice is not None:
-            await within_deadline(transport.write_notice(opening.notice), deadline)
+            client.writes += 1
+            client.writing = True
+            await transport.write_notice(opening.notice)
+            client.writing = False
         frames, last_sent = opening.replay, opening.after_id
         while client.ended is None:
-            # The replay/live seam: frames queued while the replay was read may repeat it.
-            fresh = [frame for frame in frames if frame.id > last_sent]
-            if fresh:
-                await within_deadline(transport.write_frames(fresh), deadline)
-                last_sent = fresh[-1].id
-            frames = await client.next_frames(transport.ping_seconds)
-            if not frames and client.ended is None:
-                await within_deadline(transport.write_ping(), deadline)
+            if frames:
+                # The replay/live seam: frames queued while the replay was read may repeat it.
+                if frames[0].id <= last_sent:
+                    frames = [frame for frame in frames if frame.id > last_sent]
+                if frames:
+                    client.writes += 1
+                    client.writing = True
+                    await transport.write_frames(frames)
+                    client.writing = False
+                    last_sent = frames[-1].id
+            elif client.ping_due:
+                client.ping_due = False
+                client.writes += 1
+                client.writing = True
+                await transport.write_ping()
+                client.writing = False
+            frames = await client.next_frames()
     except asyncio.CancelledError:
-        if client.ended == OVERFLOWED and asyncio.current_task().uncancel() == 0:
-            logger.warning("slow dashboard cut off after %d queued events", client.limit)
-            return OVERFLOWED
+        if client.ended in (OVERFLOWED, TIMED_OUT) and asyncio.current_task().uncancel() == 0:
+            if client.ended == OVERFLOWED:
+                logger.warning("slow dashboard cut off after %d queued events", client.limit)
+            else:
+                logger.info("dashboard dropped: a write blocked for %s s", deadline)
+            return client.ended
         raise
-    except TimeoutError:
-        logger.info("dashboard dropped: a write blocked for %s s", deadline)
-        client.end(TIMED_OUT)
     except Exception as error:  # reset, closed or refused: the connection is gone
         logger.info("dashboard dropped: %r", error)
         client.end(FAILED)
     finally:
         client.writer = None
+        client.writing = False
     return client.ended or CLOSED
-
-
-async def within_deadline(write: Awaitable[None], deadline: float) -> None:
-    """The send deadline: a dashboard that stops reading is dropped, never waited for."""
-    async with asyncio.timeout(deadline):
-        await write
 
 
 SSE_HEADERS = [
@@ -2765,21 +2852,30 @@ class SseTransport:
 
 @dataclass
 class WebSocketTransport:
-    websocket: WebSocket
+    send: Send
     ping_seconds: float | None = None  # uvicorn pings WebSockets at the protocol level
 
     async def write_frames(self, frames: list[Frame]) -> None:
         for frame in frames:
-            await self.websocket.send_text(frame.ws)
+            await self.send({"type": "websocket.send", "text": frame.ws})
 
     async def write_notice(self, notice: dict) -> None:
-        await self.websocket.send_text(orjson.dumps(notice).decode())
+        await self.send({"type": "websocket.send", "text": orjson.dumps(notice).decode()})
 
     async def write_ping(self) -> None:
         return None
 
 
 Transport = SseTransport | WebSocketTransport
+
+# The server's own `send`, kept in the scope by TelemetryApp: a stream's writes go straight to
+# it, past the middleware's per-message wrappers (a fifth of fan-out time), which act on
+# response starts only.
+SERVER_SEND = "telemetry.server_send"
+
+
+def server_send(scope: Scope, send: Send) -> Send:
+    return scope.get(SERVER_SEND, send)
 
 
 # uvicorn cannot abort a response: a stream cut off on purpose ends unfinished, and uvicorn
@@ -2809,7 +2905,7 @@ class EventStream:
         with self.service.hub.subscribe(self.stream_filter, self.owner) as client:
             # The first bytes of a new connection fit in any socket buffer.
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            transport = SseTransport(send, settings.sse_ping_seconds)
+            transport = SseTransport(server_send(scope, send), settings.sse_ping_seconds)
             await transport.write(b"retry: %d\n\n" % settings.sse_retry_ms)
             watcher = asyncio.create_task(watch_for_disconnect(receive, client))
             try:
@@ -2880,7 +2976,7 @@ async def websocket_events(websocket: WebSocket) -> None:
             return
         watcher = asyncio.create_task(watch_for_close(websocket, client))
         try:
-            transport = WebSocketTransport(websocket)
+            transport = WebSocketTransport(server_send(websocket.scope, websocket.send))
             ended = await write_stream(
                 client, transport, opening, service.settings.send_timeout_seconds
             )
@@ -3466,6 +3562,7 @@ STATIC_DIR = Path(__file__).with_name("static")
 # SecurityHeaders adds the CSP (the page has no inline script or style) and friends.
 PAGE_HEADERS = {"Cache-Control": "no-cache"}
 HEALTH_CHECK_SECONDS = 2.0
+STREAM_WATCH_SECONDS = 0.5
 STARTUP_BUS_WAIT_SECONDS = 3.0
 
 
@@ -3558,6 +3655,14 @@ async def handle_http_error(request: Request, error: Exception) -> Response:
     )
 
 
+def watch_interval(settings: Settings) -> float:
+    """How often Hub.watch looks: a write is cut off at most this late, a ping comes at most
+    this late."""
+    return min(
+        STREAM_WATCH_SECONDS, settings.send_timeout_seconds / 4, settings.sse_ping_seconds / 4
+    )
+
+
 async def close_streams_on_shutdown(hub: Hub) -> None:
     """WebSockets do not end by themselves on SIGTERM: close them so clients reconnect elsewhere."""
     while not AppStatus.should_exit:
@@ -3579,6 +3684,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         asyncio.create_task(relay_bus_to_hub(bus, hub, storage), name="subscriber"),
         asyncio.create_task(close_gaps(hub, storage), name="gap-check"),
         asyncio.create_task(close_streams_on_shutdown(hub), name="shutdown-watch"),
+        asyncio.create_task(hub.watch(watch_interval(settings)), name="stream-watch"),
     ]
     if not (settings.ingest_tokens and settings.dashboard_tokens):
         logger.warning(
@@ -3604,10 +3710,18 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await storage.disconnect()
 
 
+class TelemetryApp(Starlette):
+    """Starlette, keeping the server's `send` in the scope for the streams (see SERVER_SEND)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """The ASGI app; tests pass Settings for another database or bus."""
     settings = settings or Settings()
-    app = Starlette(
+    app = TelemetryApp(
         routes=[
             Route("/", dashboard_page, methods=["GET"]),
             Route("/api/v1/events", post_events, methods=["POST"]),
