@@ -2939,8 +2939,7 @@ STREAM_PARAMETERS = ("student_id", "course_id", "event_type", "last_event_id")
 def check_stream_query(query: Mapping[str, str]) -> None:
     """The streams' filters are free text: only a misspelt name can be refused."""
     errors = FieldErrors()
-    check_parameter_names(query, STREAM_PARAMETERS, errors)
-    raise_query_errors(errors)
+    refuse_bad_query(query, STREAM_PARAMETERS, errors)
 
 
 async def stream_events(request: Request) -> ASGIApp:
@@ -3038,16 +3037,6 @@ def query_int(
     return int(raw)
 
 
-def check_parameter_names(
-    query: Mapping[str, str], allowed: Iterable[str], errors: FieldErrors
-) -> None:
-    """A misspelt filter (`?course=cs101`) must not quietly answer with everyone."""
-    known = {*allowed, "token"}
-    for name in query:
-        if name not in known:
-            errors.add(name, "is not a parameter of this endpoint")
-
-
 def query_bool(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool:
     raw = query.get(name, "").strip().lower()
     if raw not in ("", "true", "false"):
@@ -3055,7 +3044,13 @@ def query_bool(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool
     return raw == "true"
 
 
-def raise_query_errors(errors: FieldErrors) -> None:
+def refuse_bad_query(query: Mapping[str, str], allowed: Iterable[str], errors: FieldErrors) -> None:
+    """A 422 naming every bad value and every unknown name: a misspelt filter
+    (`?course=cs101`) must not quietly answer with everyone."""
+    known = {*allowed, "token"}
+    for name in query:
+        if name not in known:
+            errors.add(name, "is not a parameter of this endpoint")
     if errors.details:
         raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
 
@@ -3071,8 +3066,7 @@ def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
     params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
     params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
     params["collapse_beats"] = query_bool(query, "collapse_beats", errors)
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
+    refuse_bad_query(query, params, errors)
     return params
 
 
@@ -3084,8 +3078,7 @@ def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
         "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
         "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
     }
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
+    refuse_bad_query(query, params, errors)
     return params
 
 
@@ -3098,8 +3091,7 @@ def parse_course_query(query: Mapping[str, str]) -> dict[str, Any]:
     """GET /api/v1/help and GET /api/v1/students.csv: an optional course_id, or a 422."""
     errors = FieldErrors()
     params = {"course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors)}
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
+    refuse_bad_query(query, params, errors)
     return params
 
 
@@ -3111,8 +3103,7 @@ def parse_cells_query(query: Mapping[str, str]) -> dict[str, Any]:
         "notebook_path": query_text(query, "notebook_path", TEXT_MAX_CHARS, errors),
         "limit": query_int(query, "limit", CELLS_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
     }
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
+    refuse_bad_query(query, params, errors)
     return params
 
 
@@ -3125,8 +3116,7 @@ def parse_activity_query(query: Mapping[str, str]) -> dict[str, Any]:
             query, "minutes", ACTIVITY_MINUTES_DEFAULT, (1, ACTIVITY_MINUTES_MAX), errors
         ),
     }
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
+    refuse_bad_query(query, params, errors)
     return params
 
 
@@ -3137,8 +3127,7 @@ def parse_export_query(query: Mapping[str, str]) -> dict[str, Any]:
         name: query_text(query, name, max_chars, errors)
         for name, max_chars in EVENT_QUERY_FILTERS.items()
     }
-    check_parameter_names(query, params, errors)
-    raise_query_errors(errors)
+    refuse_bad_query(query, params, errors)
     return params
 
 
