@@ -11,7 +11,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from tests.conftest import Server
+from tests.conftest import REDIS_URL, Server
 from tests.e2e.clients import StreamRecorder
 
 # Debian's packages: selenium-manager must never download a browser or a driver.
@@ -101,3 +101,14 @@ def raw_sse_socket() -> Iterator[Callable[..., socket.socket]]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+@pytest.fixture
+def production(postgres_database_url, channel, start_server) -> Callable[..., Server]:
+    """Start servers as deployed, all on this test's own PostgreSQL database and Redis channel."""
+    env = {
+        "DATABASE_URL": postgres_database_url,
+        "REDIS_URL": REDIS_URL,
+        "NOTIFICATION_CHANNEL": channel,
+    }
+    return lambda **extra: start_server(**env, **extra)

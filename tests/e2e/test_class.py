@@ -3,18 +3,12 @@
 import httpx
 import pytest
 
-from tests.conftest import REDIS_URL
 from tests.e2e.clients import SseClient, post_events
 
 
 @pytest.fixture
-def two_dynos(start_server, postgres_database_url, channel):
-    env = {
-        "DATABASE_URL": postgres_database_url,
-        "REDIS_URL": REDIS_URL,
-        "NOTIFICATION_CHANNEL": channel,
-    }
-    return start_server(**env), start_server(**env)
+def two_dynos(production):
+    return production(), production()
 
 
 def queue(server) -> list[str]:

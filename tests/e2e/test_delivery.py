@@ -6,19 +6,8 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import REDIS_URL, REPO
+from tests.conftest import REPO
 from tests.e2e.clients import SseClient, WebSocketClient, event, post_events
-
-
-@pytest.fixture
-def production(postgres_database_url, channel, start_server):
-    """A server as deployed: PostgreSQL and Redis."""
-    env = {
-        "DATABASE_URL": postgres_database_url,
-        "REDIS_URL": REDIS_URL,
-        "NOTIFICATION_CHANNEL": channel,
-    }
-    return lambda **extra: start_server(**env, **extra)
 
 
 async def test_posted_events_reach_sse_and_websocket_dashboards(

@@ -40,17 +40,6 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0)
         await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-def production(postgres_database_url, channel, start_server):
-    """Servers as deployed, all on this test's own database and channel."""
-    env = {
-        "DATABASE_URL": postgres_database_url,
-        "REDIS_URL": REDIS_URL,
-        "NOTIFICATION_CHANNEL": channel,
-    }
-    return lambda **extra: start_server(**env, **extra)
-
-
 async def kill_between_commit_and_publish(server, database_url: str) -> int:
     """POST one event to `server` and SIGKILL it after its commit, before its publish:
     its INSERT is held by a table lock, the process frozen, the lock released so that the
