@@ -97,7 +97,8 @@ class Settings:
     sse_ping_seconds: float = 15.0
     send_timeout_seconds: float = 10.0
     ingest_tokens: tuple[str, ...] = ()
-    dashboard_tokens: tuple[str, ...] = ()
+    dashboard_tokens: tuple[Grant, ...] = ()
+    admin_tokens: tuple[Grant, ...] = ()
     cors_origins: tuple[str, ...] = ()
     max_streams_per_client: int = 20
     pioneer_student_env: str = "JUPYTERHUB_USER"
@@ -157,6 +158,72 @@ def variable_name(name: str, raw: str, default: str) -> str:
     return next(iter(names), default)
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What a token may read: its name (for the access log, never the secret) and its
+    courses; `courses` None means every course, and the events that name none."""
+
+    name: str
+    secret: str = field(repr=False)
+    courses: frozenset[str] | None = None
+
+    def covers(self, course_id: str | None) -> bool:
+        return self.courses is None or course_id in self.courses
+
+    def course_list(self) -> list[str] | None:
+        return None if self.courses is None else sorted(self.courses)
+
+
+# DASHBOARD_TOKENS / ADMIN_TOKENS entries: `[name=]secret[:course+course...]`. Names and
+# courses are plain words, so an entry reads one way only; a secret may hold `=` (base64
+# padding) once the entry is named.
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+TOKEN_COURSE = re.compile(r"[A-Za-z0-9_.@-]{1,256}")
+TOKEN_SECRET = re.compile(r"[^\s,:]+")
+
+
+def token_fingerprint(secret: str) -> str:
+    """The name of an unnamed token: recognisable in the access log, useless to an attacker."""
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+def parse_token(name: str, entry: str, scoped: bool) -> Grant:
+    """One `[name=]secret[:course+course...]` entry; ConfigError naming what is wrong."""
+    label, has_name, rest = entry.partition("=")
+    if not has_name or not TOKEN_NAME.fullmatch(label):
+        label, rest = "", entry
+    secret, has_courses, scope = rest.partition(":")
+    if not TOKEN_SECRET.fullmatch(secret) or secret.startswith("="):
+        raise ConfigError(
+            f"{name} has an entry with an empty or malformed secret; the form is "
+            "[name=]secret[:course+course], and a secret holding '=' needs a name first"
+        )
+    if has_courses and not scoped:
+        raise ConfigError(f"{name} entries cannot name courses: they act on every course")
+    courses = scope.split("+") if has_courses else None
+    for course in courses or ():
+        if not TOKEN_COURSE.fullmatch(course):
+            raise ConfigError(
+                f"{name} scopes a token to {course!r}: a course is 1 to 256 letters, digits, "
+                "'_', '.', '@' or '-', and courses are joined by '+'"
+            )
+    grant_courses = None if courses is None else frozenset(courses)
+    return Grant(label or token_fingerprint(secret), secret, grant_courses)
+
+
+def parse_tokens(name: str, raw: str, scoped: bool = True) -> tuple[Grant, ...]:
+    """A comma-separated list of token entries (see parse_token), each secret and name once."""
+    grants = tuple(parse_token(name, entry, scoped) for entry in comma_list(name, raw))
+    secrets = Counter(grant.secret for grant in grants)
+    if any(count > 1 for count in secrets.values()):
+        raise ConfigError(f"{name} lists a secret twice: each token must be unique")
+    names = Counter(grant.name for grant in grants)
+    for repeated, count in names.items():
+        if count > 1:
+            raise ConfigError(f"{name} names two tokens {repeated!r}: names must be unique")
+    return grants
+
+
 def normalise_database_url(raw: str | None) -> str:
     """Map DATABASE_URL onto what `databases` understands; unset means the SQLite file."""
     if not raw or not raw.strip():
@@ -211,7 +278,8 @@ ENVIRONMENT: dict[str, Callable[[str, str, Any], Any]] = {
     "SSE_PING_SECONDS": seconds,
     "SEND_TIMEOUT_SECONDS": seconds,
     "INGEST_TOKENS": comma_list,
-    "DASHBOARD_TOKENS": comma_list,
+    "DASHBOARD_TOKENS": lambda name, raw, default: parse_tokens(name, raw, scoped=True),
+    "ADMIN_TOKENS": lambda name, raw, default: parse_tokens(name, raw, scoped=False),
     "CORS_ORIGINS": comma_list,
     "MAX_STREAMS_PER_CLIENT": whole_number,
     "PIONEER_STUDENT_ENV": variable_name,
@@ -1093,6 +1161,19 @@ EVENT_COLUMNS = (
 ).split()
 JSON_COLUMNS = ("error", "outputs", "extra")
 
+# A scoped token's courses travel as one JSON array parameter, `:courses` (SQLite has no
+# arrays), NULL for an unscoped token; {courses} becomes the dialect's set of its elements.
+COURSE_SETS = {
+    "postgres": "(SELECT jsonb_array_elements_text(CAST(:courses AS jsonb)))",
+    "sqlite": "(SELECT value FROM json_each(:courses))",
+}
+
+
+def in_scope(course: str) -> str:
+    """The read API's one course guard: a row is read only if its course is the token's."""
+    return f"(CAST(:courses AS TEXT) IS NULL OR {course} IN {{courses}})"
+
+
 # The read API selects the same documents as the stream sends (see event_document): the
 # student's name and team, and the student's course when the event names none.
 EVENT_DOCUMENT_SOURCES = {
@@ -1120,6 +1201,7 @@ FROM events e JOIN students s ON s.student_id = e.student_id
 WHERE e.id > :since_id AND e.id < :before_id
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
   AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
+  AND {in_scope("COALESCE(e.course_id, s.course_id)")}
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
   AND (NOT CAST(:collapse_beats AS BOOLEAN) OR e.event_type <> 'help'
@@ -1135,6 +1217,7 @@ FROM events e JOIN students s ON s.student_id = e.student_id
 WHERE e.id > :since_id
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
   AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
+  AND {in_scope("COALESCE(e.course_id, s.course_id)")}
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
 ORDER BY e.id
@@ -1143,7 +1226,7 @@ LIMIT :limit
 
 # Correlated subqueries, each an index range on events (student_id, id): the cost follows
 # the page's students, not the whole table.
-SELECT_STUDENT_PAGE = """
+SELECT_STUDENT_PAGE = f"""
 SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
        notebook.cell_id AS last_cell_id, notebook.cell_index AS last_cell_index,
        hand.raise_id AS hand_raise_id, hand.student_id AS hand_student_id,
@@ -1162,6 +1245,7 @@ FROM (
     FROM students s LEFT JOIN student_counts c ON c.student_id = s.student_id
     WHERE s.student_id > :after
       AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
+      AND {in_scope("s.course_id")}
     ORDER BY s.student_id
     LIMIT :limit
 ) page
@@ -1254,7 +1338,7 @@ UPSERT_ONE = {table: upsert_one(table, *spec) for table, spec in SUMMARY_UPSERTS
 UPSERT_ARRAYS = {table: upsert_arrays(table, *spec) for table, spec in SUMMARY_UPSERTS.items()}
 
 # Beating raises only: an index range on last_beat_at, whatever the table's history.
-SELECT_BEATING_HANDS = """
+SELECT_BEATING_HANDS = f"""
 SELECT h.raise_id, h.student_id, h.raised_at, h.last_beat_at, h.state, h.on_my_way_by,
        h.on_my_way_at, s.name, s.team, s.course_id,
        place.notebook_path, place.cell_id, place.cell_index
@@ -1266,14 +1350,15 @@ LEFT JOIN events place ON place.id = (
 )
 WHERE h.last_beat_at >= :cutoff AND h.state <> 'stopped'
   AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
+  AND {in_scope("s.course_id")}
 ORDER BY h.raised_at, h.raise_id
 """
 HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "cell_index")
 
 SELECT_STUDENT_COURSE = "SELECT course_id FROM students WHERE student_id = :student_id"
 
-CELL_RUN_FILTERS = """
-    (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id)
+CELL_RUN_FILTERS = f"""
+    (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id) AND {in_scope("course_id")}
     AND (CAST(:notebook_path AS TEXT) IS NULL OR notebook_path = :notebook_path)
 """
 SELECT_CELL_TOTALS = f"""
@@ -1302,11 +1387,12 @@ WHERE student_id = :student_id AND notebook_path = :notebook_path AND cell_key =
 """
 TOP_ERRORS = 5
 
-SELECT_ACTIVITY = """
+SELECT_ACTIVITY = f"""
 SELECT minute, CAST(SUM(executions) AS BIGINT) AS executions,
        CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(help) AS BIGINT) AS help
 FROM activity
 WHERE minute >= :first AND (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id)
+  AND {in_scope("course_id")}
 GROUP BY minute
 """
 
@@ -1326,6 +1412,13 @@ CROSS JOIN LATERAL (
 
 
 NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def dialect_sql(sql: str, dialect: str) -> str:
+    """A statement with its dialect's JSON aggregate and course set filled in."""
+    return sql.replace("{students}", JSON_ARRAY_AGGREGATES[dialect]).replace(
+        "{courses}", COURSE_SETS[dialect]
+    )
 
 
 @dataclass(frozen=True)
@@ -1368,10 +1461,10 @@ COMMIT_STATEMENTS = {
 # The aggregates read up to thousands of rows: SQLAlchemy's row processing in `databases`
 # took 28 ms for 7,200 rows that asyncpg's own records decode in a few.
 FAST_READS = {
-    sql: AsyncpgStatement.of(sql)
+    sql: AsyncpgStatement.of(dialect_sql(sql, "postgres"))
     for sql in (
         SELECT_CELL_TOTALS,
-        SELECT_FAILING_GROUPS.format(students=JSON_ARRAY_AGGREGATES["postgres"]),
+        SELECT_FAILING_GROUPS,
         SELECT_ACTIVITY,
         SELECT_RECENT_EXECUTIONS_LATERAL,
     )
@@ -1821,9 +1914,7 @@ class Storage:
         options = {"min_size": 1, "max_size": max(pool_size - 1, 1)} if self.is_postgres else {}
         self.database = Database(url, **options)
         self._writer: asyncpg.Connection | None = None
-        self._select_failing_groups = SELECT_FAILING_GROUPS.format(
-            students=JSON_ARRAY_AGGREGATES["postgres" if self.is_postgres else "sqlite"]
-        )
+        self.dialect = "postgres" if self.is_postgres else "sqlite"
 
     async def connect(self) -> None:
         await self.database.connect()
@@ -1867,18 +1958,18 @@ class Storage:
 
     async def events_page(self, params: Mapping[str, Any]) -> list[dict]:
         """Events matching parse_events_query's params, newest first."""
-        rows = await self.database.fetch_all(SELECT_EVENT_PAGE, dict(params))
+        rows = await self.fetch_all(SELECT_EVENT_PAGE, params)
         return [row_document(row._mapping) for row in rows]
 
     async def events_export(self, params: Mapping[str, Any]) -> list[dict]:
         """Events matching parse_export_query's params after `since_id`, oldest first."""
-        rows = await self.database.fetch_all(SELECT_EVENT_EXPORT, dict(params))
+        rows = await self.fetch_all(SELECT_EVENT_EXPORT, params)
         return [row_document(row._mapping) for row in rows]
 
     async def students_page(self, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
         """Students matching parse_students_query's params, by student_id, with their counts
         and their hands as they are at `now`."""
-        rows = [row._mapping for row in await self.database.fetch_all(SELECT_STUDENT_PAGE, params)]
+        rows = [row._mapping for row in await self.fetch_all(SELECT_STUDENT_PAGE, params)]
         if not rows:
             return []
         executions: dict[str, list[tuple[str | None, str]]] = {}
@@ -1894,11 +1985,12 @@ class Storage:
             executions.setdefault(row["student_id"], []).append((row["cell_id"], row["status"]))
         return [student_document(row, executions.get(row["student_id"], []), now) for row in rows]
 
-    async def hands(self, course_id: str | None, now: dt.datetime) -> list[dict]:
+    async def hands(self, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
         """Raises still beating at `now`, oldest first, with where their student last was."""
         cutoff = self.db_time(now - HAND_TIMEOUT)
-        rows = await self.database.fetch_all(
-            SELECT_BEATING_HANDS, {"cutoff": cutoff, "course_id": course_id}
+        rows = await self.fetch_all(
+            SELECT_BEATING_HANDS,
+            {"cutoff": cutoff, "course_id": params["course_id"], "courses": params["courses"]},
         )
         hands = []
         for row in rows:
@@ -1919,24 +2011,28 @@ class Storage:
 
     async def cells(self, params: Mapping[str, Any]) -> list[dict]:
         """Per notebook and cell, who ran it and who is failing there now (see cell_documents)."""
-        filters = {"course_id": params["course_id"], "notebook_path": params["notebook_path"]}
+        filters = {name: params[name] for name in ("course_id", "notebook_path", "courses")}
         totals = await self.fetch_many(SELECT_CELL_TOTALS, filters)
-        failing = await self.fetch_many(self._select_failing_groups, filters)
+        failing = await self.fetch_many(SELECT_FAILING_GROUPS, filters)
         return cell_documents(totals, failing)[: params["limit"]]
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list:
+        """Rows of a statement written with the dialect placeholders of dialect_sql."""
+        return await self.database.fetch_all(dialect_sql(sql, self.dialect), dict(params))
 
     async def fetch_many(self, sql: str, params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
         """Rows of one of the FAST_READS; asyncpg's records directly on PostgreSQL."""
         if not self.is_postgres:
-            return [row._mapping for row in await self.database.fetch_all(sql, dict(params))]
+            return [row._mapping for row in await self.fetch_all(sql, params)]
         async with self.database.connection() as connection:
             return await FAST_READS[sql].fetch(connection.raw_connection, params)
 
-    async def activity(self, course_id: str | None, minutes: int, now: dt.datetime) -> list[dict]:
+    async def activity(self, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
         """Executions, errors and raised hands per minute, the last `minutes`, oldest first."""
+        minutes = params["minutes"]
         first = now - dt.timedelta(minutes=minutes - 1)
-        rows = await self.fetch_many(
-            SELECT_ACTIVITY, {"course_id": course_id, "first": minute_of(first)}
-        )
+        filters = {name: params[name] for name in ("course_id", "courses")}
+        rows = await self.fetch_many(SELECT_ACTIVITY, {**filters, "first": minute_of(first)})
         return activity_series([dict(row) for row in rows], first, minutes)
 
     @contextlib.asynccontextmanager
@@ -2250,6 +2346,25 @@ def encode_batch(batch: StoredBatch) -> bytes | None:
     return orjson.dumps({"follows": batch.follows, "events": documents})
 
 
+# An erasure on the bus: {"erased": {"student_id": ..., "course_id": ...}} or a course's.
+ERASURE_PREFIX = b'{"erased":'
+
+
+def encode_erasure(erased: dict) -> bytes:
+    return orjson.dumps({"erased": erased})
+
+
+def decode_erasure(payload: bytes) -> dict | None:
+    """The erasure a bus message announces; None for a batch of events."""
+    if not payload.startswith(ERASURE_PREFIX):
+        return None
+    try:
+        erased = orjson.loads(payload)["erased"]
+        return {key: erased.get(key) for key in ("student_id", "course_id")}
+    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+        return None  # decode_message warns about it
+
+
 def decode_message(payload: bytes) -> tuple[int, list[dict]] | None:
     """A bus message's (follows, documents); None, and a warning, if it is not one."""
     try:
@@ -2271,6 +2386,7 @@ class Frame:
     document: dict
     sse: bytes
     ws: str
+    notice: bool = False
 
     @classmethod
     def of(cls, document: dict) -> Frame:
@@ -2278,12 +2394,21 @@ class Frame:
         sse = b"id: %d\ndata: %s\n\n" % (document["id"], data)
         return cls(document["id"], document, sse, data.decode())
 
+    @classmethod
+    def erasure(cls, erased: dict, after_id: int) -> Frame:
+        """`event: erased`, with no SSE id (resuming stays where the events were). Numbered
+        after the events delivered before it, so it keeps its place among them."""
+        document = {"type": "erased", **erased}
+        data = orjson.dumps(document)
+        return cls(after_id, document, b"event: erased\ndata: %s\n\n" % data, data.decode(), True)
+
 
 @dataclass(frozen=True)
 class StreamFilter:
     student_id: str | None = None
     course_id: str | None = None
     event_type: str | None = None
+    courses: frozenset[str] | None = None  # the token's (Grant.courses): None for all
     wanted: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -2297,15 +2422,16 @@ class StreamFilter:
         wanted = tuple((name, value) for name, value in constraints if value is not None)
         object.__setattr__(self, "wanted", wanted)
 
-    @classmethod
-    def from_query(cls, query: Mapping[str, str]) -> StreamFilter:
-        return cls(query.get("student_id"), query.get("course_id"), query.get("event_type"))
-
     def matches(self, document: Mapping[str, Any]) -> bool:
+        if self.courses is not None and document.get("course_id") not in self.courses:
+            return False
         for name, value in self.wanted:
             if document.get(name) != value:
                 return False
         return True
+
+    def hears_erasure(self, erased: Mapping[str, Any]) -> bool:
+        return self.courses is None or erased.get("course_id") in self.courses
 
 
 # Why a client's stream ended.
@@ -2343,6 +2469,9 @@ class Client:
     def offer(self, frame: Frame) -> None:
         if self.ended is not None or not self.filter.matches(frame.document):
             return
+        self.queue(frame)
+
+    def queue(self, frame: Frame) -> None:
         if len(self.frames) >= self.limit:
             self.end(OVERFLOWED)
         else:
@@ -2432,6 +2561,13 @@ class Hub:
             for client in self.clients:
                 client.offer(frame)
 
+    def announce_erasure(self, erased: dict) -> None:
+        """Tell the clients of the erased student's (or course's) course to drop them."""
+        frame = Frame.erasure(erased, self.last_id)
+        for client in self.clients:
+            if client.ended is None and client.filter.hears_erasure(erased):
+                client.queue(frame)
+
     def close_all(self) -> None:
         for client in list(self.clients):
             client.end(CLOSED)
@@ -2464,6 +2600,10 @@ async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
 async def deliver_message(hub: Hub, storage: Storage, payload: bytes) -> None:
     """A batch from the bus, after any earlier events it follows that never came: those of
     a process that died between its commit and its publish, or whose publish failed."""
+    erased = decode_erasure(payload)
+    if erased is not None:
+        hub.announce_erasure(erased)
+        return
     message = decode_message(payload)
     if message is None:
         return
@@ -2789,14 +2929,15 @@ async def write_stream(
         while client.ended is None:
             if frames:
                 # The replay/live seam: frames queued while the replay was read may repeat it.
+                # An erasure notice is never dropped: the replay may hold the erased events.
                 if frames[0].id <= last_sent:
-                    frames = [frame for frame in frames if frame.id > last_sent]
+                    frames = [frame for frame in frames if frame.id > last_sent or frame.notice]
                 if frames:
                     client.writes += 1
                     client.writing = True
                     await transport.write_frames(frames)
                     client.writing = False
-                    last_sent = frames[-1].id
+                    last_sent = max(last_sent, frames[-1].id)
             elif client.ping_due:
                 client.ping_due = False
                 client.writes += 1
@@ -2933,13 +3074,21 @@ async def watch_for_disconnect(receive: Receive, client: Client) -> None:
     client.end(CLOSED)
 
 
-STREAM_PARAMETERS = ("student_id", "course_id", "event_type", "last_event_id")
+STREAM_FILTERS = ("student_id", "course_id", "event_type")
 
 
-def check_stream_query(query: Mapping[str, str]) -> None:
+def parse_stream_query(query: Mapping[str, str]) -> dict[str, Any]:
     """The streams' filters are free text: only a misspelt name can be refused."""
     errors = FieldErrors()
-    refuse_bad_query(query, STREAM_PARAMETERS, errors)
+    refuse_bad_query(query, (*STREAM_FILTERS, "last_event_id"), errors)
+    return {name: query.get(name) or None for name in STREAM_FILTERS}
+
+
+async def open_filter(connection: HTTPConnection) -> StreamFilter:
+    """A stream's filter: what it asked for, within its token's courses (see authorize_read)."""
+    grant, params = await authorize_read(connection, parse_stream_query)
+    filters = {name: params[name] for name in STREAM_FILTERS}
+    return StreamFilter(**filters, courses=grant.courses)
 
 
 async def stream_events(request: Request) -> ASGIApp:
@@ -2948,10 +3097,9 @@ async def stream_events(request: Request) -> ASGIApp:
     after_id = parse_last_event_id(
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    check_stream_query(request.query_params)
+    stream_filter = await open_filter(request)
     owner = admit_stream(request)
-    return EventStream(service, StreamFilter.from_query(request.query_params), owner, after_id)
+    return EventStream(service, stream_filter, owner, after_id)
 
 
 async def websocket_events(websocket: WebSocket) -> None:
@@ -2959,14 +3107,13 @@ async def websocket_events(websocket: WebSocket) -> None:
     service = service_of(websocket)
     after_id = parse_last_event_id(websocket.query_params.get("last_event_id"))
     try:
-        owner = admit_websocket(websocket)
+        stream_filter, owner = await admit_websocket(websocket)
     except ApiError as refusal:
         # Closing before accept answers the handshake with HTTP 403.
         logger.info("WebSocket refused: %s", refusal.message)
         await websocket.close(code=1008, reason=refusal.code)
         return
     await websocket.accept()
-    stream_filter = StreamFilter.from_query(websocket.query_params)
     with service.hub.subscribe(stream_filter, owner) as client:
         try:
             opening = await open_stream(service, client, after_id)
@@ -3143,8 +3290,7 @@ async def read_storage(read: Awaitable[Any]) -> Any:
 async def list_events(request: Request) -> Response:
     """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
     service = service_of(request)
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    params = parse_events_query(request.query_params)
+    _, params = await authorize_read(request, parse_events_query)
     # Read before the page: resuming the stream from latest_id then misses nothing.
     latest_id = await read_storage(service.storage.max_event_id())
     page_and_one = {**params, "limit": params["limit"] + 1}
@@ -3163,8 +3309,7 @@ async def list_events(request: Request) -> Response:
 async def list_students(request: Request) -> Response:
     """Students by student_id with their counts; `next_after` fetches the next page."""
     service = service_of(request)
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    params = parse_students_query(request.query_params)
+    _, params = await authorize_read(request, parse_students_query)
     page_and_one = {**params, "limit": params["limit"] + 1}
     now = dt.datetime.now(dt.UTC)
     students = await read_storage(service.storage.students_page(page_and_one, now))
@@ -3182,10 +3327,9 @@ async def list_students(request: Request) -> Response:
 async def list_help(request: Request) -> Response:
     """The help queue, first come first served, and every raise still beating."""
     service = service_of(request)
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    params = parse_course_query(request.query_params)
+    _, params = await authorize_read(request, parse_course_query)
     now = dt.datetime.now(dt.UTC)
-    hands = await read_storage(service.storage.hands(params["course_id"], now))
+    hands = await read_storage(service.storage.hands(params, now))
     return JSONResponse(
         {
             "now": format_timestamp(now),
@@ -3203,11 +3347,11 @@ async def answer_hand(request: Request) -> Response:
     """Record "on my way" or a dismissal as an event: stored and published like any, so
     every dashboard, and any reload, agrees."""
     service = service_of(request)
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
     event_type = HAND_ACTIONS.get(request.path_params["action"])
     if event_type is None:
         raise ApiError(404, "not_found", "the actions are on-my-way and dismiss")
     student_id = request.path_params["student_id"]
+    await authorize_read(request, lambda query: {"student_id": student_id})
     by = parse_instructor(await read_body(request, 4_096), request.headers.get("content-type"))
     seen, course_id = await read_storage(service.storage.student_course(student_id))
     if not seen:
@@ -3231,8 +3375,7 @@ async def answer_hand(request: Request) -> Response:
 async def list_cells(request: Request) -> Response:
     """Where the class is stuck: per notebook and cell, who ran it and who fails there now."""
     service = service_of(request)
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    params = parse_cells_query(request.query_params)
+    _, params = await authorize_read(request, parse_cells_query)
     cells = await read_storage(service.storage.cells(params))
     return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), "cells": cells})
 
@@ -3240,12 +3383,9 @@ async def list_cells(request: Request) -> Response:
 async def list_activity(request: Request) -> Response:
     """Executions, errors and raised hands per minute over the last `minutes`."""
     service = service_of(request)
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
-    params = parse_activity_query(request.query_params)
+    _, params = await authorize_read(request, parse_activity_query)
     now = dt.datetime.now(dt.UTC)
-    series = await read_storage(
-        service.storage.activity(params["course_id"], params["minutes"], now)
-    )
+    series = await read_storage(service.storage.activity(params, now))
     return JSONResponse(
         {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
     )
@@ -3317,9 +3457,9 @@ async def csv_pages(
 async def export_events(request: Request) -> Response:
     """Events as CSV, oldest first, streamed in keyset pages: a term fits, memory does not grow."""
     service = service_of(request)
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
     storage: Storage = service.storage
-    params = {**parse_export_query(request.query_params), "limit": EXPORT_PAGE_SIZE}
+    _, params = await authorize_read(request, parse_export_query)
+    params["limit"] = EXPORT_PAGE_SIZE
 
     def page_after(last: dict) -> Awaitable[list[dict]]:
         return storage.events_export({**params, "since_id": last["id"]})
@@ -3332,9 +3472,9 @@ async def export_events(request: Request) -> Response:
 async def export_students(request: Request) -> Response:
     """The students table as CSV, streamed in keyset pages."""
     service = service_of(request)
-    require_token(service.settings.dashboard_tokens, presented_tokens(request), "dashboard")
     storage: Storage = service.storage
-    params = {**parse_course_query(request.query_params), "limit": EXPORT_PAGE_SIZE}
+    _, params = await authorize_read(request, parse_course_query)
+    params["limit"] = EXPORT_PAGE_SIZE
     now = dt.datetime.now(dt.UTC)
 
     def page_after(last: dict) -> Awaitable[list[dict]]:
@@ -3352,15 +3492,26 @@ TOKEN_COOKIE = "telemetry_token"
 TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
 
 
-def token_is_valid(candidate: str | None, tokens: tuple[str, ...]) -> bool:
+# Every read by a dashboard token and every erasure: one line each, as JSON (see log_access).
+ACCESS_LOG = logging.getLogger("telemetry.access")
+# The reader of a service without DASHBOARD_TOKENS (the embedded default): everything.
+OPEN_GRANT = Grant("open", "")
+
+
+def find_grant(candidate: str | None, grants: Iterable[Grant]) -> Grant | None:
     """Compare in constant time against every configured token (several allow rotation)."""
     if not candidate:
-        return False
+        return None
     given = candidate.encode()
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(given, token.encode())
-    return matched
+    found = None
+    for grant in grants:
+        if hmac.compare_digest(given, grant.secret.encode()):
+            found = grant
+    return found
+
+
+def token_is_valid(candidate: str | None, tokens: tuple[str, ...]) -> bool:
+    return find_grant(candidate, (Grant("", token) for token in tokens)) is not None
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -3379,15 +3530,101 @@ def presented_tokens(connection: HTTPConnection) -> list[str | None]:
     ]
 
 
+def unauthorized(realm: str) -> ApiError:
+    return ApiError(
+        401,
+        "unauthorized",
+        f"a valid {realm} token is required",
+        headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
+    )
+
+
 def require_token(tokens: tuple[str, ...], candidates: Iterable[str | None], realm: str) -> None:
     """No tokens configured means open (the embedded default); otherwise one must match."""
     if tokens and not any(token_is_valid(candidate, tokens) for candidate in candidates):
-        raise ApiError(
-            401,
-            "unauthorized",
-            f"a valid {realm} token is required",
-            headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
-        )
+        raise unauthorized(realm)
+
+
+def require_grant(grants: tuple[Grant, ...], candidates: Iterable[str | None], realm: str) -> Grant:
+    """The grant of the first presented token that matches one of `grants`, else 401."""
+    for candidate in candidates:
+        grant = find_grant(candidate, grants)
+        if grant is not None:
+            return grant
+    raise unauthorized(realm)
+
+
+def dashboard_grant(connection: HTTPConnection) -> Grant:
+    """Who reads: the presented dashboard token's grant, or OPEN_GRANT with no tokens set."""
+    grants = service_of(connection).settings.dashboard_tokens
+    if not grants:
+        return OPEN_GRANT
+    return require_grant(grants, presented_tokens(connection), "dashboard")
+
+
+def out_of_scope(grant: Grant, field_name: str, what: str) -> ApiError:
+    courses = ", ".join(grant.course_list() or [])
+    return ApiError(
+        403,
+        "out_of_scope",
+        f"token {grant.name!r} may not read {what}",
+        [{"field": field_name, "problem": f"is outside this token's courses ({courses})"}],
+    )
+
+
+async def check_scope(storage: Storage, grant: Grant, params: Mapping[str, Any]) -> None:
+    """A course, or a student, named explicitly outside the grant is a 403, never an empty
+    answer that would hide it."""
+    if grant.courses is None:
+        return
+    course_id = params.get("course_id")
+    if course_id is not None and not grant.covers(course_id):
+        raise out_of_scope(grant, "course_id", f"course {course_id!r}")
+    student_id = params.get("student_id")
+    if student_id is not None:
+        _, course_id = await read_storage(storage.student_course(student_id))
+        if not grant.covers(course_id):
+            raise out_of_scope(grant, "student_id", f"student {student_id!r}")
+
+
+def log_access(
+    connection: HTTPConnection, grant: Grant, action: str, outcome: str, **what: Any
+) -> None:
+    """One line per read, stream opening or erasure: the token's name (never its secret), the
+    courses it covers, the endpoint and what it named."""
+    method = connection.scope.get("method", "WEBSOCKET")
+    params = {k: v for k, v in connection.query_params.items() if k != "token"}
+    params.update(connection.path_params)
+    if "last-event-id" in connection.headers:
+        params["last_event_id"] = connection.headers["last-event-id"]
+    line = {
+        "action": action,
+        "outcome": outcome,
+        "token": grant.name,
+        "courses": grant.course_list() or "all",
+        "endpoint": f"{method} {connection.url.path}",
+        "params": params,
+        **what,
+    }
+    ACCESS_LOG.info("%s", orjson.dumps(line).decode())
+
+
+async def authorize_read(
+    connection: HTTPConnection, parse: Callable[[Mapping[str, str]], dict[str, Any]]
+) -> tuple[Grant, dict[str, Any]]:
+    """Every read's one gate: the token (401), the query (422), the courses and the student
+    it names (403), then the access log. The parameters come back with `courses`, the
+    grant's as in_scope takes them, so the SQL reads nothing outside it."""
+    grant = dashboard_grant(connection)
+    params = parse(connection.query_params)
+    try:
+        await check_scope(service_of(connection).storage, grant, params)
+    except ApiError as refusal:
+        log_access(connection, grant, "read", "refused")
+        raise refusal
+    log_access(connection, grant, "read", "allowed")
+    courses = grant.course_list()
+    return grant, {**params, "courses": None if courses is None else orjson.dumps(courses).decode()}
 
 
 def envelope_token(body: Any) -> str | None:
@@ -3424,22 +3661,32 @@ def admit_stream(connection: HTTPConnection) -> str:
     return owner
 
 
-def admit_websocket(websocket: WebSocket) -> str:
+async def admit_websocket(websocket: WebSocket) -> tuple[StreamFilter, str]:
     settings = service_of(websocket).settings
     origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
     if not origin_allowed(origin, host, settings.cors_origins):
         raise ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
-    require_token(settings.dashboard_tokens, presented_tokens(websocket), "dashboard")
-    check_stream_query(websocket.query_params)
-    return admit_stream(websocket)
+    stream_filter = await open_filter(websocket)
+    return stream_filter, admit_stream(websocket)
+
+
+def session_body(grant: Grant) -> dict:
+    """What the dashboard may ask for: its token's name and courses (null: all)."""
+    return {"status": "ok", "token": grant.name, "courses": grant.course_list()}
+
+
+async def show_session(request: Request) -> Response:
+    return JSONResponse(session_body(dashboard_grant(request)))
 
 
 async def create_session(request: Request) -> Response:
     """Trade a dashboard token (Authorization: Bearer) for the HttpOnly cookie that
-    EventSource, which cannot send headers, presents by itself."""
+    EventSource, which cannot send headers, presents by itself. The cookie holds the token
+    itself, so it reads exactly what the token reads."""
     token = bearer_token(request.headers)
-    require_token(service_of(request).settings.dashboard_tokens, [token], "dashboard")
-    response = JSONResponse({"status": "ok"})
+    grants = service_of(request).settings.dashboard_tokens
+    grant = require_grant(grants, [token], "dashboard") if grants else OPEN_GRANT
+    response = JSONResponse(session_body(grant))
     if token:
         response.set_cookie(
             TOKEN_COOKIE,
@@ -3732,6 +3979,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/api/v1/stream", stream_events, methods=["GET"]),
             WebSocketRoute("/api/v1/ws", websocket_events),
             Route("/api/v1/session", create_session, methods=["POST"]),
+            Route("/api/v1/session", show_session, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],

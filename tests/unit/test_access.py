@@ -3,11 +3,16 @@ import logging
 import pytest
 
 from telemetry import (
+    ConfigError,
+    Grant,
     RedactTokens,
     bearer_token,
     envelope_token,
+    find_grant,
     load_settings,
     origin_allowed,
+    parse_tokens,
+    token_fingerprint,
     token_is_valid,
 )
 
@@ -73,5 +78,80 @@ def test_token_lists_come_from_the_environment() -> None:
         {"INGEST_TOKENS": " a, b ,", "DASHBOARD_TOKENS": "d", "CORS_ORIGINS": "https://x.edu"}
     )
     assert settings.ingest_tokens == ("a", "b")
-    assert settings.dashboard_tokens == ("d",)
+    assert settings.dashboard_tokens == (Grant(token_fingerprint("d"), "d"),)
     assert settings.cors_origins == ("https://x.edu",)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("tok3", [(token_fingerprint("tok3"), "tok3", None)]),
+        ("tok1:cs101, tok2:cs101+ds200", [(token_fingerprint("tok1"), "tok1", {"cs101"}),
+                                          (token_fingerprint("tok2"), "tok2", {"cs101", "ds200"})]),
+        ("lee=s3cret:cs101+ds200", [("lee", "s3cret", {"cs101", "ds200"})]),
+        ("lee=s3cret,dpo=other", [("lee", "s3cret", None), ("dpo", "other", None)]),
+        ("ops=YWJjZA==", [("ops", "YWJjZA==", None)]),  # base64 padding, once named
+        ("a.b@uni-1=x/y+z:CS_1.2026@x-y", [("a.b@uni-1", "x/y+z", {"CS_1.2026@x-y"})]),
+        ("", []),
+    ],
+)  # fmt: skip
+def test_token_specs_give_names_secrets_and_courses(raw, expected) -> None:
+    grants = parse_tokens("DASHBOARD_TOKENS", raw)
+    courses = [None if grant.courses is None else set(grant.courses) for grant in grants]
+    assert [(g.name, g.secret, c) for g, c in zip(grants, courses, strict=True)] == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("tok:", "scopes a token to ''"),
+        ("tok:cs101+", "scopes a token to ''"),
+        ("tok:cs 101", "scopes a token to 'cs 101'"),
+        ("tok:cs101;drop", "scopes a token to 'cs101;drop'"),
+        ("tok:cs101:ds200", "scopes a token to 'cs101:ds200'"),
+        ("lee=", "empty or malformed secret"),
+        ("=abc", "empty or malformed secret"),
+        ("YWJjZA==", "needs a name first"),
+        (":cs101", "empty or malformed secret"),
+        ("same,same", "lists a secret twice"),
+        ("a=same:cs101,b=same:ds200", "lists a secret twice"),
+        ("lee=one,lee=two", "names two tokens 'lee'"),
+    ],
+)
+def test_bad_token_specs_stop_start_up_without_showing_the_secret(raw, problem) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings({"DASHBOARD_TOKENS": raw})
+    assert problem in str(error.value)
+    assert "DASHBOARD_TOKENS" in str(error.value)
+    assert "same" not in str(error.value) and "YWJjZA" not in str(error.value)
+
+
+def test_admin_tokens_take_names_but_no_courses() -> None:
+    settings = load_settings({"ADMIN_TOKENS": "dpo=s3cret, other"})
+    assert [grant.name for grant in settings.admin_tokens] == ["dpo", token_fingerprint("other")]
+    assert all(grant.courses is None for grant in settings.admin_tokens)
+    with pytest.raises(ConfigError, match="ADMIN_TOKENS entries cannot name courses"):
+        load_settings({"ADMIN_TOKENS": "dpo=s3cret:cs101"})
+
+
+def test_an_unnamed_token_is_named_by_a_fingerprint_that_is_not_the_secret() -> None:
+    name = token_fingerprint("dashboard-secret")
+    assert name.startswith("sha256:") and "dashboard-secret" not in name
+    assert name == token_fingerprint("dashboard-secret") != token_fingerprint("dashboard-secreT")
+
+
+def test_the_presented_token_finds_its_own_grant() -> None:
+    grants = (Grant("a", "one", frozenset({"cs101"})), Grant("b", "two"))
+    assert find_grant("two", grants) == grants[1]
+    assert find_grant("one", grants).courses == {"cs101"}
+    assert find_grant("three", grants) is None and find_grant(None, grants) is None
+
+
+@pytest.mark.parametrize(
+    ("courses", "course_id", "covered"),
+    [(None, "cs101", True), (None, None, True), ({"cs101"}, "cs101", True),
+     ({"cs101"}, "ds200", False), ({"cs101"}, None, False), ({"cs101"}, "", False)],
+)  # fmt: skip
+def test_a_scoped_grant_covers_its_courses_only(courses, course_id, covered) -> None:
+    grant = Grant("x", "s", None if courses is None else frozenset(courses))
+    assert grant.covers(course_id) is covered
