@@ -1,0 +1,195 @@
+"""Course-scoped dashboard tokens through the read API, the CSV exports and the hand actions,
+in process, on both databases; the access log they leave."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from telemetry import Settings, create_app, load_settings
+from tests.errors import assert_error
+from tests.integration.conftest import ApiClient
+
+SECRETS = {"cs": "cs-secret-1", "both": "both-secret-2", "all": "all-secret-3"}
+TOKENS = f"lee={SECRETS['cs']}:cs101,duo={SECRETS['both']}:cs101+ds200,{SECRETS['all']}"
+# ada and cy are in cs101, bo in ds200, eve in ma300, nobody names a course for ned.
+CLASS = [
+    {"student_id": "ada", "course_id": "cs101"},
+    {"student_id": "cy", "course_id": "cs101"},
+    {"student_id": "bo", "course_id": "ds200"},
+    {"student_id": "eve", "course_id": "ma300"},
+    {"student_id": "ned"},
+]
+STUDENTS_OF = {
+    "cs": {"ada", "cy"},
+    "both": {"ada", "cy", "bo"},
+    "all": {"ada", "cy", "bo", "eve", "ned"},
+}
+COURSES_OF = {"cs": {"cs101"}, "both": {"cs101", "ds200"}}
+
+
+def auth(who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {SECRETS[who]}"}
+
+
+@pytest.fixture
+async def scoped_api(database_url: str) -> AsyncIterator[ApiClient]:
+    """The app with scoped tokens, and a class of five: each posted a failing run and a help."""
+    tokens = load_settings({"DASHBOARD_TOKENS": TOKENS}).dashboard_tokens
+    app = create_app(Settings(database_url=database_url, dashboard_tokens=tokens))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with ApiClient(transport=transport, base_url="http://test") as client:
+            client.service = app.state.service
+            events = []
+            for student in CLASS:
+                run = {"event_type": "cell_executed", "notebook_path": "w1.ipynb", "cell_id": "c1"}
+                events += [{**student, **run, "status": "error"}, {**student, "event_type": "help"}]
+            response = await client.post("/api/v1/events", json=events)
+            assert response.status_code == 201, response.text
+            yield client
+
+
+async def get_json(api: ApiClient, who: str, path: str, **params: str) -> dict:
+    response = await api.get(path, params=params, headers=auth(who))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def csv_students(response: httpx.Response, column: str) -> set[str]:
+    assert response.status_code == 200, response.text
+    return {row[column] for row in csv.DictReader(io.StringIO(response.text))}
+
+
+@pytest.mark.parametrize("who", ["cs", "both", "all"])
+async def test_each_token_reads_its_courses_students_only_everywhere(scoped_api, who) -> None:
+    expected = STUDENTS_OF[who]
+    events = await get_json(scoped_api, who, "/api/v1/events", limit="1000")
+    assert {event["student_id"] for event in events["events"]} == expected
+    students = await get_json(scoped_api, who, "/api/v1/students")
+    assert {student["student_id"] for student in students["students"]} == expected
+    help_answer = await get_json(scoped_api, who, "/api/v1/help")
+    assert {hand["student_id"] for hand in help_answer["queue"]} == expected
+    cells = await get_json(scoped_api, who, "/api/v1/cells")
+    assert {s for cell in cells["cells"] for s in cell["failing_student_ids"]} == expected
+    activity = await get_json(scoped_api, who, "/api/v1/activity", minutes="5")
+    assert sum(minute["errors"] for minute in activity["series"]) == len(expected)
+    assert sum(minute["help"] for minute in activity["series"]) == len(expected)
+    for path in ("/api/v1/events.csv", "/api/v1/students.csv"):
+        response = await scoped_api.get(path, headers=auth(who))
+        assert csv_students(response, "student_id") == expected
+
+
+@pytest.mark.parametrize("who", ["cs", "both"])
+async def test_a_scoped_token_never_sees_events_without_a_course(scoped_api, who) -> None:
+    events = await get_json(scoped_api, who, "/api/v1/events", limit="1000")
+    assert {event["course_id"] for event in events["events"]} == COURSES_OF[who]
+    everything = await get_json(scoped_api, "all", "/api/v1/events", limit="1000")
+    assert None in {event["course_id"] for event in everything["events"]}
+
+
+@pytest.mark.parametrize(
+    ("path", "params"),
+    [
+        ("/api/v1/events", {"course_id": "ds200"}),
+        ("/api/v1/students", {"course_id": "ds200"}),
+        ("/api/v1/help", {"course_id": "ds200"}),
+        ("/api/v1/cells", {"course_id": "ds200"}),
+        ("/api/v1/activity", {"course_id": "ds200"}),
+        ("/api/v1/events.csv", {"course_id": "ds200"}),
+        ("/api/v1/students.csv", {"course_id": "ds200"}),
+        ("/api/v1/stream", {"course_id": "ds200"}),
+        ("/api/v1/events", {"course_id": "nowhere"}),
+    ],
+)
+async def test_asking_for_another_course_is_a_403_naming_it(scoped_api, path, params) -> None:
+    response = await scoped_api.get(path, params=params, headers=auth("cs"))
+    error = assert_error(response, 403, "out_of_scope")
+    assert params["course_id"] in error["message"] and "lee" in error["message"]
+    assert error["details"] == [
+        {"field": "course_id", "problem": "is outside this token's courses (cs101)"}
+    ]
+
+
+@pytest.mark.parametrize("student", ["bo", "ned", "eve", "nobody-yet"])
+@pytest.mark.parametrize("path", ["/api/v1/events", "/api/v1/events.csv", "/api/v1/stream"])
+async def test_asking_for_a_student_of_another_course_is_a_403(scoped_api, path, student) -> None:
+    response = await scoped_api.get(path, params={"student_id": student}, headers=auth("cs"))
+    error = assert_error(response, 403, "out_of_scope")
+    assert error["details"][0]["field"] == "student_id" and student in error["message"]
+
+
+async def test_a_student_of_the_tokens_course_is_read_in_full(scoped_api) -> None:
+    timeline = await get_json(scoped_api, "cs", "/api/v1/events", student_id="ada")
+    assert {event["event_type"] for event in timeline["events"]} == {"cell_executed", "help"}
+    own = await get_json(scoped_api, "both", "/api/v1/students", course_id="ds200")
+    assert [student["student_id"] for student in own["students"]] == ["bo"]
+
+
+@pytest.mark.parametrize("action", ["on-my-way", "dismiss"])
+async def test_hand_actions_across_courses_are_refused_and_store_nothing(
+    scoped_api, action
+) -> None:
+    before = await get_json(scoped_api, "all", "/api/v1/events", limit="1")
+    refused = await scoped_api.post(f"/api/v1/help/bo/{action}", headers=auth("cs"))
+    assert_error(refused, 403, "out_of_scope")
+    after = await get_json(scoped_api, "all", "/api/v1/events", limit="1")
+    assert after["latest_id"] == before["latest_id"]
+    allowed = await scoped_api.post(f"/api/v1/help/ada/{action}", headers=auth("cs"))
+    assert allowed.status_code == 201, allowed.text
+
+
+async def test_the_session_cookie_carries_the_scope_of_its_token(scoped_api) -> None:
+    session = await scoped_api.post("/api/v1/session", headers=auth("cs"))
+    assert session.json() == {"status": "ok", "token": "lee", "courses": ["cs101"]}
+    cookie = session.cookies["telemetry_token"]
+    scoped_api.cookies.set("telemetry_token", cookie)
+    try:
+        shown = await scoped_api.get("/api/v1/session")
+        assert shown.json()["courses"] == ["cs101"]
+        students = await scoped_api.get("/api/v1/students")
+        assert {s["student_id"] for s in students.json()["students"]} == STUDENTS_OF["cs"]
+        other = await scoped_api.get("/api/v1/events", params={"course_id": "ds200"})
+        assert_error(other, 403, "out_of_scope")
+    finally:
+        scoped_api.cookies.clear()
+
+
+async def test_a_wrong_token_is_still_401(scoped_api) -> None:
+    for headers in ({}, {"Authorization": "Bearer cs-secret-"}):
+        response = await scoped_api.get("/api/v1/events", headers=headers)
+        assert_error(response, 401, "unauthorized")
+    assert_error(await scoped_api.get("/api/v1/session"), 401, "unauthorized")
+
+
+async def test_every_read_leaves_one_access_line_with_the_name_never_the_secret(
+    scoped_api, caplog
+) -> None:
+    with caplog.at_level(logging.INFO, logger="telemetry.access"):
+        await get_json(scoped_api, "cs", "/api/v1/events", student_id="ada", limit="5")
+        await scoped_api.get("/api/v1/students.csv", headers=auth("both"))
+        await scoped_api.get("/api/v1/events", params={"course_id": "ds200"}, headers=auth("cs"))
+        await scoped_api.get("/api/v1/cells", params={"token": SECRETS["all"]})
+    records = [r for r in caplog.records if r.name == "telemetry.access"]
+    lines = [json.loads(record.getMessage()) for record in records]
+    assert [(line["token"], line["outcome"]) for line in lines] == [
+        ("lee", "allowed"),
+        ("duo", "allowed"),
+        ("lee", "refused"),
+        (next(g.name for g in scoped_api.service.settings.dashboard_tokens if g.courses is None),
+         "allowed"),
+    ]  # fmt: skip
+    assert lines[0]["endpoint"] == "GET /api/v1/events"
+    assert lines[0]["params"] == {"student_id": "ada", "limit": "5"}
+    assert lines[0]["courses"] == ["cs101"] and lines[1]["courses"] == ["cs101", "ds200"]
+    assert lines[2]["params"] == {"course_id": "ds200"}
+    assert lines[3]["courses"] == "all" and lines[3]["params"] == {}
+    text = "\n".join(record.getMessage() for record in records)
+    assert not any(secret in text for secret in SECRETS.values())
