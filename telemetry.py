@@ -3699,7 +3699,7 @@ async def create_session(request: Request) -> Response:
 
 
 class RedactTokens(logging.Filter):
-    """Keeps `?token=` values out of uvicorn's access log."""
+    """Keeps `?token=` values out of uvicorn's logs (and ours)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -4006,7 +4006,9 @@ def app_from_environment() -> Starlette:
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    # uvicorn logs a WebSocket's handshake, query string included, on its error logger.
+    for name in ("uvicorn.access", "uvicorn.error", ACCESS_LOG.name):
+        logging.getLogger(name).addFilter(RedactTokens())
     logging.getLogger("uvicorn.error").addFilter(QuietCutOffs())
     try:
         return create_app(load_settings(os.environ))

@@ -19,6 +19,7 @@ class StreamRecorder:
     def __init__(self) -> None:
         self.documents: list[dict] = []
         self.notices: list[dict] = []
+        self.erasures: list[dict] = []
         self.connected = asyncio.Event()
         self.ended = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -74,6 +75,8 @@ class SseClient(StreamRecorder):
                     self.retry = message.retry or self.retry
                     if message.event == "resync":
                         self.notices.append(json.loads(message.data))
+                    elif message.event == "erased":
+                        self.erasures.append(json.loads(message.data))
                     elif message.data:
                         document = json.loads(message.data)
                         assert message.id == str(document["id"])
@@ -97,6 +100,8 @@ class WebSocketClient(StreamRecorder):
                     message = json.loads(text)
                     if message.get("type") == "resync":
                         self.notices.append(message)
+                    elif message.get("type") == "erased":
+                        self.erasures.append(message)
                     else:
                         self.documents.append(message)
             except websockets.ConnectionClosed:

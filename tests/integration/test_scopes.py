@@ -4,6 +4,7 @@ in process, on both databases; the access log they leave."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import logging
@@ -13,7 +14,16 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from telemetry import Settings, create_app, load_settings
+from telemetry import (
+    Hub,
+    Settings,
+    StreamFilter,
+    create_app,
+    deliver_message,
+    encode_batch,
+    load_settings,
+    normalise_batch,
+)
 from tests.errors import assert_error
 from tests.integration.conftest import ApiClient
 
@@ -193,3 +203,25 @@ async def test_every_read_leaves_one_access_line_with_the_name_never_the_secret(
     assert lines[3]["courses"] == "all" and lines[3]["params"] == {}
     text = "\n".join(record.getMessage() for record in records)
     assert not any(secret in text for secret in SECRETS.values())
+
+
+async def test_the_gap_fill_from_the_database_keeps_to_the_clients_courses(storage) -> None:
+    hub = Hub(queue_limit=100)
+    with (
+        hub.subscribe(StreamFilter(courses=frozenset({"cs101"}))) as lee,
+        hub.subscribe(StreamFilter()) as root,
+    ):
+        now = dt.datetime.now(dt.UTC)
+        lost, published = [
+            await storage.store([{**event, "received_at": now} for event in normalise_batch(
+                [{**student, "event_type": "x"} for student in CLASS], now, Settings()
+            )])
+            for _ in range(2)
+        ]  # fmt: skip
+        # The first batch was never published: the second's message makes the hub read it.
+        await deliver_message(hub, storage, encode_batch(published))
+        documents = [item.document for batch in (lost, published) for item in batch.results]
+        assert [frame.id for frame in root.frames] == [document["id"] for document in documents]
+        assert [frame.id for frame in lee.frames] == [
+            document["id"] for document in documents if document["course_id"] == "cs101"
+        ]
