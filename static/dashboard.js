@@ -294,6 +294,18 @@
     return students;
   }
 
+  // A token scoped to some courses: the picker offers those, and a bookmarked course
+  // outside them is dropped rather than asked for (the server would answer 403).
+  async function loadScope() {
+    const session = await fetchJson("/api/v1/session");
+    if (!session.courses) return;
+    session.courses.forEach((course) => learn("course", course));
+    if (state.filters.course && !session.courses.includes(state.filters.course)) {
+      state.filters.course = "";
+      saveFiltersInUrl();
+    }
+  }
+
   // Events first, students second: a student who appears in between is in the second
   // answer, and the stream replays every event after latest_id.
   async function load() {
@@ -301,6 +313,7 @@
     if (state.source) state.source.close();
     setConnection(state.loaded ? "reconnecting" : "connecting");
     try {
+      await loadScope();
       const course = state.filters.course;
       const history = await fetchJson("/api/v1/events", {
         course_id: course,
@@ -359,6 +372,7 @@
     source.onopen = () => setConnection("live");
     source.onmessage = (message) => receive(JSON.parse(message.data));
     source.addEventListener("resync", () => load()); // too far behind: reload the state
+    source.addEventListener("erased", (message) => forget(JSON.parse(message.data)));
     source.onerror = () => {
       setConnection("reconnecting");
       // EventSource retries network errors by itself; it gives up only on a bad answer.
@@ -396,6 +410,31 @@
       if (state.pending.length > FEED_LIMIT) state.pending.splice(0, state.pending.length - FEED_LIMIT);
     }
     schedule();
+  }
+
+  // An erased student (or a whole course) leaves every view at once: table, queue, feed,
+  // their panel, the picker. The reload then brings the server's summaries without them.
+  function forget(erased) {
+    const students = new Set();
+    state.students.forEach((student) => {
+      const hit = erased.student_id ? student.student_id === erased.student_id : student.course_id === erased.course_id;
+      if (hit) students.add(student.student_id);
+    });
+    if (erased.student_id) students.add(erased.student_id);
+    const gone = (item) => students.has(item.student_id) || (!erased.student_id && item.course_id === erased.course_id);
+    students.forEach((id) => {
+      state.students.delete(id);
+      state.hands.delete(id);
+      state.dirty.delete(id);
+      if (state.rows.has(id)) state.rows.get(id).remove();
+      state.rows.delete(id);
+    });
+    for (const list of ["recent", "pending", "held", "backfill"]) state[list] = state[list].filter((event) => !gone(event));
+    if (state.panel && (students.has(state.panel.id) || state.panel.kind === "cell")) closePanels();
+    if (!erased.student_id && state.known.course.delete(erased.course_id)) state.optionsChanged = true;
+    Object.assign(state, { rebuildFeed: true, rebuildTable: true, queueKey: "", teamsKey: "" });
+    schedule();
+    load();
   }
 
   // A help while the student's raise still beats (within 30 s) only moves its last beat.

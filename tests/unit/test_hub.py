@@ -10,8 +10,10 @@ from telemetry import (
     StoredBatch,
     StoredEvent,
     StreamFilter,
+    decode_erasure,
     decode_message,
     encode_batch,
+    encode_erasure,
 )
 
 
@@ -96,3 +98,59 @@ def test_duplicates_are_not_published() -> None:
     stored = [StoredEvent(document(1), False), StoredEvent({"id": 1, "event_id": "e"}, True)]
     assert orjson.loads(encode_batch(StoredBatch(stored, 0)))["events"] == [document(1)]
     assert encode_batch(StoredBatch(stored[1:], 0)) is None
+
+
+def test_a_scoped_client_gets_its_courses_only_never_events_without_one() -> None:
+    hub = Hub(queue_limit=10)
+    with (
+        hub.subscribe(StreamFilter(courses=frozenset({"c1", "c2"}))) as scoped,
+        hub.subscribe(StreamFilter(course_id="c2", courses=frozenset({"c1", "c2"}))) as narrowed,
+        hub.subscribe(StreamFilter()) as unscoped,
+    ):
+        hub.deliver(
+            [document(1), document(2, course_id="c2"), document(3, course_id="c3"),
+             document(4, course_id=None), document(5)]
+        )  # fmt: skip
+        assert queued_ids(scoped) == [1, 2, 5]
+        assert queued_ids(narrowed) == [2]
+        assert queued_ids(unscoped) == [1, 2, 3, 4, 5]
+
+
+def test_an_erasure_reaches_the_clients_of_its_course_in_its_place() -> None:
+    hub = Hub(queue_limit=10)
+    with (
+        hub.subscribe(StreamFilter(courses=frozenset({"c1"}))) as same,
+        hub.subscribe(StreamFilter(courses=frozenset({"c2"}))) as other,
+        hub.subscribe(StreamFilter(student_id="s9")) as unscoped,
+    ):
+        hub.deliver([document(1)])
+        hub.announce_erasure({"student_id": "s1", "course_id": "c1"})
+        hub.deliver([document(2, student_id="s2")])
+        assert [(frame.id, frame.notice) for frame in same.frames] == [
+            (1, False),
+            (1, True),
+            (2, False),
+        ]
+        assert not other.frames
+        [notice] = unscoped.frames
+        expected = {"type": "erased", "student_id": "s1", "course_id": "c1"}
+        assert notice.sse == b"event: erased\ndata: " + orjson.dumps(expected) + b"\n\n"
+        assert orjson.loads(notice.ws) == expected
+
+
+def test_a_course_erasure_reaches_every_client_of_that_course() -> None:
+    hub = Hub(queue_limit=10)
+    with (
+        hub.subscribe(StreamFilter(courses=frozenset({"c1", "c2"}))) as both,
+        hub.subscribe(StreamFilter(courses=frozenset({"c1"}))) as first,
+    ):
+        hub.announce_erasure({"student_id": None, "course_id": "c2"})
+        assert len(both.frames) == 1 and not first.frames
+
+
+def test_an_erasure_round_trips_on_the_bus_and_is_no_batch() -> None:
+    payload = encode_erasure({"student_id": "s1", "course_id": None})
+    assert decode_erasure(payload) == {"student_id": "s1", "course_id": None}
+    stored = StoredBatch([StoredEvent(document(5), False)], follows=4)
+    assert decode_erasure(encode_batch(stored)) is None
+    assert decode_erasure(b'{"erased": 5}') is None
