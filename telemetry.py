@@ -1143,8 +1143,13 @@ SELECT_MAX_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
 COMMIT_LOCK_KEY = 0x7E1E_3E7E
 LOCK_COMMITS = "SELECT pg_advisory_lock(:key)"
 UNLOCK_COMMITS = "SELECT pg_advisory_unlock(:key)"
-# Several dynos may start at once; CREATE ... IF NOT EXISTS races without this.
-LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(:key)"
+# One retention pass at a time across processes, by a lock the others do not wait for.
+RETENTION_LOCK_KEY = 0x7E1E_DE1E
+TRY_LOCK = "SELECT pg_try_advisory_lock(:key) AS locked"
+UNLOCK = "SELECT pg_advisory_unlock(:key)"
+# Held until its transaction ends. Several dynos may start at once, and CREATE ... IF NOT
+# EXISTS races without SCHEMA_LOCK_KEY; erasure and retention take COMMIT_LOCK_KEY this way.
+LOCK_UNTIL_COMMIT = "SELECT pg_advisory_xact_lock(:key)"
 SCHEMA_LOCK_KEY = 0x7E1E_5C4E
 
 # The whole of the SQLite/PostgreSQL difference in DDL: SQLite needs INTEGER PRIMARY KEY
@@ -1411,6 +1416,171 @@ CROSS JOIN LATERAL (
 """
 
 
+# Forgetting: erasure and retention. Events leave in one of three ways, each a subquery of
+# the doomed event ids: a student's, a course's (events naming it, and events naming no course
+# of students whose course it is: the course's dashboards show those as its own), or the
+# oldest batch received before a cutoff. Students left with no event go with them; a student
+# of a course who has events elsewhere stays, with those, and takes their latest course.
+DOOMED_EVENTS = {
+    "student": "SELECT id FROM events WHERE student_id = :subject",
+    "course": """
+        SELECT id FROM events WHERE course_id = :subject
+        UNION ALL
+        SELECT e.id FROM students s JOIN events e ON e.student_id = s.student_id
+        WHERE s.course_id = :subject AND e.course_id IS NULL""",
+    "expired": """
+        SELECT id FROM events WHERE received_at < :cutoff
+        ORDER BY received_at, id LIMIT :batch_size""",
+}
+VANISHING_STUDENTS = """
+SELECT DISTINCT e.student_id FROM events e
+WHERE e.id IN ({doomed}) AND NOT EXISTS (
+    SELECT 1 FROM events o WHERE o.student_id = e.student_id AND o.id NOT IN ({doomed})
+)
+"""
+SELECT_VANISHING_STUDENTS = {
+    scope: VANISHING_STUDENTS.format(doomed=doomed) for scope, doomed in DOOMED_EVENTS.items()
+}
+# The vanishing students travel as one parameter, :gone, a list.
+GONE_STUDENTS = {
+    "postgres": "SELECT unnest(CAST(:gone AS text[]))",
+    "sqlite": "SELECT value FROM json_each(:gone)",
+}
+# The UTC minute of receipt, as activity keys it (minute_of).
+RECEIPT_MINUTE = {
+    "postgres": """to_char(e.received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI"Z"')""",
+    "sqlite": "substr(e.received_at, 1, 16) || 'Z'",
+}
+# The summaries are corrected by what leaves, in SQL, before it leaves; every statement of one
+# forgetting runs in one transaction under the commit order, so each reads the same doomed set.
+# The doomed executions per student and cell, as cell_runs keys them (cell_key).
+DOOMED_RUNS = """
+SELECT e.student_id, COALESCE(e.notebook_path, '') AS notebook_path,
+       CASE WHEN e.cell_id <> '' THEN e.cell_id
+            WHEN e.cell_index IS NOT NULL THEN '#' || CAST(e.cell_index AS TEXT)
+            ELSE '' END AS cell_key,
+       COUNT(*) AS gone_runs, SUM(CASE WHEN e.status = 'error' THEN 1 ELSE 0 END) AS gone_errors
+FROM events e WHERE e.id IN ({doomed}) AND e.status IS NOT NULL
+GROUP BY 1, 2, 3
+"""
+# A run summary left with no run counts its student out of the cell's total.
+SUBTRACT_CELL_TOTALS = f"""
+UPDATE cell_totals SET students_ran = students_ran - d.gone_students,
+    runs = runs - d.gone_runs, errors = errors - d.gone_errors
+FROM (
+    SELECT COALESCE(c.course_id, '') AS course_id, c.notebook_path, c.cell_key,
+           SUM(CASE WHEN c.runs <= g.gone_runs THEN 1 ELSE 0 END) AS gone_students,
+           SUM(g.gone_runs) AS gone_runs, SUM(g.gone_errors) AS gone_errors
+    FROM ({DOOMED_RUNS}) g JOIN cell_runs c ON c.student_id = g.student_id
+        AND c.notebook_path = g.notebook_path AND c.cell_key = g.cell_key
+    GROUP BY COALESCE(c.course_id, ''), c.notebook_path, c.cell_key
+) d
+WHERE cell_totals.course_id = d.course_id AND cell_totals.notebook_path = d.notebook_path
+  AND cell_totals.cell_key = d.cell_key
+"""
+SUBTRACT_CELL_RUNS = f"""
+UPDATE cell_runs SET runs = runs - g.gone_runs, errors = errors - g.gone_errors
+FROM ({DOOMED_RUNS}) g
+WHERE cell_runs.student_id = g.student_id AND cell_runs.notebook_path = g.notebook_path
+  AND cell_runs.cell_key = g.cell_key
+"""
+SUBTRACT_ACTIVITY = """
+UPDATE activity SET executions = executions - d.gone_executions,
+    errors = errors - d.gone_errors, help = help - d.gone_help
+FROM (
+    SELECT COALESCE(e.course_id, s.course_id, '') AS course_id, {minute} AS minute,
+           SUM(CASE WHEN e.status IS NULL THEN 0 ELSE 1 END) AS gone_executions,
+           SUM(CASE WHEN e.status = 'error' THEN 1 ELSE 0 END) AS gone_errors,
+           SUM(CASE WHEN h.raise_id IS NULL THEN 0 ELSE 1 END) AS gone_help
+    FROM events e JOIN students s ON s.student_id = e.student_id
+    LEFT JOIN hand_raises h ON h.raise_id = e.id
+    WHERE e.id IN ({doomed})
+    GROUP BY COALESCE(e.course_id, s.course_id, ''), {minute}
+) d
+WHERE activity.course_id = d.course_id AND activity.minute = d.minute
+"""
+SUBTRACT_STUDENT_COUNTS = """
+UPDATE student_counts SET events = events - d.gone_events,
+    executions = executions - d.gone_executions, errors = errors - d.gone_errors
+FROM (
+    SELECT student_id, COUNT(*) AS gone_events, COUNT(status) AS gone_executions,
+           SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS gone_errors
+    FROM events WHERE id IN ({doomed}) GROUP BY student_id
+) d
+WHERE student_counts.student_id = d.student_id
+"""
+# A student of an erased course who stays: their course is their latest remaining one.
+REASSIGN_COURSE = """
+UPDATE students SET course_id = (
+    SELECT e.course_id FROM events e
+    WHERE e.student_id = students.student_id AND e.course_id IS NOT NULL
+    ORDER BY e.id DESC LIMIT 1
+)
+WHERE course_id = :subject
+"""
+FORGOTTEN_ROWS = {
+    "cell_runs": "runs <= 0 OR student_id IN ({gone})",
+    "cell_totals": "students_ran <= 0",
+    "activity": "executions <= 0 AND errors <= 0 AND help <= 0",
+    "hand_raises": "raise_id IN ({doomed}) OR student_id IN ({gone})",
+    "student_counts": "student_id IN ({gone})",
+    "events": "id IN ({doomed})",
+    "students": "student_id IN ({gone})",
+}
+# More rows that go, by scope: a course's summaries whole, whatever the subtraction left;
+# retention's hands and activity minutes older than the cutoff.
+FORGOTTEN_SCOPE_ROWS = {
+    ("course", "cell_runs"): "course_id = :subject",
+    ("course", "cell_totals"): "course_id = :subject",
+    ("course", "activity"): "course_id = :subject",
+    ("expired", "hand_raises"): "last_beat_at < :cutoff",
+    ("expired", "activity"): "minute < :minute",
+}
+FORGOTTEN_TABLES = (
+    "events", "students", "cell_runs", "hand_raises", "student_counts", "cell_totals", "activity"
+)  # fmt: skip
+
+
+def forgetting_steps(scope: str, dialect: str) -> list[tuple[str | None, str]]:
+    """The statements of one forgetting, in order, each with the table whose deleted rows it
+    counts (a SELECT COUNT(*) AS n before its DELETE), or None."""
+    values = {"doomed": DOOMED_EVENTS[scope], "gone": GONE_STUDENTS[dialect]}
+
+    def condition(table: str) -> str:
+        rows = FORGOTTEN_ROWS[table].format(**values)
+        more = FORGOTTEN_SCOPE_ROWS.get((scope, table))
+        return f"({rows}) OR {more}" if more else rows
+
+    def delete(table: str) -> list[tuple[str | None, str]]:
+        rows = condition(table)
+        return [
+            (table, f"SELECT COUNT(*) AS n FROM {table} WHERE {rows}"),
+            (None, f"DELETE FROM {table} WHERE {rows}"),
+        ]
+
+    return [
+        (None, SUBTRACT_CELL_TOTALS.format(**values)),
+        (None, SUBTRACT_CELL_RUNS.format(**values)),
+        *delete("cell_runs"),
+        *delete("cell_totals"),
+        (None, SUBTRACT_ACTIVITY.format(minute=RECEIPT_MINUTE[dialect], **values)),
+        *delete("activity"),
+        *delete("hand_raises"),
+        (None, SUBTRACT_STUDENT_COUNTS.format(**values)),
+        *delete("student_counts"),
+        *delete("events"),
+        *([(None, REASSIGN_COURSE)] if scope == "course" else []),
+        *delete("students"),
+    ]
+
+
+FORGETTING = {
+    (scope, dialect): forgetting_steps(scope, dialect)
+    for scope in DOOMED_EVENTS
+    for dialect in ("postgres", "sqlite")
+}
+
+
 NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
 
@@ -1445,6 +1615,11 @@ class AsyncpgStatement:
 
     async def fetch(self, connection: asyncpg.Connection, values: Mapping[str, Any]) -> list:
         return await connection.fetch(self.sql, *(values[name] for name in self.names))
+
+
+@functools.cache
+def asyncpg_statement(sql: str) -> AsyncpgStatement:
+    return AsyncpgStatement.of(sql)
 
 
 COMMIT_STATEMENTS = {
@@ -1915,6 +2090,8 @@ class Storage:
         self.database = Database(url, **options)
         self._writer: asyncpg.Connection | None = None
         self.dialect = "postgres" if self.is_postgres else "sqlite"
+        # SQLite's commit order: one writer at a time in the process, erasure included.
+        self._sqlite_writes = asyncio.Lock()
 
     async def connect(self) -> None:
         await self.database.connect()
@@ -1934,7 +2111,7 @@ class Storage:
     async def apply_schema(self) -> None:
         async with self.database.transaction():
             if self.is_postgres:
-                await self.database.execute(LOCK_SCHEMA, {"key": SCHEMA_LOCK_KEY})
+                await self.database.execute(LOCK_UNTIL_COMMIT, {"key": SCHEMA_LOCK_KEY})
             for statement in self.schema_statements():
                 await self.database.execute(statement)
             if not await self.database.fetch_val(COUNT_STUDENT_COUNTS):
@@ -2043,7 +2220,7 @@ class Storage:
         in id order across processes; within a process the one committer task does the rest.
         """
         if not self.is_postgres:
-            async with self.database.connection():
+            async with self._sqlite_writes, self.database.connection():
                 yield
             return
         writer = await self._writer_connection()
@@ -2058,6 +2235,81 @@ class Storage:
         except Exception as error:  # committed and published: only the lock is left to free
             logger.warning("could not release the commit lock: %r", error)
             self._drop_writer()
+
+    async def erase_student(self, student_id: str) -> dict[str, int]:
+        """Delete every row of a student from every table and take them out of the class
+        summaries, in one transaction: the rows deleted per table. A later event of theirs
+        is a new sighting."""
+        return await self._forget("student", {"subject": student_id})
+
+    async def erase_course(self, course_id: str) -> dict[str, int]:
+        """Delete a course's events and summaries, and its students left with no event
+        (see DOOMED_EVENTS), in one transaction: the rows deleted per table."""
+        return await self._forget("course", {"subject": course_id})
+
+    async def expire(self, cutoff: dt.datetime, batch_size: int) -> dict[str, int]:
+        """Forget the `batch_size` oldest events received before `cutoff`, in one short
+        transaction, with their students' rows if nothing else is left of them."""
+        params = {
+            "cutoff": self.db_time(cutoff),
+            "minute": minute_of(cutoff),
+            "batch_size": batch_size,
+        }
+        return await self._forget("expired", params)
+
+    async def retain(self, cutoff: dt.datetime, batch_size: int) -> dict[str, int] | None:
+        """One retention pass: `expire` batches until one comes back short. The rows deleted
+        per table and the batches taken; None while another process runs a pass."""
+        async with self.database.connection() as connection:
+            if self.is_postgres:
+                rows = await self._query(connection, TRY_LOCK, {"key": RETENTION_LOCK_KEY})
+                if not rows[0]["locked"]:
+                    return None
+            try:
+                totals = dict.fromkeys((*FORGOTTEN_TABLES, "batches"), 0)
+                while True:
+                    deleted = await self.expire(cutoff, batch_size)
+                    totals["batches"] += 1
+                    for table, count in deleted.items():
+                        totals[table] += count
+                    if deleted["events"] < batch_size:
+                        return totals
+            finally:
+                if self.is_postgres:
+                    await self._query(connection, UNLOCK, {"key": RETENTION_LOCK_KEY})
+
+    async def _forget(self, scope: str, params: dict[str, Any]) -> dict[str, int]:
+        dialect = "postgres" if self.is_postgres else "sqlite"
+        deleted = dict.fromkeys(FORGOTTEN_TABLES, 0)
+        lock = contextlib.nullcontext() if self.is_postgres else self._sqlite_writes
+        async with lock, self.database.connection() as connection, connection.transaction():
+            if self.is_postgres:  # no batch commits half-way through, nor reads the doomed
+                await self._query(connection, LOCK_UNTIL_COMMIT, {"key": COMMIT_LOCK_KEY})
+            if scope == "student":
+                gone = [params["subject"]]
+            else:
+                rows = await self._query(connection, SELECT_VANISHING_STUDENTS[scope], params)
+                gone = [row["student_id"] for row in rows]
+            values = {**params, "gone": gone if self.is_postgres else orjson.dumps(gone).decode()}
+            for table, sql in FORGETTING[(scope, dialect)]:
+                rows = await self._query(connection, sql, values)
+                if table is not None:
+                    deleted[table] += rows[0]["n"]
+        return deleted
+
+    async def _query(
+        self, connection: Any, sql: str, values: Mapping[str, Any]
+    ) -> list[Mapping[str, Any]]:
+        """A statement on a `databases` connection: asyncpg's own on PostgreSQL, for its list
+        parameters."""
+        if self.is_postgres:
+            return await asyncpg_statement(sql).fetch(connection.raw_connection, values)
+        names = set(NAMED_PARAMETER.findall(sql))
+        values = {name: value for name, value in values.items() if name in names}
+        if not sql.lstrip().startswith("SELECT"):  # SQLAlchemy reads no rows of a DML
+            await connection.execute(sql, values)
+            return []
+        return [row._mapping for row in await connection.fetch_all(sql, values)]
 
     async def _writer_connection(self) -> asyncpg.Connection:
         """The committer's own connection, opened again after any failure.

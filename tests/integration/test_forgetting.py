@@ -1,0 +1,255 @@
+"""Erasure and retention in the storage layer, on PostgreSQL and SQLite: nothing of the
+forgotten stays in any table, and the class summaries equal those of a database that never
+held it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import pytest
+
+from telemetry import FORGOTTEN_TABLES, Settings, Storage, normalise_batch
+from tests.conftest import fresh_postgres_database
+
+T0 = dt.datetime(2026, 11, 26, 9, 0, 30, tzinfo=dt.UTC)
+ADA, BOB, CY = "ada@uni.edu", "bob@uni.edu", "cy@uni.edu"
+NAMES = {ADA: "Ada Lovelace", BOB: "Bob Stone", CY: "Cy Young"}
+
+
+def run(student: str, course: str | None, notebook: str, cell: str, status: str) -> dict:
+    return {
+        "student_id": student,
+        "student_name": NAMES[student],
+        "event_type": "cell_executed",
+        "course_id": course,
+        "notebook_path": notebook,
+        "cell_id": cell,
+        "cell_index": int(cell[-1]),
+        "status": status,
+        "error": {"ename": "NameError", "evalue": "x"} if status == "error" else None,
+    }
+
+
+def raise_hand(student: str, course: str | None) -> dict:
+    return {"student_id": student, "event_type": "help", "course_id": course}
+
+
+# A class of three, in batches a minute apart. Cy works in c2, then in c1, so c1 is Cy's
+# course; Ada's second run names no course and belongs to c1 through her.
+CLASS = [
+    [
+        run(ADA, "c1", "lists.ipynb", "cell1", "error"),
+        run(BOB, "c1", "lists.ipynb", "cell1", "ok"),
+        run(CY, "c2", "loops.ipynb", "cell1", "error"),
+    ],
+    [
+        raise_hand(ADA, "c1"),
+        run(ADA, None, "lists.ipynb", "cell1", "error"),
+        run(BOB, "c1", "lists.ipynb", "cell2", "error"),
+        run(CY, "c1", "lists.ipynb", "cell1", "ok"),
+    ],
+    [
+        run(ADA, "c1", "lists.ipynb", "cell2", "ok"),
+        raise_hand(BOB, "c1"),
+        raise_hand(CY, "c1"),
+    ],
+]
+
+
+async def store(storage: Storage, batches: Iterable[list[dict]], start: dt.datetime) -> None:
+    for minute, raws in enumerate(batches):
+        at = start + dt.timedelta(minutes=minute)
+        if raws:
+            events = normalise_batch(raws, at, Settings())
+            await storage.store([{**event, "received_at": at} for event in events])
+
+
+def only(keep, batches: list[list[dict]]) -> list[list[dict]]:
+    return [[raw for raw in raws if keep(raw)] for raws in batches]
+
+
+@pytest.fixture
+async def twin(database_url: str, tmp_path: Path) -> AsyncIterator[Storage]:
+    """A second, empty database on the same backend: what a database that never held the
+    forgotten events looks like."""
+
+    async def connected(url: str) -> Storage:
+        storage = Storage(url, pool_size=3)
+        await storage.connect()
+        return storage
+
+    if database_url.startswith("sqlite"):
+        storage = await connected(f"sqlite:///{tmp_path / 'twin.db'}")
+        try:
+            yield storage
+        finally:
+            await storage.disconnect()
+        return
+    async with fresh_postgres_database() as url:
+        storage = await connected(url)
+        try:
+            yield storage
+        finally:
+            await storage.disconnect()
+
+
+async def every_row(storage: Storage) -> dict[str, list[dict]]:
+    return {
+        table: [
+            dict(row._mapping) for row in await storage.database.fetch_all(f"SELECT * FROM {table}")
+        ]
+        for table in FORGOTTEN_TABLES
+    }
+
+
+async def mentions(storage: Storage, *texts: str) -> list[tuple[str, dict]]:
+    """Every row, in every table, with any of `texts` in any column."""
+    return [
+        (table, row)
+        for table, rows in (await every_row(storage)).items()
+        for row in rows
+        if any(text in str(value) for value in row.values() for text in texts)
+    ]
+
+
+# Columns that differ between two databases holding the same story: ids and sighting times.
+LOCAL_COLUMNS = {"id", "last_event_id", "raise_id", "first_seen", "last_seen", "event_id"}
+
+
+async def class_view(storage: Storage) -> dict:
+    """The summaries, the students and the aggregates, without database-local ids."""
+    rows = await every_row(storage)
+    view = {
+        table: sorted(
+            (tuple(sorted((k, str(v)) for k, v in row.items() if k not in LOCAL_COLUMNS)))
+            for row in rows[table]
+        )
+        for table in FORGOTTEN_TABLES
+        if table != "events"
+    }
+    cells = await storage.cells({"course_id": None, "notebook_path": None, "limit": 200})
+    view["cells"] = cells
+    for course in (None, "c1", "c2"):
+        view[f"activity {course}"] = await storage.activity(
+            course, 10, T0 + dt.timedelta(minutes=5)
+        )
+    students = await storage.students_page(
+        {"after": "", "course_id": None, "limit": 100}, T0 + dt.timedelta(minutes=3)
+    )
+    view["students"] = [
+        {k: v for k, v in student.items() if k not in LOCAL_COLUMNS} for student in students
+    ]
+    return view
+
+
+async def test_an_erased_student_is_in_no_table_and_the_class_view_forgets_them(
+    storage, twin
+) -> None:
+    await store(storage, CLASS, T0)
+    deleted = await storage.erase_student(ADA)
+    assert deleted == {
+        "events": 4, "students": 1, "cell_runs": 2, "hand_raises": 1, "student_counts": 1,
+        "cell_totals": 0, "activity": 0,
+    }  # fmt: skip
+    assert await mentions(storage, ADA, NAMES[ADA]) == []
+    await store(twin, only(lambda raw: raw["student_id"] != ADA, CLASS), T0)
+    assert await class_view(storage) == await class_view(twin)
+
+
+async def test_erasing_the_only_student_of_a_cell_removes_its_totals(storage, twin) -> None:
+    lonely = [[run(ADA, "course-nine", "alone.ipynb", "cell1", "error")], *CLASS]
+    await store(storage, lonely, T0)
+    deleted = await storage.erase_student(ADA)
+    assert deleted["cell_totals"] == 1 and deleted["activity"] == 1
+    assert await mentions(storage, ADA, NAMES[ADA], "course-nine", "alone.ipynb") == []
+    await store(twin, only(lambda raw: raw["student_id"] != ADA, lonely), T0)
+    assert await class_view(storage) == await class_view(twin)
+
+
+async def test_erasing_an_unknown_student_deletes_nothing(storage) -> None:
+    await store(storage, CLASS, T0)
+    before = await every_row(storage)
+    assert set((await storage.erase_student("nobody")).values()) == {0}
+    assert await every_row(storage) == before
+
+
+async def test_an_erased_student_seen_again_is_a_new_sighting(storage) -> None:
+    await store(storage, CLASS, T0)
+    await storage.erase_student(ADA)
+    await store(
+        storage, [[run(ADA, "c1", "lists.ipynb", "cell1", "ok")]], T0 + dt.timedelta(hours=1)
+    )
+    (ada,) = [
+        student
+        for student in await storage.students_page(
+            {"after": "", "course_id": None, "limit": 100}, T0 + dt.timedelta(hours=1)
+        )
+        if student["student_id"] == ADA
+    ]
+    assert (ada["event_count"], ada["execution_count"], ada["error_count"]) == (1, 1, 0)
+
+
+async def test_an_erased_course_keeps_only_its_students_other_courses(storage, twin) -> None:
+    await store(storage, CLASS, T0)
+    deleted = await storage.erase_course("c1")
+    assert (deleted["events"], deleted["students"], deleted["student_counts"]) == (9, 2, 2)
+    assert await mentions(storage, ADA, BOB, NAMES[ADA], NAMES[BOB], "c1", "lists.ipynb") == []
+    # Cy stays, with the c2 run alone, and c2 as course.
+    await store(twin, only(lambda raw: raw.get("course_id") == "c2", CLASS), T0)
+    assert await class_view(storage) == await class_view(twin)
+    assert await storage.student_course(CY) == (True, "c2")
+
+
+async def test_retention_deletes_what_was_received_before_the_cutoff_in_bounded_batches(
+    storage, twin
+) -> None:
+    cutoff = T0 + dt.timedelta(days=1)
+    old = [[run(ADA, "c1", "lists.ipynb", f"cell{n % 3}", "error") for n in range(7)]]
+    old += [[run(BOB, "c1", "lists.ipynb", "cell1", "ok"), raise_hand(BOB, "c1")]]
+    old += [[run(BOB, "c1", "lists.ipynb", "cell2", "error")]]
+    await store(storage, old, cutoff - dt.timedelta(seconds=1) - dt.timedelta(minutes=2))
+    new = [
+        [
+            run(BOB, "c1", "lists.ipynb", "cell1", "error"),
+            run(CY, "c2", "loops.ipynb", "cell1", "ok"),
+        ]
+    ]
+    await store(storage, new, cutoff + dt.timedelta(seconds=1))
+    totals = await storage.retain(cutoff, batch_size=3)
+    assert totals is not None
+    assert (totals["events"], totals["batches"]) == (10, 4)  # 3 + 3 + 3 + 1
+    assert (totals["students"], totals["hand_raises"]) == (1, 1)  # Ada had nothing newer
+    assert await mentions(storage, ADA, NAMES[ADA]) == []
+    await store(twin, new, cutoff + dt.timedelta(seconds=1))
+    assert await class_view(storage) == await class_view(twin)
+    again = await storage.retain(cutoff, batch_size=3)
+    assert again is not None and (again["events"], again["batches"]) == (0, 1)
+
+
+async def test_events_received_exactly_at_the_cutoff_are_kept(storage) -> None:
+    cutoff = T0 + dt.timedelta(days=1)
+    await store(
+        storage, [[run(ADA, "c1", "a.ipynb", "cell1", "ok")]], cutoff - dt.timedelta(microseconds=1)
+    )
+    await store(storage, [[run(BOB, "c1", "a.ipynb", "cell1", "ok")]], cutoff)
+    totals = await storage.retain(cutoff, batch_size=1_000)
+    assert totals is not None and totals["events"] == 1
+    rows = await storage.database.fetch_all("SELECT student_id FROM events")
+    assert [row._mapping["student_id"] for row in rows] == [BOB]
+
+
+async def test_one_retention_pass_at_a_time_across_processes(postgres_database_url) -> None:
+    first, second = (Storage(postgres_database_url, pool_size=3) for _ in range(2))
+    await first.connect()
+    await second.connect()
+    try:
+        async with first.database.connection() as connection:
+            await connection.execute("SELECT pg_advisory_lock(:key)", {"key": 0x7E1E_DE1E})
+            assert await second.retain(T0, batch_size=10) is None
+            await connection.execute("SELECT pg_advisory_unlock(:key)", {"key": 0x7E1E_DE1E})
+        assert await second.retain(T0, batch_size=10) is not None
+    finally:
+        await first.disconnect()
+        await second.disconnect()
