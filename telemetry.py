@@ -3950,6 +3950,43 @@ async def create_session(request: Request) -> Response:
     return response
 
 
+def admin_grant(request: Request) -> Grant:
+    """An admin token (Bearer only); with none configured, erasure is never open."""
+    grants = service_of(request).settings.admin_tokens
+    if not grants:
+        raise ApiError(
+            403, "no_admin_tokens", "erasure is refused: no admin tokens configured (ADMIN_TOKENS)"
+        )
+    return require_grant(grants, [bearer_token(request.headers)], "admin")
+
+
+async def erase(request: Request) -> Response:
+    """Erase a student, or a whole course: every row in every table, in one transaction;
+    then every process's open dashboards are told to drop them (Hub.announce_erasure)."""
+    service = service_of(request)
+    grant = admin_grant(request)
+    storage: Storage = service.storage
+    if "student_id" in request.path_params:
+        student_id = request.path_params["student_id"]
+        _, course_id = await read_storage(storage.student_course(student_id))
+        erased = {"student_id": student_id, "course_id": course_id}
+        deleted = await read_storage(storage.erase_student(student_id))
+    else:
+        erased = {"student_id": None, "course_id": request.path_params["course_id"]}
+        deleted = await read_storage(storage.erase_course(erased["course_id"]))
+    found = any(deleted.values())
+    log_access(request, grant, "erase", "erased" if found else "nothing", deleted=deleted)
+    if not found:
+        what = "student" if erased["student_id"] is not None else "course"
+        raise ApiError(404, f"no_such_{what}", f"no row of that {what} is stored")
+    try:
+        await service.bus.publish(encode_erasure(erased))
+    except Exception as error:  # erased all the same: at least this process's dashboards hear
+        logger.warning("could not publish an erasure: %r", error)
+        service.hub.announce_erasure(erased)
+    return JSONResponse({"erased": erased, "deleted": deleted})
+
+
 class RedactTokens(logging.Filter):
     """Keeps `?token=` values out of uvicorn's logs (and ours)."""
 
@@ -4232,6 +4269,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             WebSocketRoute("/api/v1/ws", websocket_events),
             Route("/api/v1/session", create_session, methods=["POST"]),
             Route("/api/v1/session", show_session, methods=["GET"]),
+            Route("/api/v1/students/{student_id:path}", erase, methods=["DELETE"]),
+            Route("/api/v1/courses/{course_id:path}", erase, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
