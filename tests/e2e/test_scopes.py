@@ -7,10 +7,11 @@ import httpx
 import pytest
 import websockets
 
+from tests.conftest import wait_for
 from tests.e2e.clients import SseClient, WebSocketClient, post_events
 
-LEE, DUO, ALL = "lee-secret-1", "duo-secret-2", "all-secret-3"
-TOKENS = f"lee={LEE}:cs101,duo={DUO}:cs101+ds200,root={ALL}"
+LEE, DUO, ALL, DS = "lee-secret-1", "duo-secret-2", "all-secret-3", "ds-secret-5"
+TOKENS = f"lee={LEE}:cs101,duo={DUO}:cs101+ds200,root={ALL},ds={DS}:ds200"
 
 
 @pytest.fixture
@@ -78,3 +79,45 @@ async def test_stream_openings_are_logged_by_name_never_by_secret(
     assert '"token":"duo"' in logs and '"endpoint":"WEBSOCKET /api/v1/ws"' in logs
     assert '"last_event_id":"0"' in logs
     assert LEE not in logs and DUO not in logs
+
+
+ADMIN = "dpo-secret-4"
+
+
+async def test_an_erasure_reaches_open_dashboards_of_every_process_and_is_never_replayed(
+    production, connect_dashboard
+) -> None:
+    env = {"DASHBOARD_TOKENS": TOKENS, "ADMIN_TOKENS": f"dpo={ADMIN}"}
+    first, second = production(**env), production(**env)
+    ada = {"student_id": "ada", "course_id": "cs101", "event_type": "cell_executed"}
+    bob = {"student_id": "bob", "course_id": "ds200", "event_type": "cell_executed"}
+    stored = await post_events(first.url, ada, bob, ada)
+    urls = {"sse": (SseClient, second.url), "ws": (WebSocketClient, second.ws_url)}
+    dashboards = {}
+    for name, token in (("lee", LEE), ("root", ALL)):
+        for kind, (client, url) in urls.items():
+            dashboard = client(url, last_event_id=0, token=token)
+            dashboards[name, kind] = await connect_dashboard(dashboard)
+    other = await connect_dashboard(SseClient(second.url, last_event_id=0, token=DS))
+    await other.wait_for_ids([stored[1]["id"]])
+    for (name, _), dashboard in dashboards.items():
+        expected = [r["id"] for r in stored if name == "root" or r is not stored[1]]
+        await dashboard.wait_for_ids(expected)
+    response = httpx.delete(
+        f"{first.url}/api/v1/students/ada", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["deleted"]["events"] == 2
+    notice = {"type": "erased", "student_id": "ada", "course_id": "cs101"}
+    for dashboard in dashboards.values():
+        await wait_for(lambda d=dashboard: d.erasures == [notice])
+    # Resuming from before ada's events replays nothing of hers, on either process.
+    later = await post_events(first.url, bob, {**ada, "student_id": "cy"})
+    for server in (first, second):
+        resumed = await connect_dashboard(SseClient(server.url, last_event_id=0, token=ALL))
+        await resumed.wait_for_ids([stored[1]["id"], *(receipt["id"] for receipt in later)])
+        ws = await connect_dashboard(WebSocketClient(server.ws_url, last_event_id=0, token=LEE))
+        await ws.wait_for_ids([later[1]["id"]])
+    assert other.erasures == []  # ds200's dashboard is not told about a cs101 student
+    logs = first.logs()
+    assert '"action":"erase"' in logs and '"token":"dpo"' in logs and ADMIN not in logs
