@@ -430,9 +430,12 @@
       state.rows.delete(id);
     });
     for (const list of ["recent", "pending", "held", "backfill"]) state[list] = state[list].filter((event) => !gone(event));
-    if (state.panel && (students.has(state.panel.id) || state.panel.kind === "cell")) closePanels();
+    if (state.panel && (students.has(state.panel.id) || state.panel.kind === "cell")) {
+      closePanels();
+      $("#timeline").replaceChildren();
+    }
     if (!erased.student_id && state.known.course.delete(erased.course_id)) state.optionsChanged = true;
-    Object.assign(state, { rebuildFeed: true, rebuildTable: true, queueKey: "", teamsKey: "" });
+    Object.assign(state, { rebuildFeed: true, rebuildTable: true, queueKey: null, teamsKey: null });
     schedule();
     load();
   }
@@ -1631,8 +1634,8 @@
     if (kind === "course") return load();
     if (kind === "team" || kind === "search") {
       state.rebuildTable = true;
-      state.queueKey = "";
-      state.teamsKey = "";
+      state.queueKey = null; // an empty queue's key is "": null always redraws
+      state.teamsKey = null;
     }
     if (kind !== "search") state.rebuildFeed = true;
     schedule();

@@ -384,3 +384,45 @@ def test_students_can_be_searched_sorted_and_filtered_by_team(dashboard) -> None
     export = httpx.get(dashboard.element("#export-students").get_attribute("href"), timeout=10)
     assert export.status_code == 200 and export.text.startswith("student_id,name,")
     assert export.text.count("\n") == 4  # the header and three students
+
+
+SCOPED_TOKEN, ADMIN_TOKEN = "lee-secret", "dpo-secret"
+
+
+def test_a_scoped_dashboard_shows_its_courses_and_drops_an_erased_student(
+    start_server, tmp_path, browser
+) -> None:
+    server = start_server(
+        DATABASE_URL=f"sqlite:///{tmp_path / 'scoped.db'}",
+        DASHBOARD_TOKENS=f"lee={SCOPED_TOKEN}:cs101+ds200",
+        ADMIN_TOKENS=f"dpo={ADMIN_TOKEN}",
+    )
+    page = Dashboard(browser, server)
+    ada_ids = page.post(execution("ada", "error"), hand("ada", "Ada"))
+    page.post(execution("bo", "ok", course_id="ds200"), execution("eve", "ok", course_id="ma300"))
+    # A bookmark of a course outside the token's is dropped, not asked for.
+    browser.get(server.url + f"/?course_id=ma300#token={SCOPED_TOKEN}")
+    page.wait_for_connection("live")
+    page.student_row("bo")
+    page.element('#queue [data-student-id="ada"]')
+    options = [o.get_attribute("value") for o in page.element("#filter-course").find_elements(
+        By.TAG_NAME, "option")]  # fmt: skip
+    assert options == ["", "cs101", "ds200"] and "ma300" not in browser.current_url
+    assert not browser.find_elements(By.CSS_SELECTOR, '#students tr[data-student-id="eve"]')
+    page.click('#students tr[data-student-id="ada"]')
+    page.wait(lambda: page.element("#student-panel").is_displayed())
+    page.feed_item(ada_ids[0])
+    erased = httpx.delete(
+        f"{server.url}/api/v1/students/ada", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    assert erased.status_code == 200, erased.text
+
+    def nothing_of_ada_left() -> bool:
+        selectors = ['[data-student-id="ada"]', *(f'[data-event-id="{i}"]' for i in ada_ids)]
+        found = [browser.find_elements(By.CSS_SELECTOR, selector) for selector in selectors]
+        return not any(found) and not page.element("#student-panel").is_displayed()
+
+    page.wait(nothing_of_ada_left)
+    page.wait_for_connection("live")
+    assert "ada" not in page.element("#students").text
+    page.student_row("bo")
