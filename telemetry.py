@@ -243,6 +243,14 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         for name, read in ENVIRONMENT.items()
     }
     workers = whole_number("WEB_CONCURRENCY", environ.get("WEB_CONCURRENCY", "").strip(), 1)
+    if (
+        values["pseudonymize_salt"]
+        and values["pioneer_student_env"] in values["pioneer_environ_allow"]
+    ):
+        raise ConfigError(
+            "PIONEER_ENVIRON_ALLOW would store PIONEER_STUDENT_ENV, the student's raw id, "
+            "which PSEUDONYMIZE_SALT is set to keep out"
+        )
     if values["redis_url"] is None and workers > 1:
         raise ConfigError(
             "WEB_CONCURRENCY > 1 needs REDIS_URL: the in-process bus cannot reach other workers"
@@ -755,6 +763,37 @@ def normalise_pioneer(
         name = detail["field"].removeprefix(f"{path}.")
         errors.add(f"{path}.{origins.get(name, name)}", detail["problem"])
     return event
+
+
+# Validation: pseudonymous mode
+
+# 20 hex characters are 80 bits: among a million students, the odds that two share a
+# pseudonym are about 4 in 10^13.
+PSEUDONYM_HEX_CHARS = 20
+# What jupyterlab-pioneer's envelope may carry of a student's identity besides the mapped
+# fields: the exporter's params and the env entries (JUPYTERHUB_USER, ...).
+PIONEER_IDENTITY_PARAMS = frozenset(("student_id", "student_name"))
+
+
+def pseudonym(salt: str, raw_id: str) -> str:
+    """A student's stored and shown id in pseudonymous mode: HMAC-SHA256 of the raw id keyed
+    with PSEUDONYMIZE_SALT, in hex. The same id and salt always give the same pseudonym."""
+    digest = hmac.new(salt.encode(), raw_id.encode(errors="surrogatepass"), hashlib.sha256)
+    return digest.hexdigest()[:PSEUDONYM_HEX_CHARS]
+
+
+def pseudonymized(event: dict[str, Any], salt: str) -> dict[str, Any]:
+    """A validated event as pseudonymous mode stores and publishes it: the student's id
+    replaced by its pseudonym, no name, and no copy of either left in `extra`."""
+    extra = dict(event["extra"])
+    if isinstance(extra.get("pioneer"), dict):
+        pioneer = {key: value for key, value in extra["pioneer"].items() if key != "env"}
+        if isinstance(pioneer.get("params"), dict):
+            params = pioneer["params"].items()
+            pioneer["params"] = {k: v for k, v in params if k not in PIONEER_IDENTITY_PARAMS}
+        extra["pioneer"] = pioneer
+    student_id = pseudonym(salt, event["student_id"])
+    return {**event, "student_id": student_id, "student_name": None, "extra": extra}
 
 
 # Validation: request bodies
@@ -3021,6 +3060,8 @@ async def post_events(request: Request) -> Response:
     ]
     require_token(settings.ingest_tokens, tokens, "ingest")
     events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
+    if settings.pseudonymize_salt:  # the one place: nothing after this sees a raw id or name
+        events = [pseudonymized(event, settings.pseudonymize_salt) for event in events]
     try:
         stored = await service.committer.submit(events)
     except StorageUnavailable:
