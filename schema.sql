@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_student_idx ON events (student_id, id);
 CREATE INDEX IF NOT EXISTS events_course_idx ON events (course_id, id);
 CREATE INDEX IF NOT EXISTS students_course_idx ON students (course_id);
+-- Retention deletes the oldest events first, by the server's clock, a batch at a time.
+CREATE INDEX IF NOT EXISTS events_received_idx ON events (received_at, id);
 
 -- Summaries for the dashboard's aggregates, written in the transaction that stores the
 -- events they count, so an aggregate reads thousands of rows, not millions of events.

@@ -45,6 +45,7 @@ import os
 import re
 import sqlite3
 import sys
+import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
@@ -103,9 +104,11 @@ class Settings:
     max_streams_per_client: int = 20
     pioneer_student_env: str = "JUPYTERHUB_USER"
     pioneer_environ_allow: frozenset[str] = frozenset()
+    retention_days: int | None = None
+    pseudonymize_salt: str | None = None
 
 
-def whole_number(name: str, raw: str, default: int) -> int:
+def whole_number(name: str, raw: str, default: Any) -> int:
     if not raw:
         return default
     try:
@@ -224,6 +227,18 @@ def parse_tokens(name: str, raw: str, scoped: bool = True) -> tuple[Grant, ...]:
     return grants
 
 
+# A salt anyone could guess lets them hash a class list and match it (see pseudonym).
+SALT_MIN_CHARS = 16
+
+
+def secret_salt(name: str, raw: str, default: str | None) -> str | None:
+    if raw and len(raw) < SALT_MIN_CHARS:
+        raise ConfigError(
+            f"{name} must be at least {SALT_MIN_CHARS} characters, e.g. `openssl rand -hex 32`"
+        )
+    return raw or default
+
+
 def normalise_database_url(raw: str | None) -> str:
     """Map DATABASE_URL onto what `databases` understands; unset means the SQLite file."""
     if not raw or not raw.strip():
@@ -284,6 +299,8 @@ ENVIRONMENT: dict[str, Callable[[str, str, Any], Any]] = {
     "MAX_STREAMS_PER_CLIENT": whole_number,
     "PIONEER_STUDENT_ENV": variable_name,
     "PIONEER_ENVIRON_ALLOW": variable_names,
+    "RETENTION_DAYS": whole_number,
+    "PSEUDONYMIZE_SALT": secret_salt,
 }
 
 
@@ -294,6 +311,14 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         for name, read in ENVIRONMENT.items()
     }
     workers = whole_number("WEB_CONCURRENCY", environ.get("WEB_CONCURRENCY", "").strip(), 1)
+    if (
+        values["pseudonymize_salt"]
+        and values["pioneer_student_env"] in values["pioneer_environ_allow"]
+    ):
+        raise ConfigError(
+            "PIONEER_ENVIRON_ALLOW would store PIONEER_STUDENT_ENV, the student's raw id, "
+            "which PSEUDONYMIZE_SALT is set to keep out"
+        )
     if values["redis_url"] is None and workers > 1:
         raise ConfigError(
             "WEB_CONCURRENCY > 1 needs REDIS_URL: the in-process bus cannot reach other workers"
@@ -806,6 +831,37 @@ def normalise_pioneer(
         name = detail["field"].removeprefix(f"{path}.")
         errors.add(f"{path}.{origins.get(name, name)}", detail["problem"])
     return event
+
+
+# Validation: pseudonymous mode
+
+# 20 hex characters are 80 bits: among a million students, the odds that two share a
+# pseudonym are about 4 in 10^13.
+PSEUDONYM_HEX_CHARS = 20
+# What jupyterlab-pioneer's envelope may carry of a student's identity besides the mapped
+# fields: the exporter's params and the env entries (JUPYTERHUB_USER, ...).
+PIONEER_IDENTITY_PARAMS = frozenset(("student_id", "student_name"))
+
+
+def pseudonym(salt: str, raw_id: str) -> str:
+    """A student's stored and shown id in pseudonymous mode: HMAC-SHA256 of the raw id keyed
+    with PSEUDONYMIZE_SALT, in hex. The same id and salt always give the same pseudonym."""
+    digest = hmac.new(salt.encode(), raw_id.encode(errors="surrogatepass"), hashlib.sha256)
+    return digest.hexdigest()[:PSEUDONYM_HEX_CHARS]
+
+
+def pseudonymized(event: dict[str, Any], salt: str) -> dict[str, Any]:
+    """A validated event as pseudonymous mode stores and publishes it: the student's id
+    replaced by its pseudonym, no name, and no copy of either left in `extra`."""
+    extra = dict(event["extra"])
+    if isinstance(extra.get("pioneer"), dict):
+        pioneer = {key: value for key, value in extra["pioneer"].items() if key != "env"}
+        if isinstance(pioneer.get("params"), dict):
+            params = pioneer["params"].items()
+            pioneer["params"] = {k: v for k, v in params if k not in PIONEER_IDENTITY_PARAMS}
+        extra["pioneer"] = pioneer
+    student_id = pseudonym(salt, event["student_id"])
+    return {**event, "student_id": student_id, "student_name": None, "extra": extra}
 
 
 # Validation: request bodies
@@ -2496,6 +2552,41 @@ class Storage:
         return values
 
 
+# Retention: a pass at start, then every RETENTION_INTERVAL_SECONDS. Each batch is a short
+# transaction under the commit order, so ingest waits at most one batch: 1,000 events took
+# about N ms on PostgreSQL (bench/retention.py).
+RETENTION_INTERVAL_SECONDS = 300.0
+RETENTION_BATCH_EVENTS = 1_000
+
+
+async def keep_retention(
+    storage: Storage, days: int, batch_size: int = RETENTION_BATCH_EVENTS
+) -> None:
+    """Forget, for ever, what was received more than `days` ago (the server's clock, which
+    clients cannot set)."""
+    while True:
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
+        started = time.monotonic()
+        try:
+            totals = await storage.retain(cutoff, batch_size)
+        except Exception as error:  # the database may be down: the next pass tries again
+            logger.warning("retention pass failed: %r", error)
+        else:
+            if totals is None:
+                logger.info("retention: another process is running a pass")
+            else:
+                logger.info(
+                    "retention: deleted %s, received before %s, in %d batches, %.1f s",
+                    ", ".join(
+                        f"{count} {table}" for table, count in totals.items() if table != "batches"
+                    ),
+                    format_timestamp(cutoff),
+                    totals["batches"],
+                    time.monotonic() - started,
+                )
+        await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
+
+
 # Bus
 
 
@@ -3109,6 +3200,8 @@ async def post_events(request: Request) -> Response:
     ]
     require_token(settings.ingest_tokens, tokens, "ingest")
     events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
+    if settings.pseudonymize_salt:  # the one place: nothing after this sees a raw id or name
+        events = [pseudonymized(event, settings.pseudonymize_salt) for event in events]
     try:
         stored = await service.committer.submit(events)
     except StorageUnavailable:
@@ -4211,6 +4304,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         asyncio.create_task(close_streams_on_shutdown(hub), name="shutdown-watch"),
         asyncio.create_task(hub.watch(watch_interval(settings)), name="stream-watch"),
     ]
+    if settings.retention_days:
+        retention = keep_retention(storage, settings.retention_days)
+        tasks.append(asyncio.create_task(retention, name="retention"))
     if not (settings.ingest_tokens and settings.dashboard_tokens):
         logger.warning(
             "running open: set INGEST_TOKENS and DASHBOARD_TOKENS before exposing this service"

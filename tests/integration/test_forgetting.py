@@ -5,16 +5,19 @@ held it."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
+from asgi_lifespan import LifespanManager
 
-from telemetry import FORGOTTEN_TABLES, Settings, Storage, normalise_batch
-from tests.conftest import fresh_postgres_database
+from telemetry import FORGOTTEN_TABLES, Settings, Storage, create_app, normalise_batch
+from tests.conftest import fresh_postgres_database, wait_for
 
 T0 = dt.datetime(2026, 11, 26, 9, 0, 30, tzinfo=dt.UTC)
 ADA, BOB, CY = "ada@uni.edu", "bob@uni.edu", "cy@uni.edu"
+C1, C2 = "course-one", "course-two"
 NAMES = {ADA: "Ada Lovelace", BOB: "Bob Stone", CY: "Cy Young"}
 
 
@@ -36,24 +39,24 @@ def raise_hand(student: str, course: str | None) -> dict:
     return {"student_id": student, "event_type": "help", "course_id": course}
 
 
-# A class of three, in batches a minute apart. Cy works in c2, then in c1, so c1 is Cy's
-# course; Ada's second run names no course and belongs to c1 through her.
+# A class of three, in batches a minute apart. Cy works in C2, then in C1, so C1 is Cy's
+# course; Ada's second run names no course and belongs to C1 through her.
 CLASS = [
     [
-        run(ADA, "c1", "lists.ipynb", "cell1", "error"),
-        run(BOB, "c1", "lists.ipynb", "cell1", "ok"),
-        run(CY, "c2", "loops.ipynb", "cell1", "error"),
+        run(ADA, C1, "lists.ipynb", "cell1", "error"),
+        run(BOB, C1, "lists.ipynb", "cell1", "ok"),
+        run(CY, C2, "loops.ipynb", "cell1", "error"),
     ],
     [
-        raise_hand(ADA, "c1"),
+        raise_hand(ADA, C1),
         run(ADA, None, "lists.ipynb", "cell1", "error"),
-        run(BOB, "c1", "lists.ipynb", "cell2", "error"),
-        run(CY, "c1", "lists.ipynb", "cell1", "ok"),
+        run(BOB, C1, "lists.ipynb", "cell2", "error"),
+        run(CY, C1, "lists.ipynb", "cell1", "ok"),
     ],
     [
-        run(ADA, "c1", "lists.ipynb", "cell2", "ok"),
-        raise_hand(BOB, "c1"),
-        raise_hand(CY, "c1"),
+        run(ADA, C1, "lists.ipynb", "cell2", "ok"),
+        raise_hand(BOB, C1),
+        raise_hand(CY, C1),
     ],
 ]
 
@@ -131,7 +134,7 @@ async def class_view(storage: Storage) -> dict:
     }
     cells = await storage.cells({"course_id": None, "notebook_path": None, "limit": 200})
     view["cells"] = cells
-    for course in (None, "c1", "c2"):
+    for course in (None, C1, C2):
         view[f"activity {course}"] = await storage.activity(
             course, 10, T0 + dt.timedelta(minutes=5)
         )
@@ -178,9 +181,7 @@ async def test_erasing_an_unknown_student_deletes_nothing(storage) -> None:
 async def test_an_erased_student_seen_again_is_a_new_sighting(storage) -> None:
     await store(storage, CLASS, T0)
     await storage.erase_student(ADA)
-    await store(
-        storage, [[run(ADA, "c1", "lists.ipynb", "cell1", "ok")]], T0 + dt.timedelta(hours=1)
-    )
+    await store(storage, [[run(ADA, C1, "lists.ipynb", "cell1", "ok")]], T0 + dt.timedelta(hours=1))
     (ada,) = [
         student
         for student in await storage.students_page(
@@ -193,27 +194,27 @@ async def test_an_erased_student_seen_again_is_a_new_sighting(storage) -> None:
 
 async def test_an_erased_course_keeps_only_its_students_other_courses(storage, twin) -> None:
     await store(storage, CLASS, T0)
-    deleted = await storage.erase_course("c1")
+    deleted = await storage.erase_course(C1)
     assert (deleted["events"], deleted["students"], deleted["student_counts"]) == (9, 2, 2)
-    assert await mentions(storage, ADA, BOB, NAMES[ADA], NAMES[BOB], "c1", "lists.ipynb") == []
-    # Cy stays, with the c2 run alone, and c2 as course.
-    await store(twin, only(lambda raw: raw.get("course_id") == "c2", CLASS), T0)
+    assert await mentions(storage, ADA, BOB, NAMES[ADA], NAMES[BOB], C1, "lists.ipynb") == []
+    # Cy stays, with the C2 run alone, and C2 as course.
+    await store(twin, only(lambda raw: raw.get("course_id") == C2, CLASS), T0)
     assert await class_view(storage) == await class_view(twin)
-    assert await storage.student_course(CY) == (True, "c2")
+    assert await storage.student_course(CY) == (True, C2)
 
 
 async def test_retention_deletes_what_was_received_before_the_cutoff_in_bounded_batches(
     storage, twin
 ) -> None:
     cutoff = T0 + dt.timedelta(days=1)
-    old = [[run(ADA, "c1", "lists.ipynb", f"cell{n % 3}", "error") for n in range(7)]]
-    old += [[run(BOB, "c1", "lists.ipynb", "cell1", "ok"), raise_hand(BOB, "c1")]]
-    old += [[run(BOB, "c1", "lists.ipynb", "cell2", "error")]]
+    old = [[run(ADA, C1, "lists.ipynb", f"cell{n % 3}", "error") for n in range(7)]]
+    old += [[run(BOB, C1, "lists.ipynb", "cell1", "ok"), raise_hand(BOB, C1)]]
+    old += [[run(BOB, C1, "lists.ipynb", "cell2", "error")]]
     await store(storage, old, cutoff - dt.timedelta(seconds=1) - dt.timedelta(minutes=2))
     new = [
         [
-            run(BOB, "c1", "lists.ipynb", "cell1", "error"),
-            run(CY, "c2", "loops.ipynb", "cell1", "ok"),
+            run(BOB, C1, "lists.ipynb", "cell1", "error"),
+            run(CY, C2, "loops.ipynb", "cell1", "ok"),
         ]
     ]
     await store(storage, new, cutoff + dt.timedelta(seconds=1))
@@ -231,9 +232,9 @@ async def test_retention_deletes_what_was_received_before_the_cutoff_in_bounded_
 async def test_events_received_exactly_at_the_cutoff_are_kept(storage) -> None:
     cutoff = T0 + dt.timedelta(days=1)
     await store(
-        storage, [[run(ADA, "c1", "a.ipynb", "cell1", "ok")]], cutoff - dt.timedelta(microseconds=1)
+        storage, [[run(ADA, C1, "a.ipynb", "cell1", "ok")]], cutoff - dt.timedelta(microseconds=1)
     )
-    await store(storage, [[run(BOB, "c1", "a.ipynb", "cell1", "ok")]], cutoff)
+    await store(storage, [[run(BOB, C1, "a.ipynb", "cell1", "ok")]], cutoff)
     totals = await storage.retain(cutoff, batch_size=1_000)
     assert totals is not None and totals["events"] == 1
     rows = await storage.database.fetch_all("SELECT student_id FROM events")
@@ -253,3 +254,30 @@ async def test_one_retention_pass_at_a_time_across_processes(postgres_database_u
     finally:
         await first.disconnect()
         await second.disconnect()
+
+
+async def test_the_service_forgets_old_events_at_start_and_logs_the_pass(
+    database_url, caplog
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    storage = Storage(database_url, pool_size=3)
+    await storage.connect()
+    try:
+        await store(
+            storage, [[run(ADA, C1, "a.ipynb", "cell1", "ok")]] * 2, now - dt.timedelta(days=2)
+        )
+        await store(
+            storage, [[run(BOB, C1, "a.ipynb", "cell1", "ok")]], now - dt.timedelta(hours=23)
+        )
+    finally:
+        await storage.disconnect()
+    app = create_app(Settings(database_url=database_url, retention_days=1))
+    with caplog.at_level(logging.INFO, logger="telemetry"):
+        async with LifespanManager(app):
+            await wait_for(lambda: any("retention:" in r.getMessage() for r in caplog.records))
+            rows = await app.state.service.storage.database.fetch_all(
+                "SELECT student_id FROM events"
+            )
+    assert [row._mapping["student_id"] for row in rows] == [BOB]
+    (line,) = [r.getMessage() for r in caplog.records if "retention:" in r.getMessage()]
+    assert line.startswith("retention: deleted 2 events, 1 students,"), line

@@ -143,3 +143,29 @@ def test_bad_pioneer_variable_names_fail_with_the_variable_named(
 ) -> None:
     with pytest.raises(ConfigError, match=variable):
         load_settings(environ)
+
+
+def test_retention_and_pseudonyms_are_off_by_default() -> None:
+    settings = load_settings({})
+    assert (settings.retention_days, settings.pseudonymize_salt) == (None, None)
+
+
+def test_retention_days_and_salt_are_read() -> None:
+    salt = "0123456789abcdef0123"
+    settings = load_settings({"RETENTION_DAYS": " 30 ", "PSEUDONYMIZE_SALT": salt})
+    assert (settings.retention_days, settings.pseudonymize_salt) == (30, salt)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"RETENTION_DAYS": "0"}, "RETENTION_DAYS"),
+        ({"RETENTION_DAYS": "-3"}, "RETENTION_DAYS"),
+        ({"RETENTION_DAYS": "1.5"}, "RETENTION_DAYS"),
+        ({"RETENTION_DAYS": "a month"}, "RETENTION_DAYS"),
+        ({"PSEUDONYMIZE_SALT": "short"}, "PSEUDONYMIZE_SALT"),
+    ],
+)
+def test_bad_retention_or_salt_fails_with_the_variable_named(environ: dict, variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(environ)

@@ -1,0 +1,84 @@
+"""Pseudonymous mode through the HTTP API, on both databases: the raw ids and names the
+clients send reach no table, no answer and no log line."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from telemetry import FORGOTTEN_TABLES, Settings, create_app, pseudonym
+from tests.pioneer_samples import NOTEBOOK, cell, pioneer_data
+
+SALT = "9f2c61d0a7b84e3f95c2"
+# Each client shape with a raw id and a name that must never be stored.
+OURS = {"student_id": "ada.lovelace@uni.edu", "student_name": "Ada Lovelace",
+        "event_type": "cell_executed", "status": "error", "cell_id": "c1",
+        "course_id": "cs1"}  # fmt: skip
+CAMEL = [{"eventType": "cell_executed", "emailAddress": "grace.hopper@uni.edu",
+          "userName": "Grace Hopper", "userId": "grace.hopper@uni.edu", "teamName": "red",
+          "hasError": True, "errorMessage": "NameError", "cellId": "c1"}]  # fmt: skip
+PIONEER = {
+    "data": pioneer_data(
+        "CellExecuteEvent", {"cells": [cell("c2", 2)], "success": True}, 1_764_000_000_000, NOTEBOOK
+    ),
+    "params": {"student_name": "Alan Turing", "course_id": "cs1"},
+    "env": [{"JUPYTERHUB_USER": "alan.turing"}],
+}
+RAW_IDS = ("ada.lovelace@uni.edu", "grace.hopper@uni.edu", "alan.turing")
+NAMES = ("Ada Lovelace", "Grace Hopper", "Alan Turing")
+
+
+@pytest.fixture
+async def pseudonymous(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(database_url=database_url, pseudonymize_salt=SALT))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            client.storage = app.state.service.storage
+            yield client
+
+
+def leaks(text: str) -> list[str]:
+    lowered = text.lower()
+    return [secret for secret in RAW_IDS + NAMES if secret.lower() in lowered]
+
+
+async def test_raw_ids_and_names_reach_no_table_answer_or_log(pseudonymous, caplog) -> None:
+    with caplog.at_level(logging.DEBUG):
+        for body in (OURS, CAMEL, PIONEER, OURS):
+            response = await pseudonymous.post("/api/v1/events", json=body)
+            assert response.status_code == 201, response.text
+            assert leaks(response.text) == []
+        answers = [
+            await pseudonymous.get(path)
+            for path in ("/api/v1/events", "/api/v1/students", "/api/v1/events.csv",
+                         "/api/v1/students.csv", "/api/v1/cells", "/api/v1/help")
+        ]  # fmt: skip
+    for answer in answers:
+        assert answer.status_code == 200 and leaks(answer.text) == [], answer.text
+    assert leaks("\n".join(record.getMessage() for record in caplog.records)) == []
+    database = pseudonymous.storage.database
+    for table in FORGOTTEN_TABLES:
+        rows = await database.fetch_all(f"SELECT * FROM {table}")
+        assert rows or table in ("hand_raises",)
+        assert leaks(repr([tuple(row) for row in rows])) == [], table
+    students = await database.fetch_all("SELECT student_id, name FROM students ORDER BY 1")
+    assert sorted((row[0], row[1]) for row in students) == sorted(
+        (pseudonym(SALT, raw), None) for raw in RAW_IDS
+    )
+    counts = await database.fetch_all("SELECT student_id, events FROM student_counts")
+    assert dict((row[0], row[1]) for row in counts)[pseudonym(SALT, RAW_IDS[0])] == 2
+
+
+async def test_help_actions_take_the_pseudonym_the_dashboard_shows(pseudonymous) -> None:
+    raised = {**OURS, "event_type": "help"}
+    assert (await pseudonymous.post("/api/v1/events", json=raised)).status_code == 201
+    [hand] = (await pseudonymous.get("/api/v1/help")).json()["queue"]
+    assert hand["student_id"] == pseudonym(SALT, OURS["student_id"]) and hand["name"] is None
+    answer = await pseudonymous.post(f"/api/v1/help/{hand['student_id']}/on-my-way")
+    assert answer.status_code == 201, answer.text
+    assert (await pseudonymous.get("/api/v1/help")).json()["queue"][0]["on_my_way"]
