@@ -3833,8 +3833,9 @@ async def export_students(request: Request) -> Response:
 # Access control
 
 TOKEN_COOKIE = "telemetry_token"
-# Query-string tokens would otherwise be written to the access log with the path.
-TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*")
+# Query-string tokens would otherwise be written to the access log with the path; so would
+# the id an erasure names, which in pseudonymous mode may be the student's raw id.
+TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*|(?<=/api/v1/students/)[^?\s]+")
 
 
 # Every read by a dashboard token and every erasure: one line each, as JSON (see log_access).
@@ -3938,6 +3939,7 @@ def log_access(
     """One line per read, stream opening or erasure: the token's name (never its secret), the
     courses it covers, the endpoint and what it named."""
     method = connection.scope.get("method", "WEBSOCKET")
+    route = getattr(connection.scope.get("route"), "path_format", connection.url.path)
     params = {k: v for k, v in connection.query_params.items() if k != "token"}
     params.update(connection.path_params)
     if "last-event-id" in connection.headers:
@@ -3947,7 +3949,7 @@ def log_access(
         "outcome": outcome,
         "token": grant.name,
         "courses": grant.course_list() or "all",
-        "endpoint": f"{method} {connection.url.path}",
+        "endpoint": f"{method} {route}",
         "params": params,
         **what,
     }
@@ -4053,6 +4055,18 @@ def admin_grant(request: Request) -> Grant:
     return require_grant(grants, [bearer_token(request.headers)], "admin")
 
 
+async def stored_student(service: Service, given: str) -> dict[str, Any]:
+    """The student an erasure names, as stored, and their course. In pseudonymous mode the
+    admin may give the raw id or the pseudonym the dashboards show."""
+    salt = service.settings.pseudonymize_salt
+    # The pseudonym last: the one reported when neither is stored, never a raw id.
+    for student_id in (given, pseudonym(salt, given)) if salt else (given,):
+        seen, course_id = await read_storage(service.storage.student_course(student_id))
+        if seen:
+            break
+    return {"student_id": student_id, "course_id": course_id}
+
+
 async def erase(request: Request) -> Response:
     """Erase a student, or a whole course: every row in every table, in one transaction;
     then every process's open dashboards are told to drop them (Hub.announce_erasure)."""
@@ -4060,15 +4074,14 @@ async def erase(request: Request) -> Response:
     grant = admin_grant(request)
     storage: Storage = service.storage
     if "student_id" in request.path_params:
-        student_id = request.path_params["student_id"]
-        _, course_id = await read_storage(storage.student_course(student_id))
-        erased = {"student_id": student_id, "course_id": course_id}
-        deleted = await read_storage(storage.erase_student(student_id))
+        erased = await stored_student(service, request.path_params["student_id"])
+        deleted = await read_storage(storage.erase_student(erased["student_id"]))
     else:
         erased = {"student_id": None, "course_id": request.path_params["course_id"]}
         deleted = await read_storage(storage.erase_course(erased["course_id"]))
     found = any(deleted.values())
-    log_access(request, grant, "erase", "erased" if found else "nothing", deleted=deleted)
+    outcome = "erased" if found else "nothing"
+    log_access(request, grant, "erase", outcome, params=erased, deleted=deleted)
     if not found:
         what = "student" if erased["student_id"] is not None else "course"
         raise ApiError(404, f"no_such_{what}", f"no row of that {what} is stored")
@@ -4081,7 +4094,7 @@ async def erase(request: Request) -> Response:
 
 
 class RedactTokens(logging.Filter):
-    """Keeps `?token=` values out of uvicorn's logs (and ours)."""
+    """Keeps `?token=` values, and the id in an erasure's path, out of uvicorn's logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
