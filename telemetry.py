@@ -3964,12 +3964,13 @@ async def authorize_read(
     grant's as in_scope takes them, so the SQL reads nothing outside it."""
     grant = dashboard_grant(connection)
     params = parse(connection.query_params)
+    action = "read" if connection.scope.get("method", "GET") == "GET" else "act"  # a hand action
     try:
         await check_scope(service_of(connection).storage, grant, params)
     except ApiError as refusal:
-        log_access(connection, grant, "read", "refused")
+        log_access(connection, grant, action, "refused")
         raise refusal
-    log_access(connection, grant, "read", "allowed")
+    log_access(connection, grant, action, "allowed")
     courses = grant.course_list()
     return grant, {**params, "courses": None if courses is None else orjson.dumps(courses).decode()}
 
