@@ -23,6 +23,10 @@ Decisions a reader must not undo:
 - The dashboard's summaries (schema.sql: cell_runs, cell_totals, student_counts, activity,
   hand_raises) are written by the statement or transaction that stores the events they
   count, so an aggregate reads a few thousand rows, never every event.
+- A dashboard token reads only its courses, and a check in one handler is no guarantee:
+  authorize_read resolves each request's Grant once, every read query filters by its
+  courses in SQL (in_scope), and every stream client by StreamFilter.courses, live and on
+  replay. The hub keeps no event cache, so after an erasure no resume can replay it.
 - jupyterlab-pioneer's NotebookOpenEvent carries the Jupyter server's whole environment,
   tokens included: only the variables named in PIONEER_ENVIRON_ALLOW are ever stored or
   sent on, and its params.token never is.
@@ -3835,7 +3839,7 @@ async def export_students(request: Request) -> Response:
 TOKEN_COOKIE = "telemetry_token"
 # Query-string tokens would otherwise be written to the access log with the path; so would
 # the id an erasure names, which in pseudonymous mode may be the student's raw id.
-TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*|(?<=/api/v1/students/)[^?\s]+")
+TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*|(?<=/api/v1/students/)[^?\s\"]+")
 
 
 # Every read by a dashboard token and every erasure: one line each, as JSON (see log_access).
@@ -4408,7 +4412,7 @@ def app_from_environment() -> Starlette:
         format="%(levelname)s %(name)s: %(message)s",
     )
     # uvicorn logs a WebSocket's handshake, query string included, on its error logger.
-    for name in ("uvicorn.access", "uvicorn.error", ACCESS_LOG.name):
+    for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactTokens())
     logging.getLogger("uvicorn.error").addFilter(QuietCutOffs())
     try:
