@@ -132,14 +132,17 @@ async def class_view(storage: Storage) -> dict:
         for table in FORGOTTEN_TABLES
         if table != "events"
     }
-    cells = await storage.cells({"course_id": None, "notebook_path": None, "limit": 200})
+    cells = await storage.cells(
+        {"course_id": None, "notebook_path": None, "limit": 200, "courses": None}
+    )
     view["cells"] = cells
     for course in (None, C1, C2):
         view[f"activity {course}"] = await storage.activity(
-            course, 10, T0 + dt.timedelta(minutes=5)
+            {"course_id": course, "minutes": 10, "courses": None}, T0 + dt.timedelta(minutes=5)
         )
     students = await storage.students_page(
-        {"after": "", "course_id": None, "limit": 100}, T0 + dt.timedelta(minutes=3)
+        {"after": "", "course_id": None, "limit": 100, "courses": None},
+        T0 + dt.timedelta(minutes=3),
     )
     view["students"] = [
         {k: v for k, v in student.items() if k not in LOCAL_COLUMNS} for student in students
@@ -185,7 +188,8 @@ async def test_an_erased_student_seen_again_is_a_new_sighting(storage) -> None:
     (ada,) = [
         student
         for student in await storage.students_page(
-            {"after": "", "course_id": None, "limit": 100}, T0 + dt.timedelta(hours=1)
+            {"after": "", "course_id": None, "limit": 100, "courses": None},
+            T0 + dt.timedelta(hours=1),
         )
         if student["student_id"] == ADA
     ]
