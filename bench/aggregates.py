@@ -13,7 +13,8 @@ activity_rows), so they hold what ingest would have written.
 
 Then, in process over httpx's ASGI transport (no socket, so the figure is the service's
 own time), each endpoint is called 200 times after 10 warm-up calls (fewer if they take over 30 s,
-at least 10): p50 and p99.
+at least 10): p50 and p99. Twice: with a dashboard token of every course, then with one
+scoped to cs101 (its courses travel to every query as a JSON array, see in_scope).
 
 Ingest cost: 200 batches of 50 executions stored through Storage.store, alternating the
 current commit path (one transaction: the events statement, then the summary upserts)
@@ -206,6 +207,13 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+# Every student is in cs101: the scoped token reads as much as the unscoped one.
+TOKENS = (
+    telemetry.Grant("every course", "bench-all"),
+    telemetry.Grant("cs101 only", "bench-cs101", frozenset({COURSE})),
+)
+
+
 async def time_endpoints(client: httpx.AsyncClient, calls: int) -> list[tuple]:
     results = []
     for name, path, params in ENDPOINTS:
@@ -303,14 +311,19 @@ async def main() -> None:
     url = ADMIN_URL.rsplit("/", 1)[0] + "/" + DATABASE
     try:
         await load(url, options.events)
-        app = telemetry.create_app(telemetry.Settings(database_url=url))
+        app = telemetry.create_app(telemetry.Settings(database_url=url, dashboard_tokens=TOKENS))
         began = time.perf_counter()
         async with LifespanManager(app, startup_timeout=600) as manager:
             startup = time.perf_counter() - began
             await raise_hands(url)
             transport = httpx.ASGITransport(app=manager.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-                endpoints = await time_endpoints(client, options.calls)
+            endpoints = {}
+            for token in TOKENS:
+                headers = {"Authorization": f"Bearer {token.secret}"}
+                async with httpx.AsyncClient(
+                    transport=transport, base_url="http://bench", headers=headers
+                ) as client:
+                    endpoints[token.name] = await time_endpoints(client, options.calls)
             ingest = await time_ingest(app.state.service.storage, url, options.batches)
     finally:
         if not options.keep:
@@ -318,9 +331,11 @@ async def main() -> None:
         await admin.close()
     print(f"\n{options.events:,} events, {len(STUDENTS)} students, PostgreSQL")
     print(f"start-up, filling student_counts from the events: {startup:.1f} s")
-    print(f"{'endpoint':<22} {'p50 ms':>8} {'p99 ms':>8} {'calls':>6} {'bytes':>8}")
-    for name, p50, p99, calls, size in endpoints:
-        print(f"{name:<22} {p50:8.1f} {p99:8.1f} {calls:6} {size:8,}")
+    for token, results in endpoints.items():
+        print(f"\ntoken of {token}")
+        print(f"{'endpoint':<22} {'p50 ms':>8} {'p99 ms':>8} {'calls':>6} {'bytes':>8}")
+        for name, p50, p99, calls, size in results:
+            print(f"{name:<22} {p50:8.1f} {p99:8.1f} {calls:6} {size:8,}")
     print(f"\n{'50-event batch':<32} {'p50 ms':>8} {'p99 ms':>8}")
     for (batch, path), (p50, p99) in ingest.items():
         print(f"{batch + ', ' + path:<32} {p50:8.2f} {p99:8.2f}")
