@@ -23,6 +23,11 @@ Decisions a reader must not undo:
 - The dashboard's summaries (schema.sql: cell_runs, cell_totals, student_counts, activity,
   hand_raises) are written by the statement or transaction that stores the events they
   count, so an aggregate reads a few thousand rows, never every event.
+- Erasure and retention hold the commit order for their transaction, so no batch commits
+  half-way through and the summaries they subtract from are not being added to meanwhile.
+  Retention's batches are short and it rests after each, so ingest waits at most one.
+- In pseudonymous mode the raw student id and name are replaced at one place, in
+  post_events, before anything stores, publishes or logs them.
 - jupyterlab-pioneer's NotebookOpenEvent carries the Jupyter server's whole environment,
   tokens included: only the variables named in PIONEER_ENVIRON_ALLOW are ever stored or
   sent on, and its params.token never is.
