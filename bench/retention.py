@@ -26,6 +26,7 @@ import asyncio
 import datetime as dt
 import os
 import re
+import socket
 import statistics
 import sys
 import tempfile
@@ -39,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run import (  # bench/run.py, beside this script
     PG_ADMIN_DSN,
     PG_URL,
-    PORTS,
     WRK_CONNECTIONS,
     raise_file_limit,
     reset_database,
@@ -51,6 +51,8 @@ from run import (  # bench/run.py, beside this script
 import telemetry
 
 DATABASE = "telemetry_bench_retention"
+# Not run.py's ports: its benchmark may run at the same time.
+PORT = 18710
 STUDENTS = 300
 AGE = dt.timedelta(days=10)
 PASS_DEADLINE_SECONDS = 1_800
@@ -169,7 +171,7 @@ async def main() -> None:
                 )
                 print(describe(runs[-1]))
         started = time.monotonic()
-        with uvicorn("telemetry:app", PORTS["service"], env(True), logs / "rest.log"):
+        with uvicorn("telemetry:app", PORT, env(True), logs / "rest.log"):
             rest = wait_for_pass(logs / "rest.log")
         rest_seconds = time.monotonic() - started
     finally:
@@ -183,10 +185,13 @@ async def main() -> None:
 async def measure(retention: bool, seconds: int, log: Path) -> dict:
     """One wrk run against a fresh service; with retention, its pass runs meanwhile (it
     resumes from the oldest events left)."""
+    with socket.socket() as probe:  # or wrk would measure whoever listens there
+        if probe.connect_ex(("127.0.0.1", PORT)) == 0:
+            raise RuntimeError(f"port {PORT} is taken by another server")
     before = await old_events()
     started = time.monotonic()
-    with uvicorn("telemetry:app", PORTS["service"], env(retention), log):
-        result = await asyncio.to_thread(run_wrk, PORTS["service"], seconds, 1, log.stem)
+    with uvicorn("telemetry:app", PORT, env(retention), log):
+        result = await asyncio.to_thread(run_wrk, PORT, seconds, 1, log.stem)
     result["uptime"] = time.monotonic() - started
     result["retention"] = retention
     result["deleted"] = before - await old_events()
