@@ -27,6 +27,11 @@ Decisions a reader must not undo:
   authorize_read resolves each request's Grant once, every read query filters by its
   courses in SQL (in_scope), and every stream client by StreamFilter.courses, live and on
   replay. The hub keeps no event cache, so after an erasure no resume can replay it.
+- Erasure and retention hold the commit order for their transaction, so no batch commits
+  half-way through and the summaries they subtract from are not being added to meanwhile.
+  Retention's batches are short and it rests after each, so ingest waits at most one.
+- In pseudonymous mode the raw student id and name are replaced at one place, in
+  post_events, before anything stores, publishes or logs them.
 - jupyterlab-pioneer's NotebookOpenEvent carries the Jupyter server's whole environment,
   tokens included: only the variables named in PIONEER_ENVIRON_ALLOW are ever stored or
   sent on, and its params.token never is.
@@ -1477,42 +1482,54 @@ CROSS JOIN LATERAL (
 
 
 # Forgetting: erasure and retention. Events leave in one of three ways, each a subquery of
-# the doomed event ids: a student's, a course's (events naming it, and events naming no course
+# the doomed events: a student's, a course's (events naming it, and events naming no course
 # of students whose course it is: the course's dashboards show those as its own), or the
 # oldest batch received before a cutoff. Students left with no event go with them; a student
 # of a course who has events elsewhere stays, with those, and takes their latest course.
+# Statements read the doomed rows themselves: `events.id IN (doomed)` got a hash join over
+# every event (30 ms a batch at 100,000 events).
 DOOMED_EVENTS = {
-    "student": "SELECT id FROM events WHERE student_id = :subject",
+    "student": "SELECT * FROM events WHERE student_id = :subject",
     "course": """
-        SELECT id FROM events WHERE course_id = :subject
+        SELECT * FROM events WHERE course_id = :subject
         UNION ALL
-        SELECT e.id FROM students s JOIN events e ON e.student_id = s.student_id
+        SELECT e.* FROM students s JOIN events e ON e.student_id = s.student_id
         WHERE s.course_id = :subject AND e.course_id IS NULL""",
+    # From where the last batch ended: the index's deleted entries before it, not yet
+    # vacuumed, made each batch slower than the last (40 to 100 ms over a million).
     "expired": """
-        SELECT id FROM events WHERE received_at < :cutoff
+        SELECT * FROM events
+        WHERE received_at < :cutoff AND (received_at, id) > (:after_at, :after_id)
         ORDER BY received_at, id LIMIT :batch_size""",
 }
-VANISHING_STUDENTS = """
-SELECT DISTINCT e.student_id FROM events e
-WHERE e.id IN ({doomed}) AND NOT EXISTS (
-    SELECT 1 FROM events o WHERE o.student_id = e.student_id AND o.id NOT IN ({doomed})
-)
-"""
-SELECT_VANISHING_STUDENTS = {
-    scope: VANISHING_STUDENTS.format(doomed=doomed) for scope, doomed in DOOMED_EVENTS.items()
+# Whose events are doomed; retention's batch also tells where it ends.
+SELECT_DOOMED_OWNERS = {
+    "student": f"SELECT DISTINCT student_id FROM ({DOOMED_EVENTS['student']}) d",
+    "course": f"SELECT DISTINCT student_id FROM ({DOOMED_EVENTS['course']}) d",
+    "expired": f"SELECT student_id, received_at, id FROM ({DOOMED_EVENTS['expired']}) d",
 }
-# The vanishing students travel as one parameter, :gone, a list.
-GONE_STUDENTS = {
-    "postgres": "SELECT unnest(CAST(:gone AS text[]))",
-    "sqlite": "SELECT value FROM json_each(:gone)",
+# Lists of students travel as one parameter: :owners, whose events are doomed, and :gone,
+# those of them left with no event once the doomed are deleted.
+STUDENT_LIST = {
+    "postgres": "SELECT unnest(CAST(:{name} AS text[])) AS student_id",
+    "sqlite": "SELECT value AS student_id FROM json_each(:{name})",
+}
+# Their counts spare a walk over each student's deleted index entries.
+SELECT_GONE = {
+    dialect: f"""
+        SELECT o.student_id FROM ({students.format(name="owners")}) o
+        LEFT JOIN student_counts c ON c.student_id = o.student_id
+        WHERE CASE WHEN c.events > 0 THEN FALSE
+                   ELSE NOT EXISTS (SELECT 1 FROM events e WHERE e.student_id = o.student_id) END"""
+    for dialect, students in STUDENT_LIST.items()
 }
 # The UTC minute of receipt, as activity keys it (minute_of).
 RECEIPT_MINUTE = {
     "postgres": """to_char(e.received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI"Z"')""",
     "sqlite": "substr(e.received_at, 1, 16) || 'Z'",
 }
-# The summaries are corrected by what leaves, in SQL, before it leaves; every statement of one
-# forgetting runs in one transaction under the commit order, so each reads the same doomed set.
+# The summaries are corrected in SQL by what leaves, before it leaves. Every statement of a
+# forgetting runs in one transaction under the commit order, so all read the same doomed rows.
 # The doomed executions per student and cell, as cell_runs keys them (cell_key).
 DOOMED_RUNS = """
 SELECT e.student_id, COALESCE(e.notebook_path, '') AS notebook_path,
@@ -1520,7 +1537,7 @@ SELECT e.student_id, COALESCE(e.notebook_path, '') AS notebook_path,
             WHEN e.cell_index IS NOT NULL THEN '#' || CAST(e.cell_index AS TEXT)
             ELSE '' END AS cell_key,
        COUNT(*) AS gone_runs, SUM(CASE WHEN e.status = 'error' THEN 1 ELSE 0 END) AS gone_errors
-FROM events e WHERE e.id IN ({doomed}) AND e.status IS NOT NULL
+FROM ({doomed}) e WHERE e.status IS NOT NULL
 GROUP BY 1, 2, 3
 """
 # A run summary left with no run counts its student out of the cell's total.
@@ -1552,9 +1569,8 @@ FROM (
            SUM(CASE WHEN e.status IS NULL THEN 0 ELSE 1 END) AS gone_executions,
            SUM(CASE WHEN e.status = 'error' THEN 1 ELSE 0 END) AS gone_errors,
            SUM(CASE WHEN h.raise_id IS NULL THEN 0 ELSE 1 END) AS gone_help
-    FROM events e JOIN students s ON s.student_id = e.student_id
+    FROM ({doomed}) e JOIN students s ON s.student_id = e.student_id
     LEFT JOIN hand_raises h ON h.raise_id = e.id
-    WHERE e.id IN ({doomed})
     GROUP BY COALESCE(e.course_id, s.course_id, ''), {minute}
 ) d
 WHERE activity.course_id = d.course_id AND activity.minute = d.minute
@@ -1565,7 +1581,7 @@ UPDATE student_counts SET events = events - d.gone_events,
 FROM (
     SELECT student_id, COUNT(*) AS gone_events, COUNT(status) AS gone_executions,
            SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS gone_errors
-    FROM events WHERE id IN ({doomed}) GROUP BY student_id
+    FROM ({doomed}) e GROUP BY student_id
 ) d
 WHERE student_counts.student_id = d.student_id
 """
@@ -1578,15 +1594,15 @@ UPDATE students SET course_id = (
 )
 WHERE course_id = :subject
 """
-FORGOTTEN_ROWS = {
-    "cell_runs": "runs <= 0 OR student_id IN ({gone})",
+# The rows that go with the doomed events, then with the students left with none.
+FORGOTTEN_WITH_EVENTS = {
+    "cell_runs": "runs <= 0",
     "cell_totals": "students_ran <= 0",
     "activity": "executions <= 0 AND errors <= 0 AND help <= 0",
-    "hand_raises": "raise_id IN ({doomed}) OR student_id IN ({gone})",
-    "student_counts": "student_id IN ({gone})",
-    "events": "id IN ({doomed})",
-    "students": "student_id IN ({gone})",
+    "hand_raises": "raise_id IN (SELECT id FROM ({doomed}) d)",
+    "events": "id IN (SELECT id FROM ({doomed}) d)",
 }
+FORGOTTEN_WITH_STUDENTS = ("cell_runs", "hand_raises", "student_counts", "students")
 # More rows that go, by scope: a course's summaries whole, whatever the subtraction left;
 # retention's hands and activity minutes older than the cutoff.
 FORGOTTEN_SCOPE_ROWS = {
@@ -1599,38 +1615,42 @@ FORGOTTEN_SCOPE_ROWS = {
 FORGOTTEN_TABLES = (
     "events", "students", "cell_runs", "hand_raises", "student_counts", "cell_totals", "activity"
 )  # fmt: skip
+Steps = list[tuple[str | None, str]]
 
 
-def forgetting_steps(scope: str, dialect: str) -> list[tuple[str | None, str]]:
-    """The statements of one forgetting, in order, each with the table whose deleted rows it
-    counts (a SELECT COUNT(*) AS n before its DELETE), or None."""
-    values = {"doomed": DOOMED_EVENTS[scope], "gone": GONE_STUDENTS[dialect]}
-
-    def condition(table: str) -> str:
-        rows = FORGOTTEN_ROWS[table].format(**values)
-        more = FORGOTTEN_SCOPE_ROWS.get((scope, table))
-        return f"({rows}) OR {more}" if more else rows
-
-    def delete(table: str) -> list[tuple[str | None, str]]:
-        rows = condition(table)
-        return [
-            (table, f"SELECT COUNT(*) AS n FROM {table} WHERE {rows}"),
-            (None, f"DELETE FROM {table} WHERE {rows}"),
-        ]
-
+def delete_step(table: str, rows: str) -> Steps:
+    """Count the rows (SELECT COUNT(*) AS n, its table named), then delete them."""
     return [
-        (None, SUBTRACT_CELL_TOTALS.format(**values)),
-        (None, SUBTRACT_CELL_RUNS.format(**values)),
-        *delete("cell_runs"),
-        *delete("cell_totals"),
-        (None, SUBTRACT_ACTIVITY.format(minute=RECEIPT_MINUTE[dialect], **values)),
-        *delete("activity"),
-        *delete("hand_raises"),
-        (None, SUBTRACT_STUDENT_COUNTS.format(**values)),
-        *delete("student_counts"),
-        *delete("events"),
+        (table, f"SELECT COUNT(*) AS n FROM {table} WHERE {rows}"),
+        (None, f"DELETE FROM {table} WHERE {rows}"),
+    ]
+
+
+def forgetting_steps(scope: str, dialect: str) -> tuple[Steps, Steps]:
+    """The statements of one forgetting, in order: those before SELECT_GONE, those after."""
+    doomed = DOOMED_EVENTS[scope]
+
+    def with_events(table: str) -> Steps:
+        rows = FORGOTTEN_WITH_EVENTS[table].format(doomed=doomed)
+        more = FORGOTTEN_SCOPE_ROWS.get((scope, table))
+        return delete_step(table, f"({rows}) OR {more}" if more else rows)
+
+    gone = STUDENT_LIST[dialect].format(name="gone")
+    return [
+        (None, SUBTRACT_CELL_TOTALS.format(doomed=doomed)),
+        (None, SUBTRACT_CELL_RUNS.format(doomed=doomed)),
+        *with_events("cell_runs"),
+        *with_events("cell_totals"),
+        (None, SUBTRACT_ACTIVITY.format(doomed=doomed, minute=RECEIPT_MINUTE[dialect])),
+        *with_events("activity"),
+        *with_events("hand_raises"),
+        (None, SUBTRACT_STUDENT_COUNTS.format(doomed=doomed)),
+        *with_events("events"),
         *([(None, REASSIGN_COURSE)] if scope == "course" else []),
-        *delete("students"),
+    ], [
+        step
+        for table in FORGOTTEN_WITH_STUDENTS
+        for step in delete_step(table, f"student_id IN ({gone})")
     ]
 
 
@@ -2300,22 +2320,28 @@ class Storage:
         """Delete every row of a student from every table and take them out of the class
         summaries, in one transaction: the rows deleted per table. A later event of theirs
         is a new sighting."""
-        return await self._forget("student", {"subject": student_id})
+        return (await self._forget("student", {"subject": student_id}))[0]
 
     async def erase_course(self, course_id: str) -> dict[str, int]:
         """Delete a course's events and summaries, and its students left with no event
         (see DOOMED_EVENTS), in one transaction: the rows deleted per table."""
-        return await self._forget("course", {"subject": course_id})
+        return (await self._forget("course", {"subject": course_id}))[0]
 
-    async def expire(self, cutoff: dt.datetime, batch_size: int) -> dict[str, int]:
-        """Forget the `batch_size` oldest events received before `cutoff`, in one short
-        transaction, with their students' rows if nothing else is left of them."""
+    async def expire(
+        self, cutoff: dt.datetime, batch_size: int, after: tuple[Any, int] | None = None
+    ) -> tuple[dict[str, int], tuple[Any, int] | None]:
+        """Forget the `batch_size` oldest events received before `cutoff`, from `after` (the
+        (received_at, id) a previous batch ended at), in one short transaction, with their
+        students' rows if nothing else is left of them. Also where this batch ended."""
         params = {
             "cutoff": self.db_time(cutoff),
             "minute": minute_of(cutoff),
             "batch_size": batch_size,
+            "after_at": after[0] if after else self.db_time(EARLIEST_OCCURRED_AT),
+            "after_id": after[1] if after else 0,
         }
-        return await self._forget("expired", params)
+        deleted, doomed = await self._forget("expired", params)
+        return deleted, max(((row["received_at"], row["id"]) for row in doomed), default=None)
 
     async def retain(self, cutoff: dt.datetime, batch_size: int) -> dict[str, int] | None:
         """One retention pass: `expire` batches until one comes back short. The rows deleted
@@ -2327,8 +2353,13 @@ class Storage:
                     return None
             try:
                 totals = dict.fromkeys((*FORGOTTEN_TABLES, "batches"), 0)
+                after = None
                 while True:
-                    deleted = await self.expire(cutoff, batch_size)
+                    started = time.monotonic()
+                    deleted, after = await self.expire(cutoff, batch_size, after)
+                    # Rest as long as the batch took: ingest gets the commit order, and the
+                    # database's share of the CPU, at least half the time.
+                    await asyncio.sleep(time.monotonic() - started)
                     totals["batches"] += 1
                     for table, count in deleted.items():
                         totals[table] += count
@@ -2338,24 +2369,39 @@ class Storage:
                 if self.is_postgres:
                     await self._query(connection, UNLOCK, {"key": RETENTION_LOCK_KEY})
 
-    async def _forget(self, scope: str, params: dict[str, Any]) -> dict[str, int]:
+    async def _forget(
+        self, scope: str, params: dict[str, Any]
+    ) -> tuple[dict[str, int], list[Mapping[str, Any]]]:
+        """The rows deleted per table, and what SELECT_DOOMED_OWNERS found."""
         dialect = "postgres" if self.is_postgres else "sqlite"
         deleted = dict.fromkeys(FORGOTTEN_TABLES, 0)
         lock = contextlib.nullcontext() if self.is_postgres else self._sqlite_writes
         async with lock, self.database.connection() as connection, connection.transaction():
             if self.is_postgres:  # no batch commits half-way through, nor reads the doomed
                 await self._query(connection, LOCK_UNTIL_COMMIT, {"key": COMMIT_LOCK_KEY})
-            if scope == "student":
-                gone = [params["subject"]]
-            else:
-                rows = await self._query(connection, SELECT_VANISHING_STUDENTS[scope], params)
-                gone = [row["student_id"] for row in rows]
-            values = {**params, "gone": gone if self.is_postgres else orjson.dumps(gone).decode()}
-            for table, sql in FORGETTING[(scope, dialect)]:
-                rows = await self._query(connection, sql, values)
-                if table is not None:
-                    deleted[table] += rows[0]["n"]
-        return deleted
+            doomed = await self._query(connection, SELECT_DOOMED_OWNERS[scope], params)
+            owners = {row["student_id"] for row in doomed}
+            if scope == "student":  # and their row, should they have no event
+                owners.add(params["subject"])
+            values = {**params, "owners": self._list(owners)}
+            before, after = FORGETTING[(scope, dialect)]
+            await self._run_steps(connection, before, values, deleted)
+            gone = await self._query(connection, SELECT_GONE[dialect], values)
+            values["gone"] = self._list(row["student_id"] for row in gone)
+            await self._run_steps(connection, after, values, deleted)
+        return deleted, doomed
+
+    def _list(self, items: Iterable[str]) -> list[str] | str:
+        """A list parameter: an array for asyncpg, JSON for SQLite's json_each."""
+        return sorted(items) if self.is_postgres else orjson.dumps(sorted(items)).decode()
+
+    async def _run_steps(
+        self, connection: Any, steps: Steps, values: dict[str, Any], deleted: dict[str, int]
+    ) -> None:
+        for table, sql in steps:
+            rows = await self._query(connection, sql, values)
+            if table is not None:
+                deleted[table] += rows[0]["n"]
 
     async def _query(
         self, connection: Any, sql: str, values: Mapping[str, Any]
@@ -2558,7 +2604,7 @@ class Storage:
 
 # Retention: a pass at start, then every RETENTION_INTERVAL_SECONDS. Each batch is a short
 # transaction under the commit order, so ingest waits at most one batch: 1,000 events took
-# about N ms on PostgreSQL (bench/retention.py).
+# 16 to 30 ms on PostgreSQL with a million stored (bench/retention.py).
 RETENTION_INTERVAL_SECONDS = 300.0
 RETENTION_BATCH_EVENTS = 1_000
 

@@ -4,6 +4,7 @@ held it."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Iterable
@@ -285,3 +286,52 @@ async def test_the_service_forgets_old_events_at_start_and_logs_the_pass(
     assert [row._mapping["student_id"] for row in rows] == [BOB]
     (line,) = [r.getMessage() for r in caplog.records if "retention:" in r.getMessage()]
     assert line.startswith("retention: deleted 2 events, 1 students,"), line
+
+
+# Each summary against what it summarises: rows that disagree.
+INCONSISTENCIES = {
+    "student_counts": """
+        SELECT c.student_id FROM student_counts c
+        LEFT JOIN (SELECT student_id, COUNT(*) AS n FROM events GROUP BY student_id) e
+            ON e.student_id = c.student_id
+        WHERE COALESCE(e.n, 0) <> c.events""",
+    "students": """
+        SELECT s.student_id FROM students s
+        WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.student_id = s.student_id)
+        UNION ALL
+        SELECT e.student_id FROM events e
+        WHERE NOT EXISTS (SELECT 1 FROM students s WHERE s.student_id = e.student_id)""",
+    "cell_runs": """
+        SELECT c.student_id FROM cell_runs c
+        LEFT JOIN (SELECT student_id, notebook_path, cell_id, COUNT(*) AS n FROM events
+                   WHERE status IS NOT NULL GROUP BY student_id, notebook_path, cell_id) e
+            ON e.student_id = c.student_id AND e.notebook_path = c.notebook_path
+            AND e.cell_id = c.cell_key
+        WHERE COALESCE(e.n, 0) <> c.runs""",
+    "cell_totals": """
+        SELECT t.cell_key FROM cell_totals t
+        LEFT JOIN (SELECT COALESCE(course_id, '') AS course_id, notebook_path, cell_key,
+                          COUNT(*) AS n, SUM(runs) AS runs FROM cell_runs
+                   GROUP BY COALESCE(course_id, ''), notebook_path, cell_key) r
+            ON r.course_id = t.course_id AND r.notebook_path = t.notebook_path
+            AND r.cell_key = t.cell_key
+        WHERE COALESCE(r.n, 0) <> t.students_ran OR COALESCE(r.runs, 0) <> t.runs""",
+}
+
+
+async def test_erasure_racing_ingest_of_the_same_student_leaves_every_summary_true(api) -> None:
+    storage = api.service.storage
+
+    async def keep_posting() -> None:
+        for n in range(30):
+            batch = [run(ADA, C1, "lists.ipynb", f"cell{n % 3}", "error"),
+                     run(BOB, C1, "lists.ipynb", "cell1", "ok")]  # fmt: skip
+            assert (await api.post("/api/v1/events", json=batch)).status_code == 201
+
+    async def keep_erasing() -> None:
+        for _ in range(15):
+            await storage.erase_student(ADA)
+
+    await asyncio.gather(keep_posting(), keep_erasing(), keep_erasing())
+    for summary, sql in INCONSISTENCIES.items():
+        assert await storage.database.fetch_all(sql) == [], summary

@@ -49,7 +49,7 @@ def leaks(text: str) -> list[str]:
 
 async def test_raw_ids_and_names_reach_no_table_answer_or_log(pseudonymous, caplog) -> None:
     with caplog.at_level(logging.DEBUG):
-        for body in (OURS, CAMEL, PIONEER, OURS):
+        for body in (OURS, CAMEL, PIONEER, {**OURS, "event_type": "help"}):
             response = await pseudonymous.post("/api/v1/events", json=body)
             assert response.status_code == 201, response.text
             assert leaks(response.text) == []
@@ -64,7 +64,7 @@ async def test_raw_ids_and_names_reach_no_table_answer_or_log(pseudonymous, capl
     database = pseudonymous.storage.database
     for table in FORGOTTEN_TABLES:
         rows = await database.fetch_all(f"SELECT * FROM {table}")
-        assert rows or table in ("hand_raises",)
+        assert rows, f"{table} is empty: nothing to search"
         assert leaks(repr([tuple(row) for row in rows])) == [], table
     students = await database.fetch_all("SELECT student_id, name FROM students ORDER BY 1")
     assert sorted((row[0], row[1]) for row in students) == sorted(

@@ -53,3 +53,8 @@ def test_the_student_variable_cannot_be_kept_from_pioneer_environ_with_pseudonym
     environ = {"PSEUDONYMIZE_SALT": SALT, "PIONEER_ENVIRON_ALLOW": "JUPYTERHUB_USER,LANG"}
     with pytest.raises(ConfigError, match="PIONEER_ENVIRON_ALLOW"):
         load_settings(environ)
+
+
+def test_a_short_salt_is_refused_as_guessable() -> None:
+    with pytest.raises(ConfigError, match="PSEUDONYMIZE_SALT"):
+        load_settings({"PSEUDONYMIZE_SALT": "short"})
