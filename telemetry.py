@@ -45,9 +45,19 @@ import os
 import re
 import sqlite3
 import sys
+import types
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -2271,6 +2281,14 @@ class Frame:
     document: dict
     sse: bytes
     ws: str
+    # The server messages too: a client with nothing queued is sent exactly these.
+    sse_message: dict = field(init=False, repr=False, compare=False)
+    ws_message: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        sse_message = {"type": "http.response.body", "body": self.sse, "more_body": True}
+        object.__setattr__(self, "sse_message", sse_message)
+        object.__setattr__(self, "ws_message", {"type": "websocket.send", "text": self.ws})
 
     @classmethod
     def of(cls, document: dict) -> Frame:
@@ -2315,6 +2333,45 @@ TIMED_OUT = "timed out"  # a write blocked SEND_TIMEOUT_SECONDS
 FAILED = "failed"  # a write failed: the connection is gone
 
 
+def run_until_waiting(coroutine: Coroutine) -> Awaitable | None:
+    """Run `coroutine` up to its first wait, here and now: None if it finished without
+    waiting, else an awaitable that finishes it (what an eager task does on Python 3.12).
+    It raises what the coroutine raised before waiting."""
+    try:
+        waiting_for = coroutine.send(None)
+    except StopIteration:
+        return None
+    return finish_coroutine(coroutine, waiting_for)
+
+
+@types.coroutine
+def finish_coroutine(coroutine: Coroutine, waiting_for: Any) -> Generator[Any, Any, Any]:
+    """The rest of a coroutine stepped by hand, for the task that awaits this."""
+    while True:
+        try:
+            resumed_with = yield waiting_for
+        except BaseException as error:  # a cancellation too: the coroutine sees it
+            try:
+                waiting_for = coroutine.throw(error)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                waiting_for = coroutine.send(resumed_with)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def reraise(error: Exception) -> None:
+    raise error
+
+
+async def finish_writes(started: Awaitable, send: Send, messages: list[dict]) -> None:
+    await started
+    for message in messages:
+        await send(message)
+
+
 @dataclass(eq=False)
 class Client:
     """One connected dashboard: a bounded queue of shared frames, and the task writing them.
@@ -2322,6 +2379,9 @@ class Client:
     No timer per write or per wait: Hub.watch looks at every client a few times a second,
     cuts off a write that blocks past its deadline and asks an idle stream for a ping. Two
     timers per event per client were a tenth of fan-out time.
+
+    No task switch per event either: while the writer waits with nothing queued, the hub
+    writes for it (Hub.flush), and wakes it only for a write that would block.
     """
 
     filter: StreamFilter
@@ -2336,18 +2396,52 @@ class Client:
     deadline: float = math.inf
     ping_seconds: float | None = None
     ping_due: bool = False
+    # Set by the writer: how the hub writes for it, and the last id written.
+    transport: Transport | None = None
+    last_sent: int = 0
+    # A write the hub started that would block, or failed: the writer finishes it.
+    started_write: Awaitable | None = None
     _waiter: asyncio.Future | None = field(default=None, repr=False)
     _seen_writes: int = field(default=-1, repr=False)
     _seen_at: float = field(default=0.0, repr=False)
 
-    def offer(self, frame: Frame) -> None:
+    def offer(self, frame: Frame) -> bool:
+        """Queue `frame` if it matches; True when the hub is to write it (see flush)."""
         if self.ended is not None or not self.filter.matches(frame.document):
-            return
+            return False
         if len(self.frames) >= self.limit:
             self.end(OVERFLOWED)
-        else:
-            self.frames.append(frame)
+            return False
+        self.frames.append(frame)
+        if self._waiter is None or len(self.frames) > 1:
+            return False  # the writer is busy and takes it next, or the hub already will
+        if self.transport is None:
             self._wake()
+            return False
+        return True
+
+    def flush(self) -> None:
+        """Write what is queued, for the waiting writer, without waking it; a write that
+        would block is handed to the writer, to finish under its send deadline."""
+        if self._waiter is None or self.ended is not None or self.transport is None:
+            return
+        frames = [frame for frame in self.frames if frame.id > self.last_sent]
+        self.frames.clear()
+        if not frames:
+            return
+        self.last_sent = frames[-1].id
+        messages = self.transport.messages(frames)
+        for at, message in enumerate(messages):
+            self.writes += 1
+            try:
+                started = run_until_waiting(self.transport.send(message))
+            except Exception as error:
+                started = reraise(error)
+            if started is not None:
+                self.writing = True
+                self.started_write = finish_writes(started, self.transport.send, messages[at + 1 :])
+                self._wake()
+                return
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -2399,6 +2493,7 @@ class Hub:
         self.queue_limit = queue_limit
         self.clients: set[Client] = set()
         self.per_owner: Counter[str] = Counter()
+        self.to_flush: list[Client] = []
         self.last_id = 0
         self.subscribed = asyncio.Event()
         # Held while filling from the database, so deliveries stay in id order.
@@ -2430,7 +2525,17 @@ class Hub:
             self.last_id = document["id"]
             frame = Frame.of(document)
             for client in self.clients:
-                client.offer(frame)
+                if client.offer(frame):
+                    if not self.to_flush:
+                        asyncio.get_running_loop().call_soon(self.flush)
+                    self.to_flush.append(client)
+
+    def flush(self) -> None:
+        """Write for the clients whose writers wait, once whatever was delivered in this
+        turn of the event loop is queued: one write per client for all of it."""
+        clients, self.to_flush = self.to_flush, []
+        for client in clients:
+            client.flush()
 
     def close_all(self) -> None:
         for client in list(self.clients):
@@ -2785,18 +2890,25 @@ async def write_stream(
             client.writing = True
             await transport.write_notice(opening.notice)
             client.writing = False
-        frames, last_sent = opening.replay, opening.after_id
+        frames, client.last_sent = opening.replay, opening.after_id
+        client.transport = transport
         while client.ended is None:
+            if client.started_write is not None:  # by the hub, before these frames
+                started, client.started_write = client.started_write, None
+                client.writing = True
+                await started
+                client.writing = False
             if frames:
                 # The replay/live seam: frames queued while the replay was read may repeat it.
-                if frames[0].id <= last_sent:
-                    frames = [frame for frame in frames if frame.id > last_sent]
+                if frames[0].id <= client.last_sent:
+                    frames = [frame for frame in frames if frame.id > client.last_sent]
                 if frames:
                     client.writes += 1
                     client.writing = True
-                    await transport.write_frames(frames)
+                    for message in transport.messages(frames):
+                        await transport.send(message)
                     client.writing = False
-                    last_sent = frames[-1].id
+                    client.last_sent = frames[-1].id
             elif client.ping_due:
                 client.ping_due = False
                 client.writes += 1
@@ -2840,8 +2952,12 @@ class SseTransport:
     async def write(self, chunk: bytes) -> None:
         await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-    async def write_frames(self, frames: list[Frame]) -> None:
-        await self.write(b"".join(frame.sse for frame in frames))
+    @staticmethod
+    def messages(frames: list[Frame]) -> list[dict]:
+        if len(frames) == 1:
+            return [frames[0].sse_message]
+        body = b"".join(frame.sse for frame in frames)
+        return [{"type": "http.response.body", "body": body, "more_body": True}]
 
     async def write_notice(self, notice: dict) -> None:
         await self.write(b"event: resync\ndata: %s\n\n" % orjson.dumps(notice))
@@ -2855,9 +2971,9 @@ class WebSocketTransport:
     send: Send
     ping_seconds: float | None = None  # uvicorn pings WebSockets at the protocol level
 
-    async def write_frames(self, frames: list[Frame]) -> None:
-        for frame in frames:
-            await self.send({"type": "websocket.send", "text": frame.ws})
+    @staticmethod
+    def messages(frames: list[Frame]) -> list[dict]:
+        return [frame.ws_message for frame in frames]
 
     async def write_notice(self, notice: dict) -> None:
         await self.send({"type": "websocket.send", "text": orjson.dumps(notice).decode()})
