@@ -47,7 +47,7 @@ import sqlite3
 import sys
 import types
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -2372,7 +2372,8 @@ async def finish_writes(started: Awaitable, send: Send, messages: list[dict]) ->
         await send(message)
 
 
-@dataclass(eq=False)
+# Slots, and a list rather than a deque (760 bytes empty): 5,000 idle streams hold these.
+@dataclass(eq=False, slots=True)
 class Client:
     """One connected dashboard: a bounded queue of shared frames, and the task writing them.
 
@@ -2387,7 +2388,7 @@ class Client:
     filter: StreamFilter
     limit: int
     owner: str = ""
-    frames: deque[Frame] = field(default_factory=deque)
+    frames: list[Frame] = field(default_factory=list)
     ended: str | None = None
     writer: asyncio.Task | None = None
     # Kept up to date by the writer (see write_stream), read by check().
@@ -2426,7 +2427,7 @@ class Client:
         if self._waiter is None or self.ended is not None or self.transport is None:
             return
         frames = [frame for frame in self.frames if frame.id > self.last_sent]
-        self.frames.clear()
+        self.frames = []
         if not frames:
             return
         self.last_sent = frames[-1].id
@@ -2481,8 +2482,7 @@ class Client:
         if not self.frames and self.ended is None and not self.ping_due:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        frames = list(self.frames)
-        self.frames.clear()
+        frames, self.frames = self.frames, []
         return frames
 
 
@@ -2944,7 +2944,7 @@ SSE_PING = b": ping\n\n"
 FINAL_WRITE_SECONDS = 1.0
 
 
-@dataclass
+@dataclass(slots=True)
 class SseTransport:
     send: Send
     ping_seconds: float | None
@@ -2966,7 +2966,7 @@ class SseTransport:
         await self.write(SSE_PING)
 
 
-@dataclass
+@dataclass(slots=True)
 class WebSocketTransport:
     send: Send
     ping_seconds: float | None = None  # uvicorn pings WebSockets at the protocol level
