@@ -3611,6 +3611,9 @@ class JsonCorsRefusals(CORSMiddleware):
         return JSONResponse(error_body(400, "cors_refused", message, []), 400, headers)
 
 
+# PASS_THROUGH: the middleware below hand back the next layer's coroutine instead of awaiting
+# it in one of their own. An open stream holds a frame of every layer that awaits, for as long
+# as it lasts: about 250 bytes each, and thousands of streams sit idle.
 class IngestCors:
     """CORS: ingest answers any origin while ingest is open (no INGEST_TOKENS), as anyone
     may post then anyway and cell-monitor-extension posts from the JupyterLab page's
@@ -3630,10 +3633,10 @@ class IngestCors:
                 app, allow_origins=["*"], allow_methods=["POST"], allow_headers=CORS_HEADERS
             )
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
         if self.open is not None and is_ingest_request(scope):
-            return await self.open(scope, receive, send)
-        return await self.listed(scope, receive, send)
+            return self.open(scope, receive, send)
+        return self.listed(scope, receive, send)  # see PASS_THROUGH
 
 
 SECURITY_HEADERS = [
@@ -3649,16 +3652,16 @@ class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
 
         async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        return self.app(scope, receive, send_with_headers)  # see PASS_THROUGH
 
 
 # Application
@@ -3717,9 +3720,9 @@ class StartupErrors:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
         if scope["type"] != "lifespan":
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)  # see PASS_THROUGH
 
         async def send_one_line(message: dict) -> None:
             reason = getattr(scope["app"].state, "startup_error", None)
@@ -3727,7 +3730,7 @@ class StartupErrors:
                 message = {**message, "message": reason}
             await send(message)
 
-        await self.app(scope, receive, send_one_line)
+        return self.app(scope, receive, send_one_line)
 
 
 async def connect_storage(app: Starlette, settings: Settings) -> Storage:
