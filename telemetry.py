@@ -2840,7 +2840,7 @@ def parse_last_event_id(value: str | None) -> int | None:
     return number if number <= INT64_MAX else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Opening:
     """What a (re)connecting client gets before the live stream: a replay or a resync notice."""
 
@@ -3007,7 +3007,7 @@ class QuietCutOffs(logging.Filter):
         return not (record.msg == UNFINISHED_RESPONSE and CUT_OFF.get())
 
 
-@dataclass
+@dataclass(slots=True)
 class EventStream:
     """The SSE response: retry hint, then write_stream until the client leaves or must go."""
 
