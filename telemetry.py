@@ -55,7 +55,6 @@ from collections.abc import (
     Coroutine,
     Generator,
     Iterable,
-    Iterator,
     Mapping,
 )
 from dataclasses import dataclass, field
@@ -2503,19 +2502,9 @@ class Hub:
     def bus_connected(self) -> bool:
         return self.subscribed.is_set()
 
-    @contextlib.contextmanager
-    def subscribe(self, stream_filter: StreamFilter, owner: str = "") -> Iterator[Client]:
+    def subscribe(self, stream_filter: StreamFilter, owner: str = "") -> Subscription:
         """A client receiving every delivered event that matches, for as long as it is held."""
-        client = Client(stream_filter, self.queue_limit, owner)
-        self.clients.add(client)
-        self.per_owner[owner] += 1
-        try:
-            yield client
-        finally:
-            self.clients.discard(client)
-            self.per_owner[owner] -= 1
-            if not self.per_owner[owner]:
-                del self.per_owner[owner]
+        return Subscription(self, Client(stream_filter, self.queue_limit, owner))
 
     def deliver(self, documents: Iterable[dict]) -> None:
         # Events at or below last_id were already delivered (a replay after a reconnect).
@@ -2549,6 +2538,27 @@ class Hub:
             now = loop.time()
             for client in list(self.clients):
                 client.check(now)
+
+
+@dataclass(slots=True)
+class Subscription:
+    """Hub.subscribe's `with`: a class, as a generator's frame would be held by every open
+    stream (400 bytes each)."""
+
+    hub: Hub
+    client: Client
+
+    def __enter__(self) -> Client:
+        self.hub.clients.add(self.client)
+        self.hub.per_owner[self.client.owner] += 1
+        return self.client
+
+    def __exit__(self, *exc_info: object) -> None:
+        owner = self.client.owner
+        self.hub.clients.discard(self.client)
+        self.hub.per_owner[owner] -= 1
+        if not self.hub.per_owner[owner]:
+            del self.hub.per_owner[owner]
 
 
 async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
