@@ -14,6 +14,7 @@ from telemetry import (
     decode_message,
     encode_batch,
     encode_erasure,
+    run_until_waiting,
 )
 
 
@@ -154,3 +155,51 @@ def test_an_erasure_round_trips_on_the_bus_and_is_no_batch() -> None:
     stored = StoredBatch([StoredEvent(document(5), False)], follows=4)
     assert decode_erasure(encode_batch(stored)) is None
     assert decode_erasure(b'{"erased": 5}') is None
+
+
+async def test_a_coroutine_that_does_not_wait_runs_to_its_end_at_once() -> None:
+    ran = []
+
+    async def write() -> None:
+        ran.append(1)
+
+    assert run_until_waiting(write()) is None and ran == [1]
+
+
+async def test_a_coroutine_that_waits_is_finished_by_whoever_awaits_the_rest() -> None:
+    ready = asyncio.get_running_loop().create_future()
+    steps = []
+
+    async def write() -> str:
+        steps.append("before")
+        steps.append(await ready)
+        return "done"
+
+    rest = run_until_waiting(write())
+    assert rest is not None and steps == ["before"]
+    finishing = asyncio.create_task(_await(rest))
+    await asyncio.sleep(0)
+    ready.set_result("after")
+    assert await finishing == "done" and steps == ["before", "after"]
+
+
+async def test_cancelling_the_rest_cancels_the_coroutine_where_it_waits() -> None:
+    never = asyncio.get_running_loop().create_future()
+    cleaned = []
+
+    async def write() -> None:
+        try:
+            await never
+        finally:
+            cleaned.append(True)
+
+    finishing = asyncio.create_task(_await(run_until_waiting(write())))
+    await asyncio.sleep(0)
+    finishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await finishing
+    assert cleaned == [True] and never.cancelled()
+
+
+async def _await(awaitable):
+    return await awaitable
