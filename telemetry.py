@@ -1244,6 +1244,17 @@ def in_scope(course: str) -> str:
     return f"(CAST(:courses AS TEXT) IS NULL OR {course} IN {{courses}})"
 
 
+# An event `e` of student `s` is in scope by its own course, else the student's (as its
+# document shows it). A student of two courses is read, by a token of one, only through
+# that course's events: their last notebook, executions and hands elsewhere stay out. Their
+# counts (student_counts) are over every course: counting per course read every event of
+# every student of the page, 7 s for 300 students at a million events (bench/aggregates.py).
+EVENT_IN_SCOPE = in_scope("COALESCE(e.course_id, s.course_id)")
+# A hand `h` of student `s` is in scope by the help event that raised it.
+RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
+    SELECT 1 FROM events e WHERE e.id = h.raise_id AND {EVENT_IN_SCOPE}))"""
+
+
 # The read API selects the same documents as the stream sends (see event_document): the
 # student's name and team, and the student's course when the event names none.
 EVENT_DOCUMENT_SOURCES = {
@@ -1271,7 +1282,7 @@ FROM events e JOIN students s ON s.student_id = e.student_id
 WHERE e.id > :since_id AND e.id < :before_id
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
   AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
-  AND {in_scope("COALESCE(e.course_id, s.course_id)")}
+  AND {EVENT_IN_SCOPE}
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
   AND (NOT CAST(:collapse_beats AS BOOLEAN) OR e.event_type <> 'help'
@@ -1287,7 +1298,7 @@ FROM events e JOIN students s ON s.student_id = e.student_id
 WHERE e.id > :since_id
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
   AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
-  AND {in_scope("COALESCE(e.course_id, s.course_id)")}
+  AND {EVENT_IN_SCOPE}
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
 ORDER BY e.id
@@ -1307,11 +1318,13 @@ FROM (
     SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
         COALESCE(c.events, 0) AS event_count, COALESCE(c.executions, 0) AS execution_count,
         COALESCE(c.errors, 0) AS error_count,
-        (SELECT MAX(e.id) FROM events e WHERE e.student_id = s.student_id) AS last_event_id,
         (SELECT MAX(e.id) FROM events e
-         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL) AS last_notebook_id,
+         WHERE e.student_id = s.student_id AND {EVENT_IN_SCOPE}) AS last_event_id,
+        (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL
+           AND {EVENT_IN_SCOPE}) AS last_notebook_id,
         (SELECT MAX(h.raise_id) FROM hand_raises h
-         WHERE h.student_id = s.student_id) AS last_raise_id
+         WHERE h.student_id = s.student_id AND {RAISED_IN_SCOPE}) AS last_raise_id
     FROM students s LEFT JOIN student_counts c ON c.student_id = s.student_id
     WHERE s.student_id > :after
       AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
@@ -1327,12 +1340,13 @@ ORDER BY page.student_id
 
 # The latest executions of the students from `after` (exclusive) to `through`, newest
 # first, for the error streak (see error_streak).
-SELECT_RECENT_EXECUTIONS = """
+SELECT_RECENT_EXECUTIONS = f"""
 SELECT student_id, cell_id, status FROM (
     SELECT e.student_id, e.cell_id, e.status,
            ROW_NUMBER() OVER (PARTITION BY e.student_id ORDER BY e.id DESC) AS recency
-    FROM events e
+    FROM events e JOIN students s ON s.student_id = e.student_id
     WHERE e.student_id > :after AND e.student_id <= :through AND e.status IS NOT NULL
+      AND {EVENT_IN_SCOPE}
 ) recent
 WHERE recency <= :depth
 ORDER BY student_id, recency DESC
@@ -1340,11 +1354,11 @@ ORDER BY student_id, recency DESC
 
 # PostgreSQL: each student's latest executions by a backward walk of events_student_idx;
 # the window above reads every execution of the page's students (5 s at 1M events).
-SELECT_RECENT_EXECUTIONS_LATERAL = """
+SELECT_RECENT_EXECUTIONS_LATERAL = f"""
 SELECT s.student_id, r.cell_id, r.status FROM students s
 CROSS JOIN LATERAL (
     SELECT e.id, e.cell_id, e.status FROM events e
-    WHERE e.student_id = s.student_id AND e.status IS NOT NULL
+    WHERE e.student_id = s.student_id AND e.status IS NOT NULL AND {EVENT_IN_SCOPE}
     ORDER BY e.id DESC LIMIT :depth
 ) r
 WHERE s.student_id > :after AND s.student_id <= :through
@@ -1416,11 +1430,11 @@ FROM hand_raises h
 JOIN students s ON s.student_id = h.student_id
 LEFT JOIN events place ON place.id = (
     SELECT MAX(e.id) FROM events e
-    WHERE e.student_id = h.student_id AND e.notebook_path IS NOT NULL
+    WHERE e.student_id = h.student_id AND e.notebook_path IS NOT NULL AND {EVENT_IN_SCOPE}
 )
 WHERE h.last_beat_at >= :cutoff AND h.state <> 'stopped'
   AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
-  AND {in_scope("s.course_id")}
+  AND {in_scope("s.course_id")} AND {RAISED_IN_SCOPE}
 ORDER BY h.raised_at, h.raise_id
 """
 HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "cell_index")
@@ -2236,6 +2250,7 @@ class Storage:
                 "after": params["after"],
                 "through": rows[-1]["student_id"],
                 "depth": STREAK_LOOKBACK_EXECUTIONS,
+                "courses": params["courses"],
             },
         )
         for row in recent:
