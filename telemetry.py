@@ -1440,6 +1440,12 @@ ORDER BY h.raised_at, h.raise_id
 HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "cell_index")
 
 SELECT_STUDENT_COURSE = "SELECT course_id FROM students WHERE student_id = :student_id"
+# Every course a student's events were shown in (see EVENT_IN_SCOPE), theirs if none.
+SELECT_STUDENT_COURSES = """
+SELECT DISTINCT COALESCE(e.course_id, s.course_id) AS course_id
+FROM students s LEFT JOIN events e ON e.student_id = s.student_id
+WHERE s.student_id = :student_id
+"""
 
 CELL_RUN_FILTERS = f"""
     (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id) AND {in_scope("course_id")}
@@ -2281,6 +2287,10 @@ class Storage:
         row = await self.database.fetch_one(SELECT_STUDENT_COURSE, {"student_id": student_id})
         return (False, None) if row is None else (True, row._mapping["course_id"])
 
+    async def student_courses(self, student_id: str) -> list[str | None]:
+        rows = await self.database.fetch_all(SELECT_STUDENT_COURSES, {"student_id": student_id})
+        return sorted((row._mapping["course_id"] for row in rows), key=str)
+
     async def cells(self, params: Mapping[str, Any]) -> list[dict]:
         """Per notebook and cell, who ran it and who is failing there now (see cell_documents)."""
         filters = {name: params[name] for name in ("course_id", "notebook_path", "courses")}
@@ -2754,7 +2764,8 @@ def encode_batch(batch: StoredBatch) -> bytes | None:
     return orjson.dumps({"follows": batch.follows, "events": documents})
 
 
-# An erasure on the bus: {"erased": {"student_id": ..., "course_id": ...}} or a course's.
+# An erasure on the bus: {"erased": {"student_id": ..., "course_id": ..., "courses": [...]}}
+# or a course's (no "courses"): the dashboards of `courses` (else of `course_id`) hear it.
 ERASURE_PREFIX = b'{"erased":'
 
 
@@ -2768,7 +2779,10 @@ def decode_erasure(payload: bytes) -> dict | None:
         return None
     try:
         erased = orjson.loads(payload)["erased"]
-        return {key: erased.get(key) for key in ("student_id", "course_id")}
+        found = {key: erased.get(key) for key in ("student_id", "course_id")}
+        if "courses" in erased:
+            found["courses"] = list(erased["courses"])
+        return found
     except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
         return None  # decode_message warns about it
 
@@ -2806,7 +2820,8 @@ class Frame:
     def erasure(cls, erased: dict, after_id: int) -> Frame:
         """`event: erased`, with no SSE id (resuming stays where the events were). Numbered
         after the events delivered before it, so it keeps its place among them."""
-        document = {"type": "erased", **erased}
+        document = {"type": "erased", "student_id": erased["student_id"]}
+        document["course_id"] = erased["course_id"]
         data = orjson.dumps(document)
         return cls(after_id, document, b"event: erased\ndata: %s\n\n" % data, data.decode(), True)
 
@@ -2839,7 +2854,9 @@ class StreamFilter:
         return True
 
     def hears_erasure(self, erased: Mapping[str, Any]) -> bool:
-        return self.courses is None or erased.get("course_id") in self.courses
+        """A student's erasure reaches every course their events were shown in."""
+        courses = erased.get("courses") or [erased.get("course_id")]
+        return self.courses is None or any(course in self.courses for course in courses)
 
 
 # Why a client's stream ended.
@@ -4141,10 +4158,13 @@ async def erase(request: Request) -> Response:
     storage: Storage = service.storage
     if "student_id" in request.path_params:
         erased = await stored_student(service, request.path_params["student_id"])
+        courses = await read_storage(storage.student_courses(erased["student_id"]))
         deleted = await read_storage(storage.erase_student(erased["student_id"]))
+        notice = {**erased, "courses": courses}
     else:
         erased = {"student_id": None, "course_id": request.path_params["course_id"]}
         deleted = await read_storage(storage.erase_course(erased["course_id"]))
+        notice = erased
     found = any(deleted.values())
     outcome = "erased" if found else "nothing"
     log_access(request, grant, "erase", outcome, params=erased, deleted=deleted)
@@ -4152,10 +4172,10 @@ async def erase(request: Request) -> Response:
         what = "student" if erased["student_id"] is not None else "course"
         raise ApiError(404, f"no_such_{what}", f"no row of that {what} is stored")
     try:
-        await service.bus.publish(encode_erasure(erased))
+        await service.bus.publish(encode_erasure(notice))
     except Exception as error:  # erased all the same: at least this process's dashboards hear
         logger.warning("could not publish an erasure: %r", error)
-        service.hub.announce_erasure(erased)
+        service.hub.announce_erasure(notice)
     return JSONResponse({"erased": erased, "deleted": deleted})
 
 
