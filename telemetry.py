@@ -2398,7 +2398,6 @@ class Storage:
         self, scope: str, params: dict[str, Any]
     ) -> tuple[dict[str, int], list[Mapping[str, Any]]]:
         """The rows deleted per table, and what SELECT_DOOMED_OWNERS found."""
-        dialect = "postgres" if self.is_postgres else "sqlite"
         deleted = dict.fromkeys(FORGOTTEN_TABLES, 0)
         lock = contextlib.nullcontext() if self.is_postgres else self._sqlite_writes
         async with lock, self.database.connection() as connection, connection.transaction():
@@ -2409,9 +2408,9 @@ class Storage:
             if scope == "student":  # and their row, should they have no event
                 owners.add(params["subject"])
             values = {**params, "owners": self._list(owners)}
-            before, after = FORGETTING[(scope, dialect)]
+            before, after = FORGETTING[(scope, self.dialect)]
             await self._run_steps(connection, before, values, deleted)
-            gone = await self._query(connection, SELECT_GONE[dialect], values)
+            gone = await self._query(connection, SELECT_GONE[self.dialect], values)
             values["gone"] = self._list(row["student_id"] for row in gone)
             await self._run_steps(connection, after, values, deleted)
         return deleted, doomed
