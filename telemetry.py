@@ -236,6 +236,18 @@ def parse_tokens(name: str, raw: str, scoped: bool = True) -> tuple[Grant, ...]:
     return grants
 
 
+# A century; far more and `now - RETENTION_DAYS` leaves the calendar, which would stop
+# retention at its first pass.
+RETENTION_DAYS_MAX = 36_500
+
+
+def retention_days(name: str, raw: str, default: int | None) -> int | None:
+    days = whole_number(name, raw, default)
+    if days is not None and days > RETENTION_DAYS_MAX:
+        raise ConfigError(f"{name}={raw!r} must be at most {RETENTION_DAYS_MAX} (a century)")
+    return days
+
+
 # A salt anyone could guess lets them hash a class list and match it (see pseudonym).
 SALT_MIN_CHARS = 16
 
@@ -308,7 +320,7 @@ ENVIRONMENT: dict[str, Callable[[str, str, Any], Any]] = {
     "MAX_STREAMS_PER_CLIENT": whole_number,
     "PIONEER_STUDENT_ENV": variable_name,
     "PIONEER_ENVIRON_ALLOW": variable_names,
-    "RETENTION_DAYS": whole_number,
+    "RETENTION_DAYS": retention_days,
     "PSEUDONYMIZE_SALT": secret_salt,
 }
 
