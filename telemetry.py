@@ -245,6 +245,18 @@ def parse_tokens(name: str, raw: str, scoped: bool = True) -> tuple[Grant, ...]:
     return grants
 
 
+# A century; far more and `now - RETENTION_DAYS` leaves the calendar, which would stop
+# retention at its first pass.
+RETENTION_DAYS_MAX = 36_500
+
+
+def retention_days(name: str, raw: str, default: int | None) -> int | None:
+    days = whole_number(name, raw, default)
+    if days is not None and days > RETENTION_DAYS_MAX:
+        raise ConfigError(f"{name}={raw!r} must be at most {RETENTION_DAYS_MAX} (a century)")
+    return days
+
+
 # A salt anyone could guess lets them hash a class list and match it (see pseudonym).
 SALT_MIN_CHARS = 16
 
@@ -317,7 +329,7 @@ ENVIRONMENT: dict[str, Callable[[str, str, Any], Any]] = {
     "MAX_STREAMS_PER_CLIENT": whole_number,
     "PIONEER_STUDENT_ENV": variable_name,
     "PIONEER_ENVIRON_ALLOW": variable_names,
-    "RETENTION_DAYS": whole_number,
+    "RETENTION_DAYS": retention_days,
     "PSEUDONYMIZE_SALT": secret_salt,
 }
 
@@ -1253,6 +1265,17 @@ def in_scope(course: str) -> str:
     return f"(CAST(:courses AS TEXT) IS NULL OR {course} IN {{courses}})"
 
 
+# An event `e` of student `s` is in scope by its own course, else the student's (as its
+# document shows it). A student of two courses is read, by a token of one, only through
+# that course's events: their last notebook, executions and hands elsewhere stay out. Their
+# counts (student_counts) are over every course: counting per course read every event of
+# every student of the page, 7 s for 300 students at a million events (bench/aggregates.py).
+EVENT_IN_SCOPE = in_scope("COALESCE(e.course_id, s.course_id)")
+# A hand `h` of student `s` is in scope by the help event that raised it.
+RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
+    SELECT 1 FROM events e WHERE e.id = h.raise_id AND {EVENT_IN_SCOPE}))"""
+
+
 # The read API selects the same documents as the stream sends (see event_document): the
 # student's name and team, and the student's course when the event names none.
 EVENT_DOCUMENT_SOURCES = {
@@ -1280,7 +1303,7 @@ FROM events e JOIN students s ON s.student_id = e.student_id
 WHERE e.id > :since_id AND e.id < :before_id
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
   AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
-  AND {in_scope("COALESCE(e.course_id, s.course_id)")}
+  AND {EVENT_IN_SCOPE}
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
   AND (NOT CAST(:collapse_beats AS BOOLEAN) OR e.event_type <> 'help'
@@ -1296,7 +1319,7 @@ FROM events e JOIN students s ON s.student_id = e.student_id
 WHERE e.id > :since_id
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
   AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
-  AND {in_scope("COALESCE(e.course_id, s.course_id)")}
+  AND {EVENT_IN_SCOPE}
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
 ORDER BY e.id
@@ -1316,11 +1339,13 @@ FROM (
     SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
         COALESCE(c.events, 0) AS event_count, COALESCE(c.executions, 0) AS execution_count,
         COALESCE(c.errors, 0) AS error_count,
-        (SELECT MAX(e.id) FROM events e WHERE e.student_id = s.student_id) AS last_event_id,
         (SELECT MAX(e.id) FROM events e
-         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL) AS last_notebook_id,
+         WHERE e.student_id = s.student_id AND {EVENT_IN_SCOPE}) AS last_event_id,
+        (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL
+           AND {EVENT_IN_SCOPE}) AS last_notebook_id,
         (SELECT MAX(h.raise_id) FROM hand_raises h
-         WHERE h.student_id = s.student_id) AS last_raise_id
+         WHERE h.student_id = s.student_id AND {RAISED_IN_SCOPE}) AS last_raise_id
     FROM students s LEFT JOIN student_counts c ON c.student_id = s.student_id
     WHERE s.student_id > :after
       AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
@@ -1336,12 +1361,13 @@ ORDER BY page.student_id
 
 # The latest executions of the students from `after` (exclusive) to `through`, newest
 # first, for the error streak (see error_streak).
-SELECT_RECENT_EXECUTIONS = """
+SELECT_RECENT_EXECUTIONS = f"""
 SELECT student_id, cell_id, status FROM (
     SELECT e.student_id, e.cell_id, e.status,
            ROW_NUMBER() OVER (PARTITION BY e.student_id ORDER BY e.id DESC) AS recency
-    FROM events e
+    FROM events e JOIN students s ON s.student_id = e.student_id
     WHERE e.student_id > :after AND e.student_id <= :through AND e.status IS NOT NULL
+      AND {EVENT_IN_SCOPE}
 ) recent
 WHERE recency <= :depth
 ORDER BY student_id, recency DESC
@@ -1349,11 +1375,11 @@ ORDER BY student_id, recency DESC
 
 # PostgreSQL: each student's latest executions by a backward walk of events_student_idx;
 # the window above reads every execution of the page's students (5 s at 1M events).
-SELECT_RECENT_EXECUTIONS_LATERAL = """
+SELECT_RECENT_EXECUTIONS_LATERAL = f"""
 SELECT s.student_id, r.cell_id, r.status FROM students s
 CROSS JOIN LATERAL (
     SELECT e.id, e.cell_id, e.status FROM events e
-    WHERE e.student_id = s.student_id AND e.status IS NOT NULL
+    WHERE e.student_id = s.student_id AND e.status IS NOT NULL AND {EVENT_IN_SCOPE}
     ORDER BY e.id DESC LIMIT :depth
 ) r
 WHERE s.student_id > :after AND s.student_id <= :through
@@ -1425,16 +1451,22 @@ FROM hand_raises h
 JOIN students s ON s.student_id = h.student_id
 LEFT JOIN events place ON place.id = (
     SELECT MAX(e.id) FROM events e
-    WHERE e.student_id = h.student_id AND e.notebook_path IS NOT NULL
+    WHERE e.student_id = h.student_id AND e.notebook_path IS NOT NULL AND {EVENT_IN_SCOPE}
 )
 WHERE h.last_beat_at >= :cutoff AND h.state <> 'stopped'
   AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
-  AND {in_scope("s.course_id")}
+  AND {in_scope("s.course_id")} AND {RAISED_IN_SCOPE}
 ORDER BY h.raised_at, h.raise_id
 """
 HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "cell_index")
 
 SELECT_STUDENT_COURSE = "SELECT course_id FROM students WHERE student_id = :student_id"
+# Every course a student's events were shown in (see EVENT_IN_SCOPE), theirs if none.
+SELECT_STUDENT_COURSES = """
+SELECT DISTINCT COALESCE(e.course_id, s.course_id) AS course_id
+FROM students s LEFT JOIN events e ON e.student_id = s.student_id
+WHERE s.student_id = :student_id
+"""
 
 CELL_RUN_FILTERS = f"""
     (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id) AND {in_scope("course_id")}
@@ -2245,6 +2277,7 @@ class Storage:
                 "after": params["after"],
                 "through": rows[-1]["student_id"],
                 "depth": STREAK_LOOKBACK_EXECUTIONS,
+                "courses": params["courses"],
             },
         )
         for row in recent:
@@ -2274,6 +2307,10 @@ class Storage:
         """Whether the student was ever seen, and their course."""
         row = await self.database.fetch_one(SELECT_STUDENT_COURSE, {"student_id": student_id})
         return (False, None) if row is None else (True, row._mapping["course_id"])
+
+    async def student_courses(self, student_id: str) -> list[str | None]:
+        rows = await self.database.fetch_all(SELECT_STUDENT_COURSES, {"student_id": student_id})
+        return sorted((row._mapping["course_id"] for row in rows), key=str)
 
     async def cells(self, params: Mapping[str, Any]) -> list[dict]:
         """Per notebook and cell, who ran it and who is failing there now (see cell_documents)."""
@@ -2382,7 +2419,6 @@ class Storage:
         self, scope: str, params: dict[str, Any]
     ) -> tuple[dict[str, int], list[Mapping[str, Any]]]:
         """The rows deleted per table, and what SELECT_DOOMED_OWNERS found."""
-        dialect = "postgres" if self.is_postgres else "sqlite"
         deleted = dict.fromkeys(FORGOTTEN_TABLES, 0)
         lock = contextlib.nullcontext() if self.is_postgres else self._sqlite_writes
         async with lock, self.database.connection() as connection, connection.transaction():
@@ -2393,9 +2429,9 @@ class Storage:
             if scope == "student":  # and their row, should they have no event
                 owners.add(params["subject"])
             values = {**params, "owners": self._list(owners)}
-            before, after = FORGETTING[(scope, dialect)]
+            before, after = FORGETTING[(scope, self.dialect)]
             await self._run_steps(connection, before, values, deleted)
-            gone = await self._query(connection, SELECT_GONE[dialect], values)
+            gone = await self._query(connection, SELECT_GONE[self.dialect], values)
             values["gone"] = self._list(row["student_id"] for row in gone)
             await self._run_steps(connection, after, values, deleted)
         return deleted, doomed
@@ -2748,7 +2784,8 @@ def encode_batch(batch: StoredBatch) -> bytes | None:
     return orjson.dumps({"follows": batch.follows, "events": documents})
 
 
-# An erasure on the bus: {"erased": {"student_id": ..., "course_id": ...}} or a course's.
+# An erasure on the bus: {"erased": {"student_id": ..., "course_id": ..., "courses": [...]}}
+# or a course's (no "courses"): the dashboards of `courses` (else of `course_id`) hear it.
 ERASURE_PREFIX = b'{"erased":'
 
 
@@ -2762,7 +2799,10 @@ def decode_erasure(payload: bytes) -> dict | None:
         return None
     try:
         erased = orjson.loads(payload)["erased"]
-        return {key: erased.get(key) for key in ("student_id", "course_id")}
+        found = {key: erased.get(key) for key in ("student_id", "course_id")}
+        if "courses" in erased:
+            found["courses"] = list(erased["courses"])
+        return found
     except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
         return None  # decode_message warns about it
 
@@ -2808,7 +2848,8 @@ class Frame:
     def erasure(cls, erased: dict, after_id: int) -> Frame:
         """`event: erased`, with no SSE id (resuming stays where the events were). Numbered
         after the events delivered before it, so it keeps its place among them."""
-        document = {"type": "erased", **erased}
+        document = {"type": "erased", "student_id": erased["student_id"]}
+        document["course_id"] = erased["course_id"]
         data = orjson.dumps(document)
         return cls(after_id, document, b"event: erased\ndata: %s\n\n" % data, data.decode(), True)
 
@@ -2841,7 +2882,9 @@ class StreamFilter:
         return True
 
     def hears_erasure(self, erased: Mapping[str, Any]) -> bool:
-        return self.courses is None or erased.get("course_id") in self.courses
+        """A student's erasure reaches every course their events were shown in."""
+        courses = erased.get("courses") or [erased.get("course_id")]
+        return self.courses is None or any(course in self.courses for course in courses)
 
 
 # Why a client's stream ended.
@@ -4259,10 +4302,13 @@ async def erase(request: Request) -> Response:
     storage: Storage = service.storage
     if "student_id" in request.path_params:
         erased = await stored_student(service, request.path_params["student_id"])
+        courses = await read_storage(storage.student_courses(erased["student_id"]))
         deleted = await read_storage(storage.erase_student(erased["student_id"]))
+        notice = {**erased, "courses": courses}
     else:
         erased = {"student_id": None, "course_id": request.path_params["course_id"]}
         deleted = await read_storage(storage.erase_course(erased["course_id"]))
+        notice = erased
     found = any(deleted.values())
     outcome = "erased" if found else "nothing"
     log_access(request, grant, "erase", outcome, params=erased, deleted=deleted)
@@ -4270,10 +4316,10 @@ async def erase(request: Request) -> Response:
         what = "student" if erased["student_id"] is not None else "course"
         raise ApiError(404, f"no_such_{what}", f"no row of that {what} is stored")
     try:
-        await service.bus.publish(encode_erasure(erased))
+        await service.bus.publish(encode_erasure(notice))
     except Exception as error:  # erased all the same: at least this process's dashboards hear
         logger.warning("could not publish an erasure: %r", error)
-        service.hub.announce_erasure(erased)
+        service.hub.announce_erasure(notice)
     return JSONResponse({"erased": erased, "deleted": deleted})
 
 

@@ -3,6 +3,7 @@ erased left in any table of schema.sql, counts answered, dashboards told, the ac
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -150,6 +151,27 @@ async def test_open_dashboards_of_the_course_are_told_and_others_are_not(admin_a
                 frames = list(client.frames) or await client.next_frames()
                 assert [json.loads(frame.ws) for frame in frames] == [notice]
             assert not other.frames
+
+
+async def test_dashboards_of_every_course_the_student_was_seen_in_are_told(admin_api) -> None:
+    """Cy ran code in solo, then moved to cs101: solo's dashboards showed Cy, so they hear."""
+    async with admin_api(ADMIN_TOKENS=f"dpo={ADMIN}") as api:
+        moved = {"student_id": "cy", "course_id": "cs101", "event_type": "opened"}
+        assert (await api.post("/api/v1/events", json=[moved])).status_code == 201
+        hub = api.service.hub
+        with (
+            hub.subscribe(StreamFilter(courses=frozenset({"solo"}))) as before,
+            hub.subscribe(StreamFilter(courses=frozenset({"cs101"}))) as now,
+            hub.subscribe(StreamFilter(courses=frozenset({"ma300"}))) as never,
+        ):
+            response = await api.delete("/api/v1/students/cy", headers=bearer(ADMIN))
+            assert response.status_code == 200, response.text
+            assert response.json()["erased"] == {"student_id": "cy", "course_id": "cs101"}
+            notice = {"type": "erased", "student_id": "cy", "course_id": "cs101"}
+            for client in (before, now):
+                frames = list(client.frames) or await asyncio.wait_for(client.next_frames(), 10)
+                assert [json.loads(frame.ws) for frame in frames] == [notice]
+            assert not never.frames
 
 
 async def test_an_erasure_is_logged_with_the_admin_name_and_what_went(admin_api, caplog) -> None:

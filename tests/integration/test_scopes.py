@@ -225,3 +225,32 @@ async def test_the_gap_fill_from_the_database_keeps_to_the_clients_courses(stora
         assert [frame.id for frame in lee.frames] == [
             document["id"] for document in documents if document["course_id"] == "cs101"
         ]
+
+
+async def test_a_student_of_two_courses_shows_each_token_only_its_courses_part(scoped_api) -> None:
+    """mo ran and failed a notebook and raised a hand in ma300, then moved to cs101: lee
+    (cs101) sees mo, but nothing of what mo did in ma300."""
+    ma300 = {"student_id": "mo", "course_id": "ma300"}
+    run = {"event_type": "cell_executed", "notebook_path": "ma-private.ipynb", "cell_id": "m9"}
+    events = [{**ma300, **run, "status": "error"}] * 3 + [{**ma300, "event_type": "help"}]
+    events.append({"student_id": "mo", "course_id": "cs101", "event_type": "opened"})
+    response = await scoped_api.post("/api/v1/events", json=events)
+    assert response.status_code == 201, response.text
+
+    students = await get_json(scoped_api, "cs", "/api/v1/students")
+    mo = next(student for student in students["students"] if student["student_id"] == "mo")
+    assert mo["course_id"] == "cs101" and mo["last_event_type"] == "opened"
+    assert (mo["last_notebook_path"], mo["last_cell_id"], mo["recent_statuses"]) == (None, None, [])
+    assert not mo["stuck"] and not mo["hand_raised"]
+    queue = await get_json(scoped_api, "cs", "/api/v1/help")
+    assert "mo" not in {hand["student_id"] for hand in queue["queue"]}
+    exported = await scoped_api.get("/api/v1/students.csv", headers=auth("cs"))
+    assert "mo" in csv_students(exported, "student_id") and "ma-private" not in exported.text
+
+    everything = await get_json(scoped_api, "all", "/api/v1/students")
+    mo = next(student for student in everything["students"] if student["student_id"] == "mo")
+    assert mo["last_notebook_path"] == "ma-private.ipynb"
+    assert (mo["event_count"], mo["error_count"]) == (5, 3)
+    assert mo["stuck"] and mo["hand_raised"]
+    queue = await get_json(scoped_api, "all", "/api/v1/help")
+    assert "mo" in {hand["student_id"] for hand in queue["queue"]}

@@ -97,6 +97,7 @@ def test_environment_overrides_defaults() -> None:
         ({"RETENTION_DAYS": "-3"}, "RETENTION_DAYS"),
         ({"RETENTION_DAYS": "1.5"}, "RETENTION_DAYS"),
         ({"RETENTION_DAYS": "a month"}, "RETENTION_DAYS"),
+        ({"RETENTION_DAYS": "1000000"}, "RETENTION_DAYS"),
     ],
 )
 def test_bad_numbers_fail_with_the_variable_named(environ: dict, variable: str) -> None:
