@@ -3211,13 +3211,34 @@ async def close_gaps(hub: Hub, storage: Storage) -> None:
     while True:
         await asyncio.sleep(GAP_CHECK_SECONDS)
         try:
-            latest = await asyncio.create_task(storage.max_event_id())
-            if hub.last_id < committed_before:
-                async with hub.filling:
-                    await catch_up(hub, storage)
-            committed_before = latest
+            committed_before = await finish_if_cancelled(
+                check_for_gap(hub, storage, committed_before)
+            )
         except Exception as error:
             logger.warning("could not check for undelivered events: %r", error)
+
+
+async def check_for_gap(hub: Hub, storage: Storage, committed_before: int) -> int:
+    """Fill the hub from the database if it is behind what was committed a check ago; the
+    highest id committed now, for the next check."""
+    latest = await storage.max_event_id()
+    if hub.last_id < committed_before:
+        async with hub.filling:
+            await catch_up(hub, storage)
+    return latest
+
+
+async def finish_if_cancelled(work: Coroutine[Any, Any, Any]) -> Any:
+    """Run `work` to its end even if the caller is cancelled meanwhile, then let the
+    cancellation through. A database call cut off mid-way is no use, and on SQLite it leaves
+    aiosqlite's worker thread to answer later, into an event loop shutdown may have closed."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 # Ingest
@@ -3298,11 +3319,11 @@ class Committer:
                     async with asyncio.timeout(PROBE_SECONDS if self.failure else None):
                         first = await self._queue.get()
                 except TimeoutError:
-                    await self._try(self._probe)
+                    await finish_if_cancelled(self._try(self._probe))
                     continue
                 batch = self._take([first])
-            if batch:
-                await self._commit_batch(batch)
+            if batch:  # shutdown waits for a commit under way, never cuts one off
+                await finish_if_cancelled(self._commit_batch(batch))
 
     def _take(self, batch: list[PendingWrite]) -> list[PendingWrite]:
         """`batch` and what queued behind it, up to max_events; none whose POST gave up."""

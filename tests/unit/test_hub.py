@@ -14,6 +14,7 @@ from telemetry import (
     decode_message,
     encode_batch,
     encode_erasure,
+    finish_if_cancelled,
     run_until_waiting,
 )
 
@@ -203,3 +204,22 @@ async def test_cancelling_the_rest_cancels_the_coroutine_where_it_waits() -> Non
 
 async def _await(awaitable):
     return await awaitable
+
+
+async def test_a_gap_check_cancelled_mid_query_finishes_the_query_before_it_ends() -> None:
+    query_may_end, finished = asyncio.Event(), []
+
+    async def query() -> int:
+        await query_may_end.wait()
+        finished.append(True)
+        return 1
+
+    check = asyncio.create_task(finish_if_cancelled(query()))
+    await asyncio.sleep(0)  # the query is under way
+    check.cancel()
+    await asyncio.sleep(0)
+    assert not check.done()  # still waiting for the query, not cut off
+    query_may_end.set()
+    with pytest.raises(asyncio.CancelledError):
+        await check
+    assert finished == [True]
