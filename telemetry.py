@@ -1128,6 +1128,7 @@ WITH incoming AS (
         course_id = COALESCE(excluded.course_id, students.course_id),
         team = COALESCE(excluded.team, students.team),
         last_seen = excluded.last_seen
+    RETURNING student_id, course_id
 ), inserted AS (
     -- ORDER BY position makes the identity hand out ids in the batch's order.
     INSERT INTO events (
@@ -1141,15 +1142,21 @@ WITH incoming AS (
     FROM fresh ORDER BY position
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id, id
+), lookups AS (
+    -- The planner cannot know how many rows a CTE holds, guesses one, and joined CTEs by
+    -- nested loops: 100 of the 110 ms of a 500-event batch. A jsonb object finds its keys
+    -- by binary search.
+    SELECT (SELECT jsonb_object_agg(event_id, id) FROM inserted) AS ids,
+           (SELECT jsonb_object_agg(student_id, course_id) FROM upserted_students) AS courses
+), stored AS (
+    -- The fresh events the insert kept, with their ids and the course their documents show.
+    SELECT f.*, CAST(l.ids ->> f.event_id AS bigint) AS id,
+           COALESCE(f.course_id, l.courses ->> f.student_id) AS course
+    FROM fresh f, lookups l WHERE l.ids ? f.event_id
 ), executions AS (
-    -- The batch's stored executions, each with the course its document shows.
-    SELECT f.student_id, COALESCE(f.notebook_path, '') AS notebook_path, f.cell_key,
-           f.cell_id, f.cell_index, f.status, f.error_text, i.id,
-           COALESCE(f.course_id, u.course_id, p.course_id) AS course
-    FROM fresh f JOIN inserted i ON i.event_id = f.event_id
-    LEFT JOIN student_updates u ON u.student_id = f.student_id
-    LEFT JOIN previous p ON p.student_id = f.student_id
-    WHERE f.status IS NOT NULL
+    SELECT student_id, COALESCE(notebook_path, '') AS notebook_path, cell_key, cell_id,
+           cell_index, status, error_text, id, course
+    FROM stored WHERE status IS NOT NULL
 ), run_updates AS (
     SELECT student_id, notebook_path, cell_key,
            (array_agg(course ORDER BY id DESC) FILTER (WHERE course IS NOT NULL))[1] AS course_id,
@@ -1178,9 +1185,8 @@ WITH incoming AS (
     {ON_CELL_TOTAL_CONFLICT}
 ), count_updates AS (
     INSERT INTO student_counts ({", ".join(STUDENT_COUNT_TYPES)})
-    SELECT f.student_id, COUNT(*), COUNT(f.status), COUNT(*) FILTER (WHERE f.status = 'error')
-    FROM fresh f JOIN inserted i ON i.event_id = f.event_id
-    GROUP BY f.student_id
+    SELECT student_id, COUNT(*), COUNT(status), COUNT(*) FILTER (WHERE status = 'error')
+    FROM stored GROUP BY student_id
     {ON_STUDENT_COUNT_CONFLICT}
 ), activity_updates AS (
     INSERT INTO activity ({", ".join(ACTIVITY_TYPES)})
