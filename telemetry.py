@@ -1102,7 +1102,9 @@ WITH incoming AS (
         outputs, outputs_truncated, extra, student_name, team, cell_key, error_text, position
     )
 ), known AS (
-    SELECT e.event_id, e.id FROM incoming i JOIN events e ON e.event_id = i.event_id
+    -- A lookup per event: a plan made while events was small hashed the whole table.
+    SELECT i.event_id, e.id FROM incoming i
+    CROSS JOIN LATERAL (SELECT id FROM events WHERE event_id = i.event_id LIMIT 1) e
 ), fresh AS (
     SELECT DISTINCT ON (i.event_id) i.* FROM incoming i
     WHERE NOT EXISTS (SELECT FROM known k WHERE k.event_id = i.event_id)
