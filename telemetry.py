@@ -1082,8 +1082,9 @@ ON CONFLICT (course_id, minute) DO UPDATE SET
 # with the batch's already stored event_ids, the new ids, each student's row as it was
 # before, from which Python replays the documents that one-by-one upserts would have given,
 # and the highest id committed before the batch (its statement snapshot predates the insert).
-# Events join their known ids rather than `= ANY(array)`: once asyncpg's prepared statement
-# gets a generic plan, the latter scans the whole table (90 ms per 500 events at 100k rows).
+# Known ids are looked up event by event rather than by `= ANY(array)`: once asyncpg's
+# prepared statement gets a generic plan, the latter scans the whole table (90 ms per 500
+# events at 100k rows).
 STORE_EVENTS = f"""
 WITH incoming AS (
     SELECT * FROM unnest(
