@@ -1237,10 +1237,10 @@ SELECT_MAX_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
 # Serialises commit-and-publish across processes, so ids reach the bus in id order.
 COMMIT_LOCK_KEY = 0x7E1E_3E7E
 LOCK_COMMITS = "SELECT pg_advisory_lock(:key)"
-UNLOCK_COMMITS = "SELECT pg_advisory_unlock(:key)"
 # One retention pass at a time across processes, by a lock the others do not wait for.
 RETENTION_LOCK_KEY = 0x7E1E_DE1E
 TRY_LOCK = "SELECT pg_try_advisory_lock(:key) AS locked"
+# Frees either lock, the commit order or a retention pass.
 UNLOCK = "SELECT pg_advisory_unlock(:key)"
 # Held until its transaction ends. Several dynos may start at once, and CREATE ... IF NOT
 # EXISTS races without SCHEMA_LOCK_KEY; erasure and retention take COMMIT_LOCK_KEY this way.
@@ -1758,7 +1758,7 @@ COMMIT_STATEMENTS = {
         STORE_EVENTS,
         SELECT_EXISTING_EVENT_IDS,
         LOCK_COMMITS,
-        UNLOCK_COMMITS,
+        UNLOCK,
         SELECT_LATEST_HANDS,
         *UPSERT_ARRAYS.values(),
     )
@@ -2366,7 +2366,7 @@ class Storage:
             self._drop_writer()  # its session's end releases the lock
             raise
         try:
-            await COMMIT_STATEMENTS[UNLOCK_COMMITS].fetch(writer, {"key": COMMIT_LOCK_KEY})
+            await COMMIT_STATEMENTS[UNLOCK].fetch(writer, {"key": COMMIT_LOCK_KEY})
         except Exception as error:  # committed and published: only the lock is left to free
             logger.warning("could not release the commit lock: %r", error)
             self._drop_writer()
