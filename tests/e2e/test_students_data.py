@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from tests.integration.test_pseudonyms import CAMEL, OURS, PIONEER, SALT, leaks
+from tests.pseudonym_samples import CAMEL, OURS, PIONEER, SALT, leaks
 
 
 def wait_for_line(server, text: str, timeout: float = 20.0) -> str:
