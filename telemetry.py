@@ -3678,29 +3678,19 @@ async def watch_for_disconnect(receive: Receive, client: Client) -> None:
 STREAM_FILTERS = ("student_id", "course_id", "event_type")
 
 
-def parse_stream_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """The streams' filters are free text: only a misspelt name can be refused."""
-    errors = FieldErrors()
-    refuse_bad_query(query, (*STREAM_FILTERS, "last_event_id"), errors)
-    return {name: query.get(name) or None for name in STREAM_FILTERS}
-
-
 async def open_filter(connection: HTTPConnection) -> StreamFilter:
     """A stream's filter: what it asked for, within its token's courses (see authorize_read)."""
     grant, params = await authorize_read(connection, parse_stream_query)
-    filters = {name: params[name] for name in STREAM_FILTERS}
-    return StreamFilter(**filters, courses=grant.courses)
+    return StreamFilter(**{name: params[name] for name in STREAM_FILTERS}, courses=grant.courses)
 
 
 async def stream_events(request: Request) -> ASGIApp:
     """Server-Sent Events: replay after Last-Event-ID, then every new event."""
-    service = service_of(request)
     after_id = parse_last_event_id(
         request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     )
     stream_filter = await open_filter(request)
-    owner = admit_stream(request)
-    return EventStream(service, stream_filter, owner, after_id)
+    return EventStream(service_of(request), stream_filter, admit_stream(request), after_id)
 
 
 async def websocket_events(websocket: WebSocket) -> None:
@@ -3755,128 +3745,110 @@ async def watch_for_close(websocket: WebSocket, client: Client) -> None:
 # events keep arriving.
 PAGE_LIMIT_DEFAULT = 100
 PAGE_LIMIT_MAX = 1_000
-EVENT_QUERY_FILTERS = {
-    "student_id": IDENTIFIER_MAX_CHARS,
-    "course_id": TEXT_MAX_CHARS,
-    "event_type": IDENTIFIER_MAX_CHARS,
-    "notebook_path": TEXT_MAX_CHARS,
-}
 
 
-def query_text(query: Mapping[str, str], name: str, max_chars: int, errors: FieldErrors) -> Any:
+# Reads one query parameter, adding to `errors` what is wrong with it.
+QueryReader = Callable[[Mapping[str, str], str, FieldErrors], Any]
+
+
+def text_param(max_chars: int, absent: str | None = None) -> QueryReader:
     """An optional text filter; empty means absent, as an HTML form sends it."""
-    value = query.get(name) or None
-    if value is not None and len(value) > max_chars:
-        errors.add(name, f"must be at most {max_chars} characters")
-        return None
-    return value
+
+    def read(query: Mapping[str, str], name: str, errors: FieldErrors) -> str | None:
+        value = query.get(name) or absent
+        if value is not None and len(value) > max_chars:
+            errors.add(name, f"must be at most {max_chars} characters")
+            return absent
+        return value
+
+    return read
 
 
-def query_int(
-    query: Mapping[str, str], name: str, default: int, bounds: tuple[int, int], errors: FieldErrors
-) -> int:
-    raw = query.get(name, "").strip()
-    if not raw:
-        return default
-    low, high = bounds
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        errors.add(name, f"must be a whole number from {low} to {high}")
-        return default
-    return int(raw)
+def int_param(default: int, low: int, high: int) -> QueryReader:
+    def read(query: Mapping[str, str], name: str, errors: FieldErrors) -> int:
+        raw = query.get(name, "").strip()
+        if not raw:
+            return default
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+            errors.add(name, f"must be a whole number from {low} to {high}")
+            return default
+        return int(raw)
+
+    return read
 
 
-def query_bool(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool:
+def bool_param(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool:
     raw = query.get(name, "").strip().lower()
     if raw not in ("", "true", "false"):
         errors.add(name, "must be true or false")
     return raw == "true"
 
 
-def refuse_bad_query(query: Mapping[str, str], allowed: Iterable[str], errors: FieldErrors) -> None:
-    """A 422 naming every bad value and every unknown name: a misspelt filter
-    (`?course=cs101`) must not quietly answer with everyone."""
-    known = {*allowed, "token"}
-    for name in query:
-        if name not in known:
-            errors.add(name, "is not a parameter of this endpoint")
-    if errors.details:
-        raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
+def free_text(query: Mapping[str, str], name: str, errors: FieldErrors) -> str | None:
+    return query.get(name) or None
 
 
-def parse_events_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/events parameters to the SQL parameters of SELECT_EVENT_PAGE, or a 422."""
-    errors = FieldErrors()
-    params = {
-        name: query_text(query, name, max_chars, errors)
-        for name, max_chars in EVENT_QUERY_FILTERS.items()
-    }
-    params["since_id"] = query_int(query, "since_id", 0, (0, INT64_MAX), errors)
-    params["before_id"] = query_int(query, "before_id", INT64_MAX, (1, INT64_MAX), errors)
-    params["limit"] = query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors)
-    params["collapse_beats"] = query_bool(query, "collapse_beats", errors)
-    refuse_bad_query(query, params, errors)
-    return params
+def query_parser(**readers: QueryReader) -> Callable[[Mapping[str, str]], dict[str, Any]]:
+    """An endpoint's query parameters, or a 422 naming every bad value and every unknown
+    name: a misspelt filter (`?course=cs101`) must not quietly answer with everyone."""
+
+    def parse(query: Mapping[str, str]) -> dict[str, Any]:
+        errors = FieldErrors()
+        params = {name: read(query, name, errors) for name, read in readers.items()}
+        for name in query:
+            if name not in readers and name != "token":
+                errors.add(name, "is not a parameter of this endpoint")
+        if errors.details:
+            raise ApiError(
+                422, "invalid_query", "some query parameters are invalid", errors.details
+            )
+        return params
+
+    return parse
 
 
-def parse_students_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/students parameters to the SQL parameters of SELECT_STUDENT_PAGE, or a 422."""
-    errors = FieldErrors()
-    params = {
-        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
-        "after": query_text(query, "after", IDENTIFIER_MAX_CHARS, errors) or "",
-        "limit": query_int(query, "limit", PAGE_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
-    }
-    refuse_bad_query(query, params, errors)
-    return params
-
-
+TEXT_PARAM = text_param(TEXT_MAX_CHARS)
+IDENTIFIER_PARAM = text_param(IDENTIFIER_MAX_CHARS)
+EVENT_FILTERS = {
+    "student_id": IDENTIFIER_PARAM,
+    "course_id": TEXT_PARAM,
+    "event_type": IDENTIFIER_PARAM,
+    "notebook_path": TEXT_PARAM,
+}
+PAGE_LIMIT = int_param(PAGE_LIMIT_DEFAULT, 1, PAGE_LIMIT_MAX)
 CELLS_LIMIT_DEFAULT = 200
 ACTIVITY_MINUTES_DEFAULT = 60
 ACTIVITY_MINUTES_MAX = 1_440
 
-
-def parse_course_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/help and GET /api/v1/students.csv: an optional course_id, or a 422."""
-    errors = FieldErrors()
-    params = {"course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors)}
-    refuse_bad_query(query, params, errors)
-    return params
-
-
-def parse_cells_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/cells parameters: course_id, notebook_path and limit, or a 422."""
-    errors = FieldErrors()
-    params = {
-        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
-        "notebook_path": query_text(query, "notebook_path", TEXT_MAX_CHARS, errors),
-        "limit": query_int(query, "limit", CELLS_LIMIT_DEFAULT, (1, PAGE_LIMIT_MAX), errors),
-    }
-    refuse_bad_query(query, params, errors)
-    return params
-
-
-def parse_activity_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/activity parameters: course_id and a window of 1 to 1440 minutes."""
-    errors = FieldErrors()
-    params = {
-        "course_id": query_text(query, "course_id", TEXT_MAX_CHARS, errors),
-        "minutes": query_int(
-            query, "minutes", ACTIVITY_MINUTES_DEFAULT, (1, ACTIVITY_MINUTES_MAX), errors
-        ),
-    }
-    refuse_bad_query(query, params, errors)
-    return params
-
-
-def parse_export_query(query: Mapping[str, str]) -> dict[str, Any]:
-    """GET /api/v1/events.csv: the filters of GET /api/v1/events, without paging."""
-    errors = FieldErrors()
-    params = {
-        name: query_text(query, name, max_chars, errors)
-        for name, max_chars in EVENT_QUERY_FILTERS.items()
-    }
-    refuse_bad_query(query, params, errors)
-    return params
+# The parameters of SELECT_EVENT_PAGE and of SELECT_STUDENT_PAGE.
+parse_events_query = query_parser(
+    **EVENT_FILTERS,
+    since_id=int_param(0, 0, INT64_MAX),
+    before_id=int_param(INT64_MAX, 1, INT64_MAX),
+    limit=PAGE_LIMIT,
+    collapse_beats=bool_param,
+)
+parse_students_query = query_parser(
+    course_id=TEXT_PARAM, after=text_param(IDENTIFIER_MAX_CHARS, absent=""), limit=PAGE_LIMIT
+)
+# GET /api/v1/help and GET /api/v1/students.csv.
+parse_course_query = query_parser(course_id=TEXT_PARAM)
+parse_cells_query = query_parser(
+    course_id=TEXT_PARAM,
+    notebook_path=TEXT_PARAM,
+    limit=int_param(CELLS_LIMIT_DEFAULT, 1, PAGE_LIMIT_MAX),
+)
+parse_activity_query = query_parser(
+    course_id=TEXT_PARAM,
+    minutes=int_param(ACTIVITY_MINUTES_DEFAULT, 1, ACTIVITY_MINUTES_MAX),
+)
+# GET /api/v1/events.csv: the filters of GET /api/v1/events, without paging.
+parse_export_query = query_parser(**EVENT_FILTERS)
+# The streams' filters are free text: only a misspelt name can be refused. stream_events
+# reads last_event_id itself.
+parse_stream_query = query_parser(
+    **dict.fromkeys(STREAM_FILTERS, free_text), last_event_id=free_text
+)
 
 
 async def read_storage(read: Awaitable[Any]) -> Any:
@@ -3927,10 +3899,9 @@ async def list_students(request: Request) -> Response:
 
 async def list_help(request: Request) -> Response:
     """The help queue, first come first served, and every raise still beating."""
-    service = service_of(request)
     _, params = await authorize_read(request, parse_course_query)
     now = dt.datetime.now(dt.UTC)
-    hands = await read_storage(service.storage.hands(params, now))
+    hands = await read_storage(service_of(request).storage.hands(params, now))
     return JSONResponse(
         {
             "now": format_timestamp(now),
@@ -3975,18 +3946,16 @@ async def answer_hand(request: Request) -> Response:
 
 async def list_cells(request: Request) -> Response:
     """Where the class is stuck: per notebook and cell, who ran it and who fails there now."""
-    service = service_of(request)
     _, params = await authorize_read(request, parse_cells_query)
-    cells = await read_storage(service.storage.cells(params))
+    cells = await read_storage(service_of(request).storage.cells(params))
     return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), "cells": cells})
 
 
 async def list_activity(request: Request) -> Response:
     """Executions, errors and raised hands per minute over the last `minutes`."""
-    service = service_of(request)
     _, params = await authorize_read(request, parse_activity_query)
     now = dt.datetime.now(dt.UTC)
-    series = await read_storage(service.storage.activity(params, now))
+    series = await read_storage(service_of(request).storage.activity(params, now))
     return JSONResponse(
         {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
     )
@@ -4032,33 +4001,33 @@ def student_csv_row(document: Mapping[str, Any]) -> list[Any]:
     return [document.get(column) for column in STUDENT_CSV_COLUMNS]
 
 
-def csv_response(name: str, lines: AsyncIterator[bytes]) -> Response:
-    return StreamingResponse(
-        lines,
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
-
-
-async def csv_pages(
-    header: list[str], first: list[Any], more: Callable[[Any], Awaitable[list[Any]]], row: Callable
-) -> AsyncIterator[bytes]:
+def csv_download(
+    name: str,
+    header: list[str],
+    first: list[Any],
+    more: Callable[[Any], Awaitable[list[Any]]],
+    row: Callable,
+) -> Response:
     """The header, then page after page until one comes back empty; one page in memory."""
-    yield csv_line(header)
-    page = first
-    while page:
-        yield b"".join(csv_line(row(item)) for item in page)
-        try:
-            page = await more(page[-1])
-        except Exception as error:  # the status is sent: end the download short
-            logger.warning("CSV export cut short: %r", error)
-            return
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield csv_line(header)
+        page = first
+        while page:
+            yield b"".join(csv_line(row(item)) for item in page)
+            try:
+                page = await more(page[-1])
+            except Exception as error:  # the status is sent: end the download short
+                logger.warning("CSV export cut short: %r", error)
+                return
+
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 async def export_events(request: Request) -> Response:
     """Events as CSV, oldest first, streamed in keyset pages: a term fits, memory does not grow."""
-    service = service_of(request)
-    storage: Storage = service.storage
+    storage = service_of(request).storage
     _, params = await authorize_read(request, parse_export_query)
     params["limit"] = EXPORT_PAGE_SIZE
 
@@ -4066,14 +4035,12 @@ async def export_events(request: Request) -> Response:
         return storage.events_export({**params, "since_id": last["id"]})
 
     first = await read_storage(storage.events_export({**params, "since_id": 0}))
-    lines = csv_pages(EVENT_CSV_COLUMNS, first, page_after, event_csv_row)
-    return csv_response("events.csv", lines)
+    return csv_download("events.csv", EVENT_CSV_COLUMNS, first, page_after, event_csv_row)
 
 
 async def export_students(request: Request) -> Response:
     """The students table as CSV, streamed in keyset pages."""
-    service = service_of(request)
-    storage: Storage = service.storage
+    storage = service_of(request).storage
     _, params = await authorize_read(request, parse_course_query)
     params["limit"] = EXPORT_PAGE_SIZE
     now = dt.datetime.now(dt.UTC)
@@ -4082,8 +4049,7 @@ async def export_students(request: Request) -> Response:
         return storage.students_page({**params, "after": last["student_id"]}, now)
 
     first = await read_storage(storage.students_page({**params, "after": ""}, now))
-    lines = csv_pages(STUDENT_CSV_COLUMNS, first, page_after, student_csv_row)
-    return csv_response("students.csv", lines)
+    return csv_download("students.csv", STUDENT_CSV_COLUMNS, first, page_after, student_csv_row)
 
 
 # Access control
@@ -4133,12 +4099,8 @@ def presented_tokens(connection: HTTPConnection) -> list[str | None]:
 
 
 def unauthorized(realm: str) -> ApiError:
-    return ApiError(
-        401,
-        "unauthorized",
-        f"a valid {realm} token is required",
-        headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
-    )
+    headers = {"WWW-Authenticate": f'Bearer realm="{realm}"'}
+    return ApiError(401, "unauthorized", f"a valid {realm} token is required", headers=headers)
 
 
 def require_token(tokens: tuple[str, ...], candidates: Iterable[str | None], realm: str) -> None:
@@ -4165,13 +4127,9 @@ def dashboard_grant(connection: HTTPConnection) -> Grant:
 
 
 def out_of_scope(grant: Grant, field_name: str, what: str) -> ApiError:
-    courses = ", ".join(grant.course_list() or [])
-    return ApiError(
-        403,
-        "out_of_scope",
-        f"token {grant.name!r} may not read {what}",
-        [{"field": field_name, "problem": f"is outside this token's courses ({courses})"}],
-    )
+    message = f"token {grant.name!r} may not read {what}"
+    problem = f"is outside this token's courses ({', '.join(grant.course_list() or [])})"
+    return ApiError(403, "out_of_scope", message, [{"field": field_name, "problem": problem}])
 
 
 async def check_scope(storage: Storage, grant: Grant, params: Mapping[str, Any]) -> None:
@@ -4292,13 +4250,8 @@ async def create_session(request: Request) -> Response:
     grant = require_grant(grants, [token], "dashboard") if grants else OPEN_GRANT
     response = JSONResponse(session_body(grant))
     if token:
-        response.set_cookie(
-            TOKEN_COOKIE,
-            token,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
+        secure = request.url.scheme == "https"
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
     return response
 
 
@@ -4481,14 +4434,9 @@ async def healthz(request: Request) -> Response:
     if report["bus"] == "up" and not service.hub.bus_connected:
         report["bus"] = "down: subscriber not connected"
     healthy = all(value == "up" for value in report.values())
-    return JSONResponse(
-        {
-            "status": "ok" if healthy else "unavailable",
-            **report,
-            "clients": len(service.hub.clients),
-        },
-        status_code=200 if healthy else 503,
-    )
+    status = "ok" if healthy else "unavailable"
+    body = {"status": status, **report, "clients": len(service.hub.clients)}
+    return JSONResponse(body, status_code=200 if healthy else 503)
 
 
 def redact_url(url: str) -> str:
@@ -4541,12 +4489,10 @@ async def handle_api_error(request: Request, error: Exception) -> Response:
 
 async def handle_http_error(request: Request, error: Exception) -> Response:
     status = getattr(error, "status_code", 500)
-    detail = getattr(error, "detail", "error")
+    detail = str(getattr(error, "detail", "error"))
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
     headers = getattr(error, "headers", None) or {}
-    return JSONResponse(
-        error_body(status, code, str(detail), []), status_code=status, headers=headers
-    )
+    return JSONResponse(error_body(status, code, detail, []), status, headers=headers)
 
 
 def watch_interval(settings: Settings) -> float:
@@ -4590,11 +4536,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     # Serve once live (or after a bounded wait if Redis is down: POSTs are stored meanwhile).
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(hub.subscribed.wait(), STARTUP_BUS_WAIT_SECONDS)
-    logger.info(
-        "telemetry started: %s, %s bus",
-        "PostgreSQL" if storage.is_postgres else "SQLite",
-        type(bus).__name__,
-    )
+    backend = "PostgreSQL" if storage.is_postgres else "SQLite"
+    logger.info("telemetry started: %s, %s bus", backend, type(bus).__name__)
     try:
         yield
     finally:
@@ -4665,10 +4608,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 @functools.cache
 def app_from_environment() -> Starlette:
     """The app as deployed: logging configured, Settings read from the environment."""
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # uvicorn logs a WebSocket's handshake, query string included, on its error logger.
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactTokens())
