@@ -235,11 +235,9 @@ def parse_token(name: str, entry: str, scoped: bool) -> Grant:
 def parse_tokens(name: str, raw: str, scoped: bool = True) -> tuple[Grant, ...]:
     """A comma-separated list of token entries (see parse_token), each secret and name once."""
     grants = tuple(parse_token(name, entry, scoped) for entry in comma_list(name, raw))
-    secrets = Counter(grant.secret for grant in grants)
-    if any(count > 1 for count in secrets.values()):
+    if len({grant.secret for grant in grants}) < len(grants):
         raise ConfigError(f"{name} lists a secret twice: each token must be unique")
-    names = Counter(grant.name for grant in grants)
-    for repeated, count in names.items():
+    for repeated, count in Counter(grant.name for grant in grants).items():
         if count > 1:
             raise ConfigError(f"{name} names two tokens {repeated!r}: names must be unique")
     return grants
@@ -341,10 +339,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         for name, read in ENVIRONMENT.items()
     }
     workers = whole_number("WEB_CONCURRENCY", environ.get("WEB_CONCURRENCY", "").strip(), 1)
-    if (
-        values["pseudonymize_salt"]
-        and values["pioneer_student_env"] in values["pioneer_environ_allow"]
-    ):
+    stores_raw_id = values["pioneer_student_env"] in values["pioneer_environ_allow"]
+    if values["pseudonymize_salt"] and stores_raw_id:
         raise ConfigError(
             "PIONEER_ENVIRON_ALLOW would store PIONEER_STUDENT_ENV, the student's raw id, "
             "which PSEUDONYMIZE_SALT is set to keep out"
@@ -3939,9 +3935,8 @@ async def answer_hand(request: Request) -> Response:
     except StorageUnavailable:
         raise storage_unavailable("the action could not be stored") from None
     hand = hand_document(await read_storage(service.storage.latest_hand(student_id)), now)
-    return JSONResponse(
-        {"id": stored.document["id"], "event_type": event_type, "hand": hand}, status_code=201
-    )
+    body = {"id": stored.document["id"], "event_type": event_type, "hand": hand}
+    return JSONResponse(body, status_code=201)
 
 
 async def list_cells(request: Request) -> Response:
