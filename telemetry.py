@@ -4491,8 +4491,7 @@ async def handle_http_error(request: Request, error: Exception) -> Response:
 
 
 def watch_interval(settings: Settings) -> float:
-    """How often Hub.watch looks: a write is cut off at most this late, a ping comes at most
-    this late."""
+    """How often Hub.watch looks: how late a blocked write is cut off, or a ping comes."""
     return min(
         STREAM_WATCH_SECONDS, settings.send_timeout_seconds / 4, settings.sse_ping_seconds / 4
     )
