@@ -4336,11 +4336,8 @@ class JsonCorsRefusals(CORSMiddleware):
         if response.status_code != 400:
             return response
         refused = bytes(response.body).decode()
-        headers = {
-            name: value
-            for name, value in response.headers.items()
-            if name.lower() not in ("content-type", "content-length")
-        }
+        own = ("content-type", "content-length")  # Starlette's keys are lower case
+        headers = {name: value for name, value in response.headers.items() if name not in own}
         message = f"{refused}: this origin is not listed in CORS_ORIGINS"
         return JSONResponse(error_body(400, "cors_refused", message, []), 400, headers)
 
