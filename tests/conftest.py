@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import socket
@@ -24,6 +25,15 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(autouse=True)
+def collectable_test_objects() -> Iterator[None]:
+    """The app freezes what its start-up built out of the garbage collector's sight; in a test
+    process that takes in the tests' objects too, and hypothesis, checking at the session's
+    end that a random generator it registers is referenced, cannot see frozen referrers."""
+    yield
+    gc.unfreeze()
 
 
 def free_port() -> int:

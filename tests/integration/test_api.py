@@ -1,5 +1,7 @@
 """The HTTP API in process (httpx over ASGI, lifespan run) on PostgreSQL and SQLite."""
 
+import gc
+
 import pytest
 
 from tests.errors import assert_error
@@ -99,6 +101,15 @@ async def test_healthz_reports_database_and_bus(client) -> None:
     response = await client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "database": "up", "bus": "up", "clients": 0}
+
+
+async def test_start_up_objects_are_kept_out_of_garbage_collection(
+    api_client, sqlite_database_url
+) -> None:
+    # Full collections walking them were the slowest POSTs (see the README's benchmark).
+    gc.unfreeze()
+    async with api_client(sqlite_database_url):
+        assert gc.get_freeze_count() > 10_000
 
 
 async def test_healthz_is_503_naming_the_database_when_it_is_gone(
