@@ -413,6 +413,21 @@ KNOWN_FIELDS = frozenset(
 )
 
 
+# Jupyter outputs nest a handful of levels. Deeper JSON is refused: orjson encodes at most
+# 255, and a stored event travels nested in a bus message and a batch's rows.
+MAX_JSON_DEPTH = 64
+
+
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether `value` holds lists or objects nested more than `limit` deep."""
+    if not isinstance(value, list | dict):
+        return False
+    if limit == 0:
+        return True
+    items = value.values() if isinstance(value, dict) else value
+    return any(nests_deeper_than(item, limit - 1) for item in items)
+
+
 def replace_nul(value: Any) -> Any:
     """PostgreSQL text and jsonb cannot hold U+0000: store U+FFFD in its place, everywhere."""
     if isinstance(value, str):
@@ -473,7 +488,7 @@ def check_duration(value: Any) -> float:
         raise ValueError("must be a number")
     if not (math.isfinite(value) and 0 <= value <= 1e12):
         raise ValueError("must be a non-negative number of milliseconds")
-    return float(value)
+    return float(value) + 0.0  # -0.0 as 0.0, which is what jsonb and the database keep
 
 
 def check_status(value: Any) -> str:
@@ -546,6 +561,11 @@ def normalise_event(
     """One posted event to our normalised dict, or None with its problems added to errors."""
     if not isinstance(raw, dict):
         errors.add(path, "must be a JSON object")
+        return None
+    too_deep = [key for key, value in raw.items() if nests_deeper_than(value, MAX_JSON_DEPTH)]
+    for key in too_deep:
+        errors.add(f"{path}.{key}", f"must not nest lists or objects over {MAX_JSON_DEPTH} deep")
+    if too_deep:
         return None
     source = replace_nul(from_camel_case(raw))
     origins = camel_case_origins(raw)
@@ -2569,10 +2589,10 @@ class Storage:
         fresh = first_occurrences(events, known)
         lost = [event["event_id"] for event in fresh if event["event_id"] not in inserted]
         if lost:  # a writer outside the commit order stored them first
-            rows = await COMMIT_STATEMENTS[SELECT_EXISTING_EVENT_IDS].fetch(
+            existing = await COMMIT_STATEMENTS[SELECT_EXISTING_EVENT_IDS].fetch(
                 writer, {"event_ids": lost}
             )
-            known.update({row["event_id"]: row["id"] for row in rows})
+            known.update({row["event_id"]: row["id"] for row in existing})
         replay = functools.partial(batch_results, events, fresh, known, inserted, found["student"])
         return StoredBatch(found["follows"][None], replay)
 
@@ -3437,24 +3457,32 @@ class Committer:
         return await self.storage.store(events, joined_rows(pending.rows for pending in batch))
 
     async def _publish_and_answer(self, batch: list[PendingWrite], stored: StoredBatch) -> None:
+        try:
+            results = stored.results
+        except Exception as error:  # stored, but with no receipts to give: a retry dedupes
+            logger.exception("could not read back a stored batch")
+            for pending in batch:
+                if not pending.done.done():
+                    pending.done.set_exception(StorageUnavailable(repr(error)))
+            return
         await self._publish(stored)
         start = 0
         for pending in batch:
             end = start + len(pending.events)
             if not pending.done.done():
-                pending.done.set_result(stored.results[start:end])
+                pending.done.set_result(results[start:end])
             start = end
 
     async def _publish(self, stored: StoredBatch) -> None:
-        payload = encode_batch(stored)
-        if payload is None:
-            return
         try:
+            payload = encode_batch(stored)
+            if payload is None:
+                return
             await self.bus.publish(payload)
         except Exception as error:
             # Stored is what we promised; other processes read what they missed from the
             # database (deliver_message, close_gaps).
-            logger.warning("could not publish %d bytes to the bus: %r", len(payload), error)
+            logger.warning("could not publish a batch to the bus: %r", error)
 
 
 async def post_events(request: Request) -> Response:

@@ -149,6 +149,30 @@ def test_invalid_field_is_named(field: str, value, problem: str) -> None:
     assert problems(raw) == [{"field": f"event.{field}", "problem": problem}]
 
 
+def nested(depth: int) -> object:
+    value: object = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("field", ["outputs", "error", "extra_field", "result"])
+def test_json_nested_over_64_deep_is_refused(field: str) -> None:
+    raw = {"student_id": "s1", "event_type": "x", field: nested(65)}
+    problem = "must not nest lists or objects over 64 deep"
+    assert problems(raw) == [{"field": f"event.{field}", "problem": problem}]
+
+
+def test_json_nested_64_deep_is_kept() -> None:
+    event = normalise_one({"student_id": "s1", "event_type": "x", "extra_field": nested(64)})
+    assert event["extra"] == {"extra_field": nested(64)}
+
+
+def test_negative_zero_duration_is_stored_as_zero() -> None:
+    duration = normalise_one({"student_id": "s1", "event_type": "x", "duration_ms": -0.0})
+    assert str(duration["duration_ms"]) == "0.0"
+
+
 def test_every_invalid_event_of_a_batch_is_reported() -> None:
     details = problems([{"student_id": "s", "event_type": "x"}, "nope", {"event_type": "x"}])
     assert [d["field"] for d in details] == ["events[1]", "events[2].student_id"]
