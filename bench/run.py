@@ -556,8 +556,8 @@ async def main() -> None:
     logs.mkdir(parents=True)
     results: dict[str, dict] = {}
     rows = []
+    await reset_database(SERVICE_DB)  # fan-out alone, on a new machine, needs it too
     if args.only != "fanout":
-        await reset_database(SERVICE_DB)
         results.update(await ingest_phase(plan, logs))
         rows += ingest_rows(results)
     if args.only != "ingest":
