@@ -3676,11 +3676,12 @@ def server_send(scope: Scope, send: Send) -> Send:
     return scope.get(SERVER_SEND, send)
 
 
-# An SSE stream's body, left in the scope by EventStream once its response has started, for
-# TelemetryApp to run after Starlette's layers have returned: an idle stream then holds none
-# of their dozen coroutine frames, nor what those frames hold (Python heap per idle stream,
-# tracemalloc over 2,000 in process: 18.8 KiB before, 12.1 KiB after). The layers act on the
-# response start only, and the body's writes went past them already (SERVER_SEND).
+# An SSE stream's body, left in the scope by EventStream for TelemetryApp to run after
+# Starlette's layers have returned: an idle stream then holds none of their dozen coroutine
+# frames, nor what those frames hold (Python heap per idle stream, tracemalloc over 2,000 in
+# process: 18.8 KiB before, 12.1 KiB after). The layers act on the response start only,
+# which the body sends through their `send`, and its writes went past them already
+# (SERVER_SEND).
 STREAM_BODY = "telemetry.stream_body"
 
 
@@ -3707,14 +3708,20 @@ class EventStream:
     after_id: int | None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Through the middleware, which add their headers to the start; the rest is handed
-        # to TelemetryApp (see STREAM_BODY).
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        scope[STREAM_BODY] = self.body(receive, server_send(scope, send))
+        if scope["method"] == "HEAD":  # the headers, then done: no stream to hold the connection
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        scope[STREAM_BODY] = self.body(receive, send, server_send(scope, send))
 
-    async def body(self, receive: Receive, send: Send) -> None:
+    async def body(self, receive: Receive, start: Send, send: Send) -> None:
+        """The stream, run by TelemetryApp. `start` is the middleware's `send`, which adds
+        their headers to the response start; `send` is the server's, for everything after."""
         settings = self.service.settings
+        # Subscribed before the first await, as admit_stream counted: the stream limit holds.
         with self.service.hub.subscribe(self.stream_filter, self.owner) as client:
+            await start({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            del start  # the middleware's wrappers, no longer needed
             # The first bytes of a new connection fit in any socket buffer.
             transport = SseTransport(send, settings.sse_ping_seconds)
             await transport.write(b"retry: %d\n\n" % settings.sse_retry_ms)
@@ -4625,8 +4632,10 @@ class TelemetryApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[SERVER_SEND] = send
-        await super().__call__(scope, receive, send)
-        stream_body = scope.pop(STREAM_BODY, None)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            stream_body = scope.pop(STREAM_BODY, None)
         if stream_body is not None:
             await stream_body
 

@@ -163,6 +163,16 @@ async def test_streams_per_token_are_limited(server, connect_dashboard) -> None:
             pass
 
 
+def test_a_head_request_for_the_stream_gets_its_headers_and_frees_the_connection(server) -> None:
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        head = client.head("/api/v1/stream", params={"token": DASHBOARD})
+        assert head.status_code == 200
+        assert head.headers["content-type"].startswith("text/event-stream")
+        assert head.headers["x-content-type-options"] == "nosniff"
+        # The same keep-alive connection answers the next request.
+        assert client.get("/healthz").json()["clients"] == 0
+
+
 def test_tokens_never_reach_the_logs(server) -> None:
     post(server, event(1), params={"token": INGEST})
     httpx.get(f"{server.url}/api/v1/stream", params={"token": "guess"}, timeout=5)
