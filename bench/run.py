@@ -221,12 +221,15 @@ async def measure_ingest(port: int, seconds: int, batch: int, run_id: str, store
     try:
         result = await asyncio.to_thread(run_wrk, port, seconds, batch, run_id)
         # Every acknowledged event was published before its reply; wait for Redis to hand
-        # the last ones to the counter, polling with a deadline.
+        # the last ones to the counter, and for POSTs still in flight when wrk stopped to
+        # be stored and published too, polling with a deadline.
         deadline = time.monotonic() + 5
-        while counter.count < result["acked"] * batch and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            result["stored"] = await count_rows(SERVICE_DB, run_id)
+            result["published"] = counter.count
+            if result["published"] == result["stored"] >= result["acked"] * batch:
+                break
             await asyncio.sleep(0.1)
-        result["stored"] = await count_rows(SERVICE_DB, run_id)
-        result["published"] = counter.count
         result["lost"] = max(0, result["acked"] * batch - result["stored"])
         result["unpublished"] = max(0, result["stored"] - counter.count)
     finally:
