@@ -592,9 +592,8 @@ def normalise_event(
         problem_at("occurred_at", str(problem))
     if len(errors.details) > before:
         return None
-    event["outputs"], event["outputs_truncated"] = cap_outputs(
-        source.get("outputs"), settings.max_outputs_bytes
-    )
+    outputs = source.get("outputs")
+    event["outputs"], event["outputs_truncated"] = cap_outputs(outputs, settings.max_outputs_bytes)
     event["event_id"] = event["event_id"] or str(uuid.uuid4())
     event["extra"] = {key: value for key, value in source.items() if key not in KNOWN_FIELDS}
     return event
@@ -717,7 +716,6 @@ class PioneerError(ValueError):
 
 
 def is_pioneer_envelope(body: Any) -> bool:
-    """The remote_exporter's shape: a "data" object holding "eventDetail"."""
     data = body.get("data") if isinstance(body, dict) else None
     return isinstance(data, dict) and "eventDetail" in data
 
@@ -786,10 +784,8 @@ def pioneer_cell(event_name: Any, info: Any) -> dict[str, tuple[Any, str]]:
     return {"cell_id": (cell.get("id"), f"{where}.id"), "cell_index": (index, f"{where}.{key}")}
 
 
-def pioneer_execution(
-    info: Any, notebook: Any, cell_id: Any, cell_index: Any
-) -> dict[str, tuple[Any, str]]:
-    """status, error and source of a CellExecuteEvent."""
+def pioneer_execution(info: Any) -> dict[str, tuple[Any, str]]:
+    """status and error of a CellExecuteEvent."""
     info = info if isinstance(info, dict) else {}
     where = "data.eventDetail.eventInfo"
     success = info.get("success")
@@ -803,7 +799,6 @@ def pioneer_execution(
         if isinstance(kernel_error, dict):
             kernel_error = {PIONEER_ERROR_KEYS.get(k, k): v for k, v in kernel_error.items()}
         picked["error"] = (kernel_error, f"{where}.kernelError")
-    picked["source"] = pioneer_source(notebook, cell_id, cell_index)
     return picked
 
 
@@ -856,8 +851,9 @@ def pioneer_to_event(envelope: dict, settings: Settings) -> tuple[dict[str, Any]
     event_name, info = picked["event_type"][0], dig(envelope, "data.eventDetail.eventInfo")
     picked |= pioneer_cell(event_name, info)
     if event_name == "CellExecuteEvent":
+        picked |= pioneer_execution(info)
         notebook = dig(envelope, "data.notebookState.notebookContent")
-        picked |= pioneer_execution(info, notebook, picked["cell_id"][0], picked["cell_index"][0])
+        picked["source"] = pioneer_source(notebook, picked["cell_id"][0], picked["cell_index"][0])
     event = {name: value for name, (value, _) in picked.items()}
     event["pioneer"] = pioneer_rest(envelope, settings.pioneer_environ_allow)
     return event, {name: where for name, (_, where) in picked.items()}
@@ -891,8 +887,7 @@ PIONEER_IDENTITY_PARAMS = frozenset(("student_id", "student_name"))
 
 
 def pseudonym(salt: str, raw_id: str) -> str:
-    """A student's stored and shown id in pseudonymous mode: HMAC-SHA256 of the raw id keyed
-    with PSEUDONYMIZE_SALT, in hex. The same id and salt always give the same pseudonym."""
+    """A student's id as pseudonymous mode stores and shows it: the same for one id and salt."""
     digest = hmac.new(salt.encode(), raw_id.encode(errors="surrogatepass"), hashlib.sha256)
     return digest.hexdigest()[:PSEUDONYM_HEX_CHARS]
 
@@ -926,13 +921,11 @@ def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dic
             f"a batch holds at most {settings.max_batch_events} events; this one has {len(items)}",
         )
     errors = FieldErrors()
-    paths = [f"{prefix}[{index}]" for index in range(len(items))] if body is items else [prefix]
-    events = [
-        (normalise_pioneer if is_pioneer_envelope(item) else normalise_event)(
-            item, path, now, settings, errors
-        )
-        for item, path in zip(items, paths, strict=True)
-    ]
+    events = []
+    for index, item in enumerate(items):
+        path = f"{prefix}[{index}]" if body is items else prefix
+        normalise = normalise_pioneer if is_pioneer_envelope(item) else normalise_event
+        events.append(normalise(item, path, now, settings, errors))
     if errors.details:
         raise ApiError(
             422, "invalid_event", "some events are invalid; none was stored", errors.details
@@ -966,9 +959,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-INSTRUCTOR_NAME_MAX_CHARS = IDENTIFIER_MAX_CHARS
-
-
 def parse_instructor(body: bytes, content_type: str | None) -> str | None:
     """The optional `{"by": name}` body of a help action: the instructor's name, or None."""
     if not body.strip():
@@ -986,7 +976,7 @@ def parse_instructor(body: bytes, content_type: str | None) -> str | None:
     by = document.get("by")
     if by is not None:
         try:
-            by = check_string(by, INSTRUCTOR_NAME_MAX_CHARS)
+            by = check_string(by, IDENTIFIER_MAX_CHARS)
         except ValueError as problem:
             errors.add("by", str(problem))
     if errors.details:
