@@ -2781,7 +2781,7 @@ class RedisBus:
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[AsyncIterator[bytes]]:
-        # No retry: a silent reconnect would hide the messages lost meanwhile (see docstring).
+        # No retry: a silent reconnect would hide the messages lost meanwhile (module docstring).
         client = aioredis.from_url(
             self.url,
             retry=Retry(NoBackoff(), 0),
@@ -2819,8 +2819,7 @@ def build_bus(settings: Settings) -> Bus:
 
 
 def encode_batch(batch: StoredBatch) -> bytes | None:
-    """One bus message per committed batch: the new events' documents, duplicates left out,
-    and the id they follow."""
+    """One bus message per committed batch: its new events' documents and the id they follow."""
     documents = [item.document for item in batch.results if not item.duplicate]
     if not documents:
         return None
