@@ -677,13 +677,8 @@ PIONEER_FIELDS = {
     "student_name": "params.student_name",
     "team": "params.team",
 }
-# The objects and lists the mapping walks through; null stands for absent.
-PIONEER_CONTAINERS = {
-    "data.eventDetail": dict,
-    "data.notebookState": dict,
-    "params": dict,
-    "env": list,
-}
+# The objects and lists the mapping walks through besides eventDetail; null stands for absent.
+PIONEER_CONTAINERS = {"data.notebookState": dict, "params": dict, "env": list}
 # Events about one cell, listed in eventInfo.cells. NotebookScrollEvent and
 # NotebookVisibleEvent list the cells on screen, which is no subject cell.
 PIONEER_CELL_EVENTS = frozenset(
