@@ -620,8 +620,6 @@ CAMEL_CASE_ALIASES = {
     "result": "outputs",
     "executionDurationMs": "duration_ms",
 }
-
-
 # Named in errors as the client named them when a camelCase event leaves them out.
 CAMEL_CASE_REQUIRED = {"student_id": "emailAddress", "event_type": "eventType"}
 CAMEL_CASE_PROBLEMS = {"hasError": "must be true or false"}
