@@ -416,16 +416,17 @@ KNOWN_FIELDS = frozenset(
 # Jupyter outputs nest a handful of levels. Deeper JSON is refused: orjson encodes at most
 # 255, and a stored event travels nested in a bus message and a batch's rows.
 MAX_JSON_DEPTH = 64
+JSON_CONTAINERS = (list, dict)
 
 
-def nests_deeper_than(value: Any, limit: int) -> bool:
-    """Whether `value` holds lists or objects nested more than `limit` deep."""
-    if not isinstance(value, list | dict):
-        return False
+def nests_deeper_than(value: list | dict, limit: int) -> bool:
+    """Whether `value` and the lists and objects in it nest more than `limit` deep."""
     if limit == 0:
         return True
     items = value.values() if isinstance(value, dict) else value
-    return any(nests_deeper_than(item, limit - 1) for item in items)
+    return any(
+        nests_deeper_than(item, limit - 1) for item in items if isinstance(item, JSON_CONTAINERS)
+    )
 
 
 def replace_nul(value: Any) -> Any:
@@ -562,7 +563,11 @@ def normalise_event(
     if not isinstance(raw, dict):
         errors.add(path, "must be a JSON object")
         return None
-    too_deep = [key for key, value in raw.items() if nests_deeper_than(value, MAX_JSON_DEPTH)]
+    too_deep = [
+        key
+        for key, value in raw.items()
+        if isinstance(value, JSON_CONTAINERS) and nests_deeper_than(value, MAX_JSON_DEPTH)
+    ]
     for key in too_deep:
         errors.add(f"{path}.{key}", f"must not nest lists or objects over {MAX_JSON_DEPTH} deep")
     if too_deep:
