@@ -248,7 +248,8 @@ class StorageBeforeSummaries(telemetry.Storage):
         current = telemetry.COMMIT_STATEMENTS[telemetry.STORE_EVENTS]
         telemetry.COMMIT_STATEMENTS[telemetry.STORE_EVENTS] = BEFORE_SUMMARIES
         try:
-            return await self._store_rows(await self._writer_connection(), events)
+            writer = await self._writer_connection()
+            return await self._store_rows(writer, events, telemetry.statement_rows(events))
         finally:
             telemetry.COMMIT_STATEMENTS[telemetry.STORE_EVENTS] = current
 
