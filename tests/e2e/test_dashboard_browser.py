@@ -137,7 +137,8 @@ def test_student_provided_markup_shows_as_text_and_runs_nothing(dashboard) -> No
 
 def test_page_marks_its_data_stale_while_the_server_restarts(dashboard, server) -> None:
     dashboard.open()
-    assert dashboard.element("#empty").is_displayed()  # how to connect, on an empty page
+    # How to connect, on an empty page: drawn on the next frame, which may come after "live".
+    assert dashboard.wait(dashboard.element("#empty").is_displayed)
     [before] = dashboard.post(execution("ada", "ok"))
     dashboard.feed_item(before)
     assert not dashboard.element("#empty").is_displayed()
