@@ -4128,20 +4128,26 @@ ACCESS_LOG = logging.getLogger("telemetry.access")
 OPEN_GRANT = Grant("open", "")
 
 
-def find_grant(candidate: str | None, grants: Iterable[Grant]) -> Grant | None:
-    """Compare in constant time against every configured token (several allow rotation)."""
+def matching_secret(candidate: str | None, secrets: Iterable[str]) -> int | None:
+    """The index of the secret `candidate` is, compared in constant time against every
+    configured one (several allow rotation)."""
     if not candidate:
         return None
     given = candidate.encode()
     found = None
-    for grant in grants:
-        if hmac.compare_digest(given, grant.secret.encode()):
-            found = grant
+    for index, secret in enumerate(secrets):
+        if hmac.compare_digest(given, secret.encode()):
+            found = index
     return found
 
 
+def find_grant(candidate: str | None, grants: tuple[Grant, ...]) -> Grant | None:
+    index = matching_secret(candidate, (grant.secret for grant in grants))
+    return None if index is None else grants[index]
+
+
 def token_is_valid(candidate: str | None, tokens: tuple[str, ...]) -> bool:
-    return find_grant(candidate, (Grant("", token) for token in tokens)) is not None
+    return matching_secret(candidate, tokens) is not None
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
