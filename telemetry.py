@@ -3302,7 +3302,7 @@ def service_of(connection: HTTPConnection) -> Service:
 @dataclass
 class PendingWrite:
     events: list[dict]
-    rows: str  # statement_rows(events), encoded by the POST's own task
+    rows: str | None  # statement_rows(events) on PostgreSQL, encoded by the POST's own task
     done: asyncio.Future[list[StoredEvent]]
 
 
@@ -3342,7 +3342,7 @@ class Committer:
         self._carried: list[PendingWrite] = []
 
     async def submit(self, events: list[dict]) -> list[StoredEvent]:
-        rows = statement_rows(events) if self.storage.is_postgres else ""
+        rows = statement_rows(events) if self.storage.is_postgres else None
         pending = PendingWrite(events, rows, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         try:
