@@ -2272,18 +2272,15 @@ class Storage:
         self._drop_writer()
         await self.database.disconnect()
 
-    def schema_statements(self) -> list[str]:
+    async def apply_schema(self) -> None:
         sql = SCHEMA_PATH.read_text()
         if not self.is_postgres:
             for postgres_only, sqlite_form in SQLITE_REWRITES.items():
                 sql = sql.replace(postgres_only, sqlite_form)
-        return split_statements(sql)
-
-    async def apply_schema(self) -> None:
         async with self.database.transaction():
             if self.is_postgres:
                 await self.database.execute(LOCK_UNTIL_COMMIT, {"key": SCHEMA_LOCK_KEY})
-            for statement in self.schema_statements():
+            for statement in split_statements(sql):
                 await self.database.execute(statement)
             if not await self.database.fetch_val(COUNT_STUDENT_COUNTS):
                 await self.database.execute(FILL_STUDENT_COUNTS)
@@ -2337,16 +2334,13 @@ class Storage:
     async def hands(self, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
         """Raises still beating at `now`, oldest first, with where their student last was."""
         cutoff = self.db_time(now - HAND_TIMEOUT)
-        rows = await self.fetch_all(
-            SELECT_BEATING_HANDS,
-            {"cutoff": cutoff, "course_id": params["course_id"], "courses": params["courses"]},
-        )
+        filters = {"cutoff": cutoff, "course_id": params["course_id"], "courses": params["courses"]}
         hands = []
-        for row in rows:
+        for row in await self.fetch_all(SELECT_BEATING_HANDS, filters):
             hand = hand_document(row._mapping, now)
             if hand is not None:
                 where = {column: row._mapping[column] for column in HAND_PLACE_COLUMNS}
-                hands.append({**hand, **where})
+                hands.append(hand | where)
         return hands
 
     async def latest_hand(self, student_id: str) -> dict | None:
@@ -2423,25 +2417,11 @@ class Storage:
         (see DOOMED_EVENTS), in one transaction: the rows deleted per table."""
         return (await self._forget("course", {"subject": course_id}))[0]
 
-    async def expire(
-        self, cutoff: dt.datetime, batch_size: int, after: tuple[Any, int] | None = None
-    ) -> tuple[dict[str, int], tuple[Any, int] | None]:
-        """Forget the `batch_size` oldest events received before `cutoff`, from `after` (the
-        (received_at, id) a previous batch ended at), in one short transaction, with their
-        students' rows if nothing else is left of them. Also where this batch ended."""
-        params = {
-            "cutoff": self.db_time(cutoff),
-            "minute": minute_of(cutoff),
-            "batch_size": batch_size,
-            "after_at": after[0] if after else self.db_time(EARLIEST_OCCURRED_AT),
-            "after_id": after[1] if after else 0,
-        }
-        deleted, doomed = await self._forget("expired", params)
-        return deleted, max(((row["received_at"], row["id"]) for row in doomed), default=None)
-
     async def retain(self, cutoff: dt.datetime, batch_size: int) -> dict[str, int] | None:
-        """One retention pass: `expire` batches until one comes back short. The rows deleted
-        per table and the batches taken; None while another process runs a pass."""
+        """One retention pass: forget the events received before `cutoff`, with their students'
+        rows if nothing else is left of them, `batch_size` oldest at a time, each batch in one
+        short transaction, until one comes back short. The rows deleted per table and the
+        batches taken; None while another process runs a pass."""
         async with self.database.connection() as connection:
             if self.is_postgres:
                 rows = await self._query(connection, TRY_LOCK, {"key": RETENTION_LOCK_KEY})
@@ -2449,10 +2429,16 @@ class Storage:
                     return None
             try:
                 totals = dict.fromkeys((*FORGOTTEN_TABLES, "batches"), 0)
-                after = None
+                params = {
+                    "cutoff": self.db_time(cutoff),
+                    "minute": minute_of(cutoff),
+                    "batch_size": batch_size,
+                    "after_at": self.db_time(EARLIEST_OCCURRED_AT),
+                    "after_id": 0,
+                }
                 while True:
                     started = time.monotonic()
-                    deleted, after = await self.expire(cutoff, batch_size, after)
+                    deleted, doomed = await self._forget("expired", params)
                     # Rest as long as the batch took: ingest gets the commit order, and the
                     # database's share of the CPU, at least half the time.
                     await asyncio.sleep(time.monotonic() - started)
@@ -2461,6 +2447,9 @@ class Storage:
                         totals[table] += count
                     if deleted["events"] < batch_size:
                         return totals
+                    # The next batch starts after the (received_at, id) where this one ended.
+                    last = max((row["received_at"], row["id"]) for row in doomed)
+                    params["after_at"], params["after_id"] = last
             finally:
                 if self.is_postgres:
                     await self._query(connection, UNLOCK, {"key": RETENTION_LOCK_KEY})
@@ -2546,14 +2535,13 @@ class Storage:
         one statement (a transaction and separate upserts cost 2.7 ms per 50-event batch).
         `rows`: statement_rows(events), if the caller has it already."""
         if not self.is_postgres:
-            async with self.database.connection() as connection:
-                async with connection.transaction():
-                    follows = await connection.fetch_val(SELECT_MAX_EVENT_ID)
-                    results = [await self._store_one(connection, event) for event in events]
-                    documents = [item.document for item in results if not item.duplicate]
-                    if documents:
-                        await self._summarise(connection, documents, events[0]["received_at"])
-                    return StoredBatch.of(results, follows)
+            async with self.database.connection() as connection, connection.transaction():
+                follows = await connection.fetch_val(SELECT_MAX_EVENT_ID)
+                results = [await self._store_one(connection, event) for event in events]
+                documents = [item.document for item in results if not item.duplicate]
+                if documents:
+                    await self._summarise(connection, documents, events[0]["received_at"])
+                return StoredBatch.of(results, follows)
         writer = await self._writer_connection()
         rows = statement_rows(events) if rows is None else rows
         if not any(event["event_type"] in HAND_EVENTS for event in events):
@@ -2586,12 +2574,7 @@ class Storage:
 
     async def _summarise(self, connection: Any, documents: list[dict], at: dt.datetime) -> None:
         """SQLite's summaries, in its batch transaction (STORE_EVENTS writes PostgreSQL's)."""
-        await self._record_cell_runs(connection, cell_run_rows(documents))
-        await self._upsert(connection, "student_counts", student_count_rows(documents))
-        await self._upsert(connection, "activity", activity_rows(documents, [], minute_of(at)))
-        await self._record_hands(connection, documents, at)
-
-    async def _record_cell_runs(self, connection: Any, runs: list[dict]) -> None:
+        runs = cell_run_rows(documents)
         priors = {}
         for run in runs:
             key = {column: run[column] for column in CELL_RUN_KEY}
@@ -2600,49 +2583,40 @@ class Storage:
                 priors[tuple(key.values())] = prior._mapping
         await self._upsert(connection, "cell_totals", cell_total_rows(runs, priors))
         await self._upsert(connection, "cell_runs", runs)
+        await self._upsert(connection, "student_counts", student_count_rows(documents))
+        await self._upsert(connection, "activity", activity_rows(documents, [], minute_of(at)))
+        await self._record_hands(connection, documents, at)
 
     async def _record_hands(self, connection: Any, documents: list[dict], at: dt.datetime) -> None:
-        """Apply a batch's help events to raised hands; count the new raises in activity."""
+        """Apply a batch's help events to their students' latest raises; count the new raises
+        in activity."""
         helps = [document for document in documents if document["event_type"] in HAND_EVENTS]
-        if helps:
-            raised = await self._update_hands(connection, helps, at)
-            await self._upsert(connection, "activity", activity_rows([], raised, minute_of(at)))
-
-    async def _upsert(self, connection: Any, table: str, rows: list[dict]) -> None:
-        """One summary table's rows: a statement of arrays on PostgreSQL, one by one on SQLite."""
-        if not rows:
+        if not helps:
             return
-        if not self.is_postgres:
-            for row in rows:
-                await connection.execute(UPSERT_ONE[table], row)
-            return
-        columns = SUMMARY_UPSERTS[table][0]
-        arrays = {column: [row[column] for row in rows] for column in columns}
-        await COMMIT_STATEMENTS[UPSERT_ARRAYS[table]].fetch(connection, arrays)
-
-    async def _update_hands(
-        self, connection: Any, documents: list[dict], at: dt.datetime
-    ) -> list[dict]:
-        """Apply help events to their students' latest raises; returns the new raises' events."""
-        hands = await self._latest_hands(connection, sorted({d["student_id"] for d in documents}))
+        hands = await self._latest_hands(connection, sorted({d["student_id"] for d in helps}))
         raised = []
-        for document in documents:
+        for document in helps:
             hand = next_hand(hands.get(document["student_id"]), document, at)
             hands[document["student_id"]] = hand
             if hand is not None and hand["raise_id"] == document["id"]:
                 raised.append(document)
-        rows = [
-            {
-                column: self.db_time(as_datetime(value))
-                if column in HAND_TIMES and value is not None
-                else value
-                for column, value in hand.items()
-            }
-            for hand in hands.values()
-            if hand is not None
-        ]
+        rows = [dict(hand) for hand in hands.values() if hand is not None]
+        for row in rows:
+            for column in HAND_TIMES:
+                if row[column] is not None:
+                    row[column] = self.db_time(as_datetime(row[column]))
         await self._upsert(connection, "hand_raises", rows)
-        return raised
+        await self._upsert(connection, "activity", activity_rows([], raised, minute_of(at)))
+
+    async def _upsert(self, connection: Any, table: str, rows: list[dict]) -> None:
+        """One summary table's rows: a statement of arrays on PostgreSQL, one by one on SQLite."""
+        if not self.is_postgres:
+            for row in rows:
+                await connection.execute(UPSERT_ONE[table], row)
+        elif rows:
+            columns = SUMMARY_UPSERTS[table][0]
+            arrays = {column: [row[column] for row in rows] for column in columns}
+            await COMMIT_STATEMENTS[UPSERT_ARRAYS[table]].fetch(connection, arrays)
 
     async def _latest_hands(self, connection: Any, students: list[str]) -> dict[str, dict]:
         if self.is_postgres:
@@ -2657,34 +2631,33 @@ class Storage:
 
     async def _store_one(self, connection: Any, event: dict) -> StoredEvent:
         existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
-        if existing is not None:
-            return StoredEvent({"id": existing, "event_id": event["event_id"]}, duplicate=True)
-        student = await connection.fetch_one(
-            UPSERT_STUDENT,
-            {
-                "student_id": event["student_id"],
-                "name": event["student_name"],
-                "course_id": event["course_id"],
-                "team": event["team"],
-                "seen": format_timestamp(event["received_at"]),
-            },
-        )
-        new_id = await connection.fetch_val(INSERT_EVENT, self._event_values(event))
-        if new_id is None:  # a concurrent writer stored the same event_id first
+        if existing is None:
+            student = await connection.fetch_one(
+                UPSERT_STUDENT,
+                {
+                    "student_id": event["student_id"],
+                    "name": event["student_name"],
+                    "course_id": event["course_id"],
+                    "team": event["team"],
+                    "seen": format_timestamp(event["received_at"]),
+                },
+            )
+            new_id = await connection.fetch_val(INSERT_EVENT, self._event_values(event))
+            if new_id is not None:
+                return StoredEvent(event_document(event, new_id, student._mapping), duplicate=False)
+            # A concurrent writer stored the same event_id first.
             existing = await connection.fetch_val(SELECT_EVENT_ID, {"event_id": event["event_id"]})
-            return StoredEvent({"id": existing, "event_id": event["event_id"]}, duplicate=True)
-        return StoredEvent(event_document(event, new_id, student._mapping), duplicate=False)
+        return StoredEvent({"id": existing, "event_id": event["event_id"]}, duplicate=True)
 
-    def _event_values(self, event: dict) -> dict[str, Any]:
+    @staticmethod
+    def _event_values(event: dict) -> dict[str, Any]:
         values = {column: event[column] for column in EVENT_COLUMNS[1:] if column in event}
         del values["student_name"], values["team"]
         for column in JSON_COLUMNS:
             if values[column] is not None:
                 values[column] = orjson.dumps(values[column]).decode()
-        # asyncpg wants aware datetimes; SQLite keeps our sortable UTC text.
-        if not self.is_postgres:
-            values["occurred_at"] = format_timestamp(event["occurred_at"])
-            values["received_at"] = format_timestamp(event["received_at"])
+        for column in ("occurred_at", "received_at"):
+            values[column] = format_timestamp(event[column])
         return values
 
 
@@ -2695,29 +2668,26 @@ RETENTION_INTERVAL_SECONDS = 300.0
 RETENTION_BATCH_EVENTS = 1_000
 
 
-async def keep_retention(
-    storage: Storage, days: int, batch_size: int = RETENTION_BATCH_EVENTS
-) -> None:
+async def keep_retention(storage: Storage, days: int) -> None:
     """Forget, for ever, what was received more than `days` ago (the server's clock, which
     clients cannot set)."""
     while True:
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
         started = time.monotonic()
         try:
-            totals = await storage.retain(cutoff, batch_size)
+            totals = await storage.retain(cutoff, RETENTION_BATCH_EVENTS)
         except Exception as error:  # the database may be down: the next pass tries again
             logger.warning("retention pass failed: %r", error)
         else:
             if totals is None:
                 logger.info("retention: another process is running a pass")
             else:
+                batches = totals.pop("batches")
                 logger.info(
                     "retention: deleted %s, received before %s, in %d batches, %.1f s",
-                    ", ".join(
-                        f"{count} {table}" for table, count in totals.items() if table != "batches"
-                    ),
+                    ", ".join(f"{count} {table}" for table, count in totals.items()),
                     format_timestamp(cutoff),
-                    totals["batches"],
+                    batches,
                     time.monotonic() - started,
                 )
         await asyncio.sleep(RETENTION_INTERVAL_SECONDS)
