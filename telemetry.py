@@ -3366,7 +3366,7 @@ class Committer:
                 await attempt(*args)
         except Exception as error:
             if not is_bad_row(error):
-                self.failure = repr(error) if not isinstance(error, TimeoutError) else "timed out"
+                self.failure = "timed out" if isinstance(error, TimeoutError) else repr(error)
             return error
         if self.failure is not None:
             logger.info("storing again after: %s", self.failure)
@@ -3409,9 +3409,8 @@ class Committer:
         events = [
             {**event, "received_at": received_at} for pending in batch for event in pending.events
         ]
-        if not self.storage.is_postgres:
-            return await self.storage.store(events)
-        return await self.storage.store(events, joined_rows(pending.rows for pending in batch))
+        rows = joined_rows(pending.rows for pending in batch) if self.storage.is_postgres else None
+        return await self.storage.store(events, rows)
 
     async def _publish_and_answer(self, batch: list[PendingWrite], stored: StoredBatch) -> None:
         try:
@@ -3422,24 +3421,20 @@ class Committer:
                 if not pending.done.done():
                     pending.done.set_exception(StorageUnavailable(repr(error)))
             return
-        await self._publish(stored)
+        try:
+            payload = encode_batch(stored)
+            if payload is not None:
+                await self.bus.publish(payload)
+        except Exception as error:
+            # Stored is what we promised; other processes read what they missed from the
+            # database (deliver_message, close_gaps).
+            logger.warning("could not publish a batch to the bus: %r", error)
         start = 0
         for pending in batch:
             end = start + len(pending.events)
             if not pending.done.done():
                 pending.done.set_result(results[start:end])
             start = end
-
-    async def _publish(self, stored: StoredBatch) -> None:
-        try:
-            payload = encode_batch(stored)
-            if payload is None:
-                return
-            await self.bus.publish(payload)
-        except Exception as error:
-            # Stored is what we promised; other processes read what they missed from the
-            # database (deliver_message, close_gaps).
-            logger.warning("could not publish a batch to the bus: %r", error)
 
 
 async def post_events(request: Request) -> Response:
