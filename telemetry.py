@@ -3007,13 +3007,8 @@ class Client:
     _seen_writes: int = field(default=-1, repr=False)
     _seen_at: float = field(default=0.0, repr=False)
 
-    def offer(self, frame: Frame) -> bool:
-        """Queue `frame` if it matches; True when the hub is to write it (see flush)."""
-        if self.ended is not None or not self.filter.matches(frame.document):
-            return False
-        return self.queue(frame)
-
     def queue(self, frame: Frame) -> bool:
+        """Queue `frame`; True when the hub is to write it (see flush)."""
         if len(self.frames) >= self.limit:
             self.end(OVERFLOWED)
             return False
@@ -3124,7 +3119,7 @@ class Hub:
             self.last_id = document["id"]
             frame = Frame.of(document)
             for client in self.clients:
-                if client.offer(frame):
+                if client.ended is None and client.filter.matches(document) and client.queue(frame):
                     self.write_soon(client)
 
     def write_soon(self, client: Client) -> None:
