@@ -3049,11 +3049,9 @@ class Client:
                 return
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def end(self, reason: str) -> None:
         """Let the client go; when cut off (overflow, a blocked write) its writer is
