@@ -2950,17 +2950,14 @@ def finish_coroutine(coroutine: Coroutine, waiting_for: Any) -> Generator[Any, A
     """The rest of a coroutine stepped by hand, for the task that awaits this."""
     while True:
         try:
-            resumed_with = yield waiting_for
-        except BaseException as error:  # a cancellation too: the coroutine sees it
             try:
+                resumed_with = yield waiting_for
+            except BaseException as error:  # a cancellation too: the coroutine sees it
                 waiting_for = coroutine.throw(error)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
+            else:
                 waiting_for = coroutine.send(resumed_with)
-            except StopIteration as stop:
-                return stop.value
+        except StopIteration as stop:
+            return stop.value
 
 
 async def reraise(error: Exception) -> None:
