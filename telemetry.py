@@ -3192,15 +3192,12 @@ async def deliver_message(hub: Hub, storage: Storage, payload: bytes) -> None:
     erased = decode_erasure(payload)
     if erased is not None:
         hub.announce_erasure(erased)
-        return
-    message = decode_message(payload)
-    if message is None:
-        return
-    follows, documents = message
-    async with hub.filling:
-        if follows > hub.last_id:
-            await catch_up(hub, storage)
-        hub.deliver(documents)
+    elif (message := decode_message(payload)) is not None:
+        follows, documents = message
+        async with hub.filling:
+            if follows > hub.last_id:
+                await catch_up(hub, storage)
+            hub.deliver(documents)
 
 
 RECONNECT_MIN_SECONDS = 0.25
