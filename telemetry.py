@@ -3218,8 +3218,6 @@ async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
                 delay = RECONNECT_MIN_SECONDS
                 async for payload in messages:
                     await deliver_message(hub, storage, payload)
-        except asyncio.CancelledError:
-            raise
         except Exception as error:  # any failure means: reconnect
             logger.warning("bus subscription lost (%s); retrying in %.1f s", error, delay)
         hub.subscribed.clear()
