@@ -2920,17 +2920,14 @@ def finish_coroutine(coroutine: Coroutine, waiting_for: Any) -> Generator[Any, A
     """The rest of a coroutine stepped by hand, for the task that awaits this."""
     while True:
         try:
-            resumed_with = yield waiting_for
-        except BaseException as error:  # a cancellation too: the coroutine sees it
             try:
+                resumed_with = yield waiting_for
+            except BaseException as error:  # a cancellation too: the coroutine sees it
                 waiting_for = coroutine.throw(error)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
+            else:
                 waiting_for = coroutine.send(resumed_with)
-            except StopIteration as stop:
-                return stop.value
+        except StopIteration as stop:
+            return stop.value
 
 
 async def reraise(error: Exception) -> None:
@@ -2977,13 +2974,8 @@ class Client:
     _seen_writes: int = field(default=-1, repr=False)
     _seen_at: float = field(default=0.0, repr=False)
 
-    def offer(self, frame: Frame) -> bool:
-        """Queue `frame` if it matches; True when the hub is to write it (see flush)."""
-        if self.ended is not None or not self.filter.matches(frame.document):
-            return False
-        return self.queue(frame)
-
     def queue(self, frame: Frame) -> bool:
+        """Queue `frame`; True when the hub is to write it (see flush)."""
         if len(self.frames) >= self.limit:
             self.end(OVERFLOWED)
             return False
@@ -3024,11 +3016,9 @@ class Client:
                 return
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def end(self, reason: str) -> None:
         """Let the client go; when cut off (overflow, a blocked write) its writer is
@@ -3094,7 +3084,7 @@ class Hub:
             self.last_id = document["id"]
             frame = Frame.of(document)
             for client in self.clients:
-                if client.offer(frame):
+                if client.ended is None and client.filter.matches(document) and client.queue(frame):
                     self.write_soon(client)
 
     def write_soon(self, client: Client) -> None:
@@ -3172,15 +3162,12 @@ async def deliver_message(hub: Hub, storage: Storage, payload: bytes) -> None:
     erased = decode_erasure(payload)
     if erased is not None:
         hub.announce_erasure(erased)
-        return
-    message = decode_message(payload)
-    if message is None:
-        return
-    follows, documents = message
-    async with hub.filling:
-        if follows > hub.last_id:
-            await catch_up(hub, storage)
-        hub.deliver(documents)
+    elif (message := decode_message(payload)) is not None:
+        follows, documents = message
+        async with hub.filling:
+            if follows > hub.last_id:
+                await catch_up(hub, storage)
+            hub.deliver(documents)
 
 
 RECONNECT_MIN_SECONDS = 0.25
@@ -3201,8 +3188,6 @@ async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
                 delay = RECONNECT_MIN_SECONDS
                 async for payload in messages:
                     await deliver_message(hub, storage, payload)
-        except asyncio.CancelledError:
-            raise
         except Exception as error:  # any failure means: reconnect
             logger.warning("bus subscription lost (%s); retrying in %.1f s", error, delay)
         hub.subscribed.clear()
