@@ -986,15 +986,19 @@ def parse_instructor(body: bytes, content_type: str | None) -> str | None:
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 
-# SQLite has no arrays: it stores a batch one event at a time, in one transaction.
-UPSERT_STUDENT = """
-INSERT INTO students (student_id, name, course_id, team, first_seen, last_seen)
-VALUES (:student_id, :name, :course_id, :team, :seen, :seen)
+# An event's non-null fields win over the student's row (upserted_student replays this).
+ON_STUDENT_CONFLICT = """
 ON CONFLICT (student_id) DO UPDATE SET
     name = COALESCE(excluded.name, students.name),
     course_id = COALESCE(excluded.course_id, students.course_id),
     team = COALESCE(excluded.team, students.team),
     last_seen = excluded.last_seen
+"""
+# SQLite has no arrays: it stores a batch one event at a time, in one transaction.
+UPSERT_STUDENT = f"""
+INSERT INTO students (student_id, name, course_id, team, first_seen, last_seen)
+VALUES (:student_id, :name, :course_id, :team, :seen, :seen)
+{ON_STUDENT_CONFLICT}
 RETURNING name, course_id, team
 """
 
@@ -1014,20 +1018,18 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING id
 """
 
+
+def column_types(columns: str) -> dict[str, str]:
+    """A table's `column type, ...` as {column: type}, in order."""
+    return dict(column.split() for column in columns.split(","))
+
+
 # The dashboard summaries of schema.sql, upserted at commit time from each batch's deltas.
-CELL_RUN_TYPES = {
-    "student_id": "text",
-    "notebook_path": "text",
-    "cell_key": "text",
-    "course_id": "text",
-    "cell_id": "text",
-    "cell_index": "integer",
-    "runs": "bigint",
-    "errors": "bigint",
-    "last_status": "text",
-    "last_error": "text",
-    "last_event_id": "bigint",
-}
+CELL_RUN_TYPES = column_types(
+    "student_id text, notebook_path text, cell_key text, course_id text, cell_id text, "
+    "cell_index integer, runs bigint, errors bigint, last_status text, last_error text, "
+    "last_event_id bigint"
+)
 ON_CELL_RUN_CONFLICT = """
 ON CONFLICT (student_id, notebook_path, cell_key) DO UPDATE SET
     course_id = COALESCE(excluded.course_id, cell_runs.course_id),
@@ -1040,16 +1042,10 @@ ON CONFLICT (student_id, notebook_path, cell_key) DO UPDATE SET
     last_event_id = excluded.last_event_id
 """
 # cell_runs added up per course ('' for none) and cell, so the class view reads one row a cell.
-CELL_TOTAL_TYPES = {
-    "course_id": "text",
-    "notebook_path": "text",
-    "cell_key": "text",
-    "cell_id": "text",
-    "cell_index": "integer",
-    "students_ran": "bigint",
-    "runs": "bigint",
-    "errors": "bigint",
-}
+CELL_TOTAL_TYPES = column_types(
+    "course_id text, notebook_path text, cell_key text, cell_id text, cell_index integer, "
+    "students_ran bigint, runs bigint, errors bigint"
+)
 ON_CELL_TOTAL_CONFLICT = """
 ON CONFLICT (course_id, notebook_path, cell_key) DO UPDATE SET
     cell_id = COALESCE(excluded.cell_id, cell_totals.cell_id),
@@ -1059,12 +1055,9 @@ ON CONFLICT (course_id, notebook_path, cell_key) DO UPDATE SET
     errors = cell_totals.errors + excluded.errors
 """
 # Per student, so a page of students reads a row each, not all their events.
-STUDENT_COUNT_TYPES = {
-    "student_id": "text",
-    "events": "bigint",
-    "executions": "bigint",
-    "errors": "bigint",
-}
+STUDENT_COUNT_TYPES = column_types(
+    "student_id text, events bigint, executions bigint, errors bigint"
+)
 ON_STUDENT_COUNT_CONFLICT = """
 ON CONFLICT (student_id) DO UPDATE SET
     events = student_counts.events + excluded.events,
@@ -1078,19 +1071,28 @@ INSERT INTO student_counts (student_id, events, executions, errors)
 SELECT student_id, COUNT(*), COUNT(status), SUM(CASE WHEN status = 'error' THEN 1 ELSE 0 END)
 FROM events GROUP BY student_id
 """
-ACTIVITY_TYPES = {
-    "course_id": "text",
-    "minute": "text",
-    "executions": "bigint",
-    "errors": "bigint",
-    "help": "bigint",
-}
+ACTIVITY_TYPES = column_types(
+    "course_id text, minute text, executions bigint, errors bigint, help bigint"
+)
 ON_ACTIVITY_CONFLICT = """
 ON CONFLICT (course_id, minute) DO UPDATE SET
     executions = activity.executions + excluded.executions,
     errors = activity.errors + excluded.errors,
     help = activity.help + excluded.help
 """
+HAND_TYPES = column_types(
+    "raise_id bigint, student_id text, raised_at timestamptz, last_beat_at timestamptz, "
+    "state text, on_my_way_by text, on_my_way_at timestamptz"
+)
+HAND_TIMES = ("raised_at", "last_beat_at", "on_my_way_at")
+ON_HAND_CONFLICT = """
+ON CONFLICT (raise_id) DO UPDATE SET
+    last_beat_at = excluded.last_beat_at,
+    state = excluded.state,
+    on_my_way_by = excluded.on_my_way_by,
+    on_my_way_at = excluded.on_my_way_at
+"""
+HAND_COLUMNS = list(HAND_TYPES)
 
 
 # PostgreSQL stores a whole group-committed batch in one statement: the rows travel as
@@ -1139,11 +1141,7 @@ WITH incoming AS (
     SELECT student_id, name, course_id, team,
            CAST(:received_at AS timestamptz), CAST(:received_at AS timestamptz)
     FROM student_updates
-    ON CONFLICT (student_id) DO UPDATE SET
-        name = COALESCE(excluded.name, students.name),
-        course_id = COALESCE(excluded.course_id, students.course_id),
-        team = COALESCE(excluded.team, students.team),
-        last_seen = excluded.last_seen
+    {ON_STUDENT_CONFLICT}
     RETURNING student_id, course_id
 ), inserted AS (
     -- ORDER BY position makes the identity hand out ids in the batch's order.
@@ -1275,6 +1273,11 @@ def in_scope(course: str) -> str:
     return f"(CAST(:courses AS TEXT) IS NULL OR {course} IN {{courses}})"
 
 
+def in_course(course: str) -> str:
+    """The rows of the course asked for, if any (`:course_id`), that the token may read."""
+    return f"(CAST(:course_id AS TEXT) IS NULL OR {course} = :course_id) AND {in_scope(course)}"
+
+
 # An event `e` of student `s` is in scope by its own course, else the student's (as its
 # document shows it). A student of two courses is read, by a token of one, only through
 # that course's events: their last notebook, executions and hands elsewhere stay out. Their
@@ -1296,26 +1299,27 @@ EVENT_DOCUMENT_SOURCES = {
 EVENT_DOCUMENT_COLUMNS = ", ".join(
     f"{EVENT_DOCUMENT_SOURCES.get(column, 'e.' + column)} AS {column}" for column in EVENT_COLUMNS
 )
+SELECT_EVENT_DOCUMENTS = f"""
+SELECT {EVENT_DOCUMENT_COLUMNS}
+FROM events e JOIN students s ON s.student_id = e.student_id"""
 
 # Replay and catch-up: the same documents as live delivery, in id order.
-SELECT_EVENTS_AFTER = f"""
-SELECT {EVENT_DOCUMENT_COLUMNS}
-FROM events e JOIN students s ON s.student_id = e.student_id
+SELECT_EVENTS_AFTER = f"""{SELECT_EVENT_DOCUMENTS}
 WHERE e.id > :after_id
 ORDER BY e.id
 LIMIT :limit
 """
 
-# Optional filters are `CAST(:x AS TEXT) IS NULL OR ...`: asyncpg cannot type a bare NULL.
-SELECT_EVENT_PAGE = f"""
-SELECT {EVENT_DOCUMENT_COLUMNS}
-FROM events e JOIN students s ON s.student_id = e.student_id
-WHERE e.id > :since_id AND e.id < :before_id
+# The read API's optional filters are `CAST(:x AS TEXT) IS NULL OR ...`: asyncpg cannot type
+# a bare NULL.
+EVENT_FILTER_CLAUSES = f"""
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
-  AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
-  AND {EVENT_IN_SCOPE}
+  AND {in_course("COALESCE(e.course_id, s.course_id)")}
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
-  AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
+  AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)"""
+
+SELECT_EVENT_PAGE = f"""{SELECT_EVENT_DOCUMENTS}
+WHERE e.id > :since_id AND e.id < :before_id {EVENT_FILTER_CLAUSES}
   AND (NOT CAST(:collapse_beats AS BOOLEAN) OR e.event_type <> 'help'
        OR EXISTS (SELECT 1 FROM hand_raises h WHERE h.raise_id = e.id))
 ORDER BY e.id DESC
@@ -1323,15 +1327,8 @@ LIMIT :limit
 """
 
 # CSV export: the same documents and filters, oldest first, in keyset pages.
-SELECT_EVENT_EXPORT = f"""
-SELECT {EVENT_DOCUMENT_COLUMNS}
-FROM events e JOIN students s ON s.student_id = e.student_id
-WHERE e.id > :since_id
-  AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
-  AND (CAST(:course_id AS TEXT) IS NULL OR COALESCE(e.course_id, s.course_id) = :course_id)
-  AND {EVENT_IN_SCOPE}
-  AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
-  AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)
+SELECT_EVENT_EXPORT = f"""{SELECT_EVENT_DOCUMENTS}
+WHERE e.id > :since_id {EVENT_FILTER_CLAUSES}
 ORDER BY e.id
 LIMIT :limit
 """
@@ -1341,10 +1338,7 @@ LIMIT :limit
 SELECT_STUDENT_PAGE = f"""
 SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
        notebook.cell_id AS last_cell_id, notebook.cell_index AS last_cell_index,
-       hand.raise_id AS hand_raise_id, hand.student_id AS hand_student_id,
-       hand.raised_at AS hand_raised_at, hand.last_beat_at AS hand_last_beat_at,
-       hand.state AS hand_state, hand.on_my_way_by AS hand_on_my_way_by,
-       hand.on_my_way_at AS hand_on_my_way_at
+       {", ".join(f"hand.{column} AS hand_{column}" for column in HAND_COLUMNS)}
 FROM (
     SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
         COALESCE(c.events, 0) AS event_count, COALESCE(c.executions, 0) AS execution_count,
@@ -1357,9 +1351,7 @@ FROM (
         (SELECT MAX(h.raise_id) FROM hand_raises h
          WHERE h.student_id = s.student_id AND {RAISED_IN_SCOPE}) AS last_raise_id
     FROM students s LEFT JOIN student_counts c ON c.student_id = s.student_id
-    WHERE s.student_id > :after
-      AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
-      AND {in_scope("s.course_id")}
+    WHERE s.student_id > :after AND {in_course("s.course_id")}
     ORDER BY s.student_id
     LIMIT :limit
 ) page
@@ -1424,24 +1416,6 @@ def upsert_arrays(table: str, types: Mapping[str, str], on_conflict: str) -> str
     return f"INSERT INTO {table} ({', '.join(types)}) SELECT * FROM unnest({arrays}) {on_conflict}"
 
 
-HAND_TYPES = {
-    "raise_id": "bigint",
-    "student_id": "text",
-    "raised_at": "timestamptz",
-    "last_beat_at": "timestamptz",
-    "state": "text",
-    "on_my_way_by": "text",
-    "on_my_way_at": "timestamptz",
-}
-HAND_TIMES = ("raised_at", "last_beat_at", "on_my_way_at")
-ON_HAND_CONFLICT = """
-ON CONFLICT (raise_id) DO UPDATE SET
-    last_beat_at = excluded.last_beat_at,
-    state = excluded.state,
-    on_my_way_by = excluded.on_my_way_by,
-    on_my_way_at = excluded.on_my_way_at
-"""
-
 SUMMARY_UPSERTS = {
     "cell_runs": (CELL_RUN_TYPES, ON_CELL_RUN_CONFLICT),
     "cell_totals": (CELL_TOTAL_TYPES, ON_CELL_TOTAL_CONFLICT),
@@ -1464,8 +1438,7 @@ LEFT JOIN events place ON place.id = (
     WHERE e.student_id = h.student_id AND e.notebook_path IS NOT NULL AND {EVENT_IN_SCOPE}
 )
 WHERE h.last_beat_at >= :cutoff AND h.state <> 'stopped'
-  AND (CAST(:course_id AS TEXT) IS NULL OR s.course_id = :course_id)
-  AND {in_scope("s.course_id")} AND {RAISED_IN_SCOPE}
+  AND {in_course("s.course_id")} AND {RAISED_IN_SCOPE}
 ORDER BY h.raised_at, h.raise_id
 """
 HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "cell_index")
@@ -1479,7 +1452,7 @@ WHERE s.student_id = :student_id
 """
 
 CELL_RUN_FILTERS = f"""
-    (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id) AND {in_scope("course_id")}
+    {in_course("course_id")}
     AND (CAST(:notebook_path AS TEXT) IS NULL OR notebook_path = :notebook_path)
 """
 SELECT_CELL_TOTALS = f"""
@@ -1512,12 +1485,10 @@ SELECT_ACTIVITY = f"""
 SELECT minute, CAST(SUM(executions) AS BIGINT) AS executions,
        CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(help) AS BIGINT) AS help
 FROM activity
-WHERE minute >= :first AND (CAST(:course_id AS TEXT) IS NULL OR course_id = :course_id)
-  AND {in_scope("course_id")}
+WHERE minute >= :first AND {in_course("course_id")}
 GROUP BY minute
 """
 
-HAND_COLUMNS = list(HAND_TYPES)
 SELECT_LATEST_HAND = f"""
 SELECT {", ".join(HAND_COLUMNS)} FROM hand_raises WHERE student_id = :student_id
 ORDER BY raise_id DESC LIMIT 1
