@@ -1021,7 +1021,7 @@ RETURNING id
 
 def column_types(columns: str) -> dict[str, str]:
     """A table's `column type, ...` as {column: type}, in order."""
-    return dict(column.split() for column in columns.split(","))
+    return dict(column.split(maxsplit=1) for column in columns.split(","))
 
 
 # The dashboard summaries of schema.sql, upserted at commit time from each batch's deltas.
@@ -1095,6 +1095,15 @@ ON CONFLICT (raise_id) DO UPDATE SET
 HAND_COLUMNS = list(HAND_TYPES)
 
 
+# A row of statement_rows, as STORE_EVENTS reads it.
+STATEMENT_ROW_TYPES = column_types(
+    "event_id text, student_id text, event_type text, occurred_at timestamptz, course_id text, "
+    "session_id text, notebook_path text, cell_id text, cell_index integer, "
+    "execution_count integer, source text, status text, error jsonb, "
+    "duration_ms double precision, seq bigint, outputs jsonb, outputs_truncated boolean, "
+    "extra jsonb, student_name text, team text, cell_key text, error_text text"
+)
+
 # PostgreSQL stores a whole group-committed batch in one statement: the rows travel as
 # one JSON array (see statement_rows), so the text is the same for any batch size, and
 # being one statement it is one transaction with no BEGIN/COMMIT round trips. It answers
@@ -1107,16 +1116,8 @@ HAND_COLUMNS = list(HAND_TYPES)
 STORE_EVENTS = f"""
 WITH incoming AS (
     SELECT * FROM ROWS FROM (jsonb_to_recordset(CAST(:rows AS jsonb)) AS (
-        event_id text, student_id text, event_type text, occurred_at timestamptz,
-        course_id text, session_id text, notebook_path text, cell_id text, cell_index integer,
-        execution_count integer, source text, status text, error jsonb,
-        duration_ms double precision, seq bigint, outputs jsonb, outputs_truncated boolean,
-        extra jsonb, student_name text, team text, cell_key text, error_text text
-    )) WITH ORDINALITY AS t (
-        event_id, student_id, event_type, occurred_at, course_id, session_id, notebook_path,
-        cell_id, cell_index, execution_count, source, status, error, duration_ms, seq,
-        outputs, outputs_truncated, extra, student_name, team, cell_key, error_text, position
-    )
+        {", ".join(f"{field} {kind}" for field, kind in STATEMENT_ROW_TYPES.items())}
+    )) WITH ORDINALITY AS t ({", ".join(STATEMENT_ROW_TYPES)}, position)
 ), known AS (
     -- A lookup per event: a plan made while events was small hashed the whole table.
     SELECT i.event_id, e.id FROM incoming i
@@ -1224,11 +1225,10 @@ FROM unnest(CAST(:event_ids AS text[])) AS t (event_id)
 JOIN events e ON e.event_id = t.event_id
 """
 
-STORE_EVENTS_FIELDS = (
-    "event_id student_id event_type occurred_at course_id session_id notebook_path cell_id "
-    "cell_index execution_count source status error duration_ms seq outputs outputs_truncated "
-    "extra student_name team"
-).split()
+# The fields statement_rows copies from each event; it derives the other two.
+STORE_EVENTS_FIELDS = [
+    field for field in STATEMENT_ROW_TYPES if field not in ("cell_key", "error_text")
+]
 STUDENT_FIELDS = {"name": "student_name", "course_id": "course_id", "team": "team"}
 
 SELECT_MAX_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
@@ -1719,9 +1719,7 @@ class AsyncpgStatement:
         return await connection.fetch(self.sql, *(values[name] for name in self.names))
 
 
-@functools.cache
-def asyncpg_statement(sql: str) -> AsyncpgStatement:
-    return AsyncpgStatement.of(sql)
+asyncpg_statement = functools.cache(AsyncpgStatement.of)
 
 
 COMMIT_STATEMENTS = {
@@ -1822,6 +1820,13 @@ def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | No
     return cell, count
 
 
+# The student page's columns a document shows as they are, but for its timestamps' form.
+STUDENT_COLUMNS = (
+    "student_id name course_id team first_seen last_seen event_count execution_count "
+    "error_count last_event_id last_event_type last_notebook_path last_cell_id last_cell_index"
+).split()
+
+
 def student_document(
     row: Mapping[str, Any], executions: list[tuple[str | None, str]], now: dt.datetime
 ) -> dict:
@@ -1837,20 +1842,9 @@ def student_document(
     )
     raised = hand is not None and hand["state"] == "up"
     return {
-        "student_id": row["student_id"],
-        "name": row["name"],
-        "course_id": row["course_id"],
-        "team": row["team"],
+        **{column: row[column] for column in STUDENT_COLUMNS},
         "first_seen": format_timestamp(row["first_seen"]),
         "last_seen": format_timestamp(row["last_seen"]),
-        "event_count": row["event_count"],
-        "execution_count": row["execution_count"],
-        "error_count": row["error_count"],
-        "last_event_id": row["last_event_id"],
-        "last_event_type": row["last_event_type"],
-        "last_notebook_path": row["last_notebook_path"],
-        "last_cell_id": row["last_cell_id"],
-        "last_cell_index": row["last_cell_index"],
         "last_status": statuses[-1] if statuses else None,
         "hand_raised": raised,
         "hand_raised_at": hand["raised_at"] if raised else None,
@@ -1942,9 +1936,8 @@ def activity_rows(
 
 def as_datetime(value: dt.datetime | str) -> dt.datetime:
     """A timestamp as either database returns it (SQLite keeps our UTC text)."""
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC)
-    return dt.datetime.fromisoformat(value).astimezone(dt.UTC)
+    moment = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
+    return moment.astimezone(dt.UTC)
 
 
 def hand_is_live(hand: Mapping[str, Any] | None, moment: dt.datetime) -> bool:
@@ -2035,14 +2028,10 @@ def cell_documents(
         ids = orjson.loads(row["students"])
         students.setdefault(key, []).extend(ids)
         texts.setdefault(key, Counter())[row["last_error"] or "(no message)"] += len(ids)
-    documents = [
-        cell_document(
-            row,
-            students.get((row["notebook_path"], row["cell_key"]), []),
-            texts.get((row["notebook_path"], row["cell_key"]), Counter()),
-        )
-        for row in totals
-    ]
+    documents = []
+    for row in totals:
+        key = (row["notebook_path"], row["cell_key"])
+        documents.append(cell_document(row, students.get(key, []), texts.get(key, Counter())))
     documents.sort(
         key=lambda document: (
             -document["students_failing"],
@@ -2103,12 +2092,8 @@ def activity_series(
     for step in range(minutes):
         minute = minute_of(first + dt.timedelta(minutes=step))
         row = counts.get(minute, {})
-        series.append(
-            {
-                "minute": minute.removesuffix("Z") + ":00Z",
-                **{name: row.get(name, 0) for name in ("executions", "errors", "help")},
-            }
-        )
+        totals = {name: row.get(name, 0) for name in ("executions", "errors", "help")}
+        series.append({"minute": minute.removesuffix("Z") + ":00Z", **totals})
     return series
 
 
