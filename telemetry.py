@@ -1820,7 +1820,7 @@ def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | No
     return cell, count
 
 
-# The student page's columns a document shows as they are, but for its timestamps' form.
+# The student page's columns a student's document shows, in order (its times reformatted).
 STUDENT_COLUMNS = (
     "student_id name course_id team first_seen last_seen event_count execution_count "
     "error_count last_event_id last_event_type last_notebook_path last_cell_id last_cell_index"
@@ -1834,12 +1834,8 @@ def student_document(
     their latest (cell_id, status), oldest first."""
     cell, count = error_streak(executions)
     statuses = [status for _, status in executions]
-    hand = hand_document(
-        None
-        if row["hand_state"] is None
-        else {column: row[f"hand_{column}"] for column in HAND_COLUMNS},
-        now,
-    )
+    latest = {column: row[f"hand_{column}"] for column in HAND_COLUMNS}
+    hand = hand_document(None if row["hand_state"] is None else latest, now)
     raised = hand is not None and hand["state"] == "up"
     return {
         **{column: row[column] for column in STUDENT_COLUMNS},
@@ -1898,10 +1894,9 @@ def student_count_rows(documents: Iterable[Mapping[str, Any]]) -> list[dict]:
     """What a batch of stored documents adds to student_counts."""
     rows: dict[str, dict] = {}
     for document in documents:
-        row = rows.setdefault(
-            document["student_id"],
-            {"student_id": document["student_id"], "events": 0, "executions": 0, "errors": 0},
-        )
+        student = document["student_id"]
+        zeros = {"student_id": student, "events": 0, "executions": 0, "errors": 0}
+        row = rows.setdefault(student, zeros)
         row["events"] += 1
         row["executions"] += document.get("status") is not None
         row["errors"] += document.get("status") == "error"
@@ -1920,10 +1915,8 @@ def activity_rows(
 
     def row(document: Mapping[str, Any]) -> dict:
         course = document.get("course_id") or ""
-        return rows.setdefault(
-            course,
-            {"course_id": course, "minute": minute, "executions": 0, "errors": 0, "help": 0},
-        )
+        zeros = {"course_id": course, "minute": minute, "executions": 0, "errors": 0, "help": 0}
+        return rows.setdefault(course, zeros)
 
     for document in documents:
         if document.get("status") is not None:
