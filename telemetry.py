@@ -1283,7 +1283,8 @@ def in_course(course: str) -> str:
 # that course's events: their last notebook, executions and hands elsewhere stay out. Their
 # counts (student_counts) are over every course: counting per course read every event of
 # every student of the page, 7 s for 300 students at a million events (bench/aggregates.py).
-EVENT_IN_SCOPE = in_scope("COALESCE(e.course_id, s.course_id)")
+EVENT_COURSE = "COALESCE(e.course_id, s.course_id)"
+EVENT_IN_SCOPE = in_scope(EVENT_COURSE)
 # A hand `h` of student `s` is in scope by the help event that raised it.
 RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
     SELECT 1 FROM events e WHERE e.id = h.raise_id AND {EVENT_IN_SCOPE}))"""
@@ -1294,7 +1295,7 @@ RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
 EVENT_DOCUMENT_SOURCES = {
     "student_name": "s.name",
     "team": "s.team",
-    "course_id": "COALESCE(e.course_id, s.course_id)",
+    "course_id": EVENT_COURSE,
 }
 EVENT_DOCUMENT_COLUMNS = ", ".join(
     f"{EVENT_DOCUMENT_SOURCES.get(column, 'e.' + column)} AS {column}" for column in EVENT_COLUMNS
@@ -1314,7 +1315,7 @@ LIMIT :limit
 # a bare NULL.
 EVENT_FILTER_CLAUSES = f"""
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
-  AND {in_course("COALESCE(e.course_id, s.course_id)")}
+  AND {in_course(EVENT_COURSE)}
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)"""
 
@@ -1445,8 +1446,8 @@ HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "
 
 SELECT_STUDENT_COURSE = "SELECT course_id FROM students WHERE student_id = :student_id"
 # Every course a student's events were shown in (see EVENT_IN_SCOPE), theirs if none.
-SELECT_STUDENT_COURSES = """
-SELECT DISTINCT COALESCE(e.course_id, s.course_id) AS course_id
+SELECT_STUDENT_COURSES = f"""
+SELECT DISTINCT {EVENT_COURSE} AS course_id
 FROM students s LEFT JOIN events e ON e.student_id = s.student_id
 WHERE s.student_id = :student_id
 """
@@ -1719,7 +1720,9 @@ class AsyncpgStatement:
         return await connection.fetch(self.sql, *(values[name] for name in self.names))
 
 
-asyncpg_statement = functools.cache(AsyncpgStatement.of)
+@functools.cache
+def asyncpg_statement(sql: str) -> AsyncpgStatement:
+    return AsyncpgStatement.of(sql)
 
 
 COMMIT_STATEMENTS = {
@@ -1820,13 +1823,6 @@ def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | No
     return cell, count
 
 
-# The student page's columns a student's document shows, in order (its times reformatted).
-STUDENT_COLUMNS = (
-    "student_id name course_id team first_seen last_seen event_count execution_count "
-    "error_count last_event_id last_event_type last_notebook_path last_cell_id last_cell_index"
-).split()
-
-
 def student_document(
     row: Mapping[str, Any], executions: list[tuple[str | None, str]], now: dt.datetime
 ) -> dict:
@@ -1838,9 +1834,20 @@ def student_document(
     hand = hand_document(None if row["hand_state"] is None else latest, now)
     raised = hand is not None and hand["state"] == "up"
     return {
-        **{column: row[column] for column in STUDENT_COLUMNS},
+        "student_id": row["student_id"],
+        "name": row["name"],
+        "course_id": row["course_id"],
+        "team": row["team"],
         "first_seen": format_timestamp(row["first_seen"]),
         "last_seen": format_timestamp(row["last_seen"]),
+        "event_count": row["event_count"],
+        "execution_count": row["execution_count"],
+        "error_count": row["error_count"],
+        "last_event_id": row["last_event_id"],
+        "last_event_type": row["last_event_type"],
+        "last_notebook_path": row["last_notebook_path"],
+        "last_cell_id": row["last_cell_id"],
+        "last_cell_index": row["last_cell_index"],
         "last_status": statuses[-1] if statuses else None,
         "hand_raised": raised,
         "hand_raised_at": hand["raised_at"] if raised else None,
@@ -2600,6 +2607,7 @@ class Storage:
 
     @staticmethod
     def _event_values(event: dict) -> dict[str, Any]:
+        """INSERT_EVENT's values, for SQLite: JSON as text, timestamps as our sortable UTC text."""
         values = {column: event[column] for column in EVENT_COLUMNS[1:] if column in event}
         del values["student_name"], values["team"]
         for column in JSON_COLUMNS:
