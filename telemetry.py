@@ -3830,41 +3830,35 @@ async def read_storage(read: Awaitable[Any]) -> Any:
         raise storage_unavailable("the database could not be read") from None
 
 
+async def read_page(
+    read: Callable[[dict[str, Any]], Awaitable[list[dict]]], params: dict[str, Any], key: str
+) -> tuple[list[dict], Any]:
+    """A keyset page, and the `key` of its last row if another follows (read one row more)."""
+    limit = params["limit"]
+    rows = await read_storage(read({**params, "limit": limit + 1}))
+    page = rows[:limit]
+    return page, page[-1][key] if len(rows) > limit else None
+
+
 async def list_events(request: Request) -> Response:
     """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
-    service = service_of(request)
+    storage = service_of(request).storage
     _, params = await authorize_read(request, parse_events_query)
     # Read before the page: resuming the stream from latest_id then misses nothing.
-    latest_id = await read_storage(service.storage.max_event_id())
-    page_and_one = {**params, "limit": params["limit"] + 1}
-    documents = await read_storage(service.storage.events_page(page_and_one))
-    page = documents[: params["limit"]]
-    more = len(documents) > params["limit"]
-    return JSONResponse(
-        {
-            "events": page,
-            "next_before_id": page[-1]["id"] if more else None,
-            "latest_id": max([latest_id, *(document["id"] for document in page)]),
-        }
-    )
+    latest_id = await read_storage(storage.max_event_id())
+    page, next_before_id = await read_page(storage.events_page, params, "id")
+    latest_id = max([latest_id, *(document["id"] for document in page)])
+    return JSONResponse({"events": page, "next_before_id": next_before_id, "latest_id": latest_id})
 
 
 async def list_students(request: Request) -> Response:
     """Students by student_id with their counts; `next_after` fetches the next page."""
-    service = service_of(request)
+    storage = service_of(request).storage
     _, params = await authorize_read(request, parse_students_query)
-    page_and_one = {**params, "limit": params["limit"] + 1}
     now = dt.datetime.now(dt.UTC)
-    students = await read_storage(service.storage.students_page(page_and_one, now))
-    page = students[: params["limit"]]
-    more = len(students) > params["limit"]
-    return JSONResponse(
-        {
-            "now": format_timestamp(now),
-            "students": page,
-            "next_after": page[-1]["student_id"] if more else None,
-        }
-    )
+    read = functools.partial(storage.students_page, now=now)
+    page, next_after = await read_page(read, params, "student_id")
+    return JSONResponse({"now": format_timestamp(now), "students": page, "next_after": next_after})
 
 
 async def list_help(request: Request) -> Response:
