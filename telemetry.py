@@ -3425,15 +3425,6 @@ class Opening:
     notice: dict | None = None
 
 
-def resync_notice(limit: int, latest_id: int) -> dict:
-    return {
-        "type": "resync",
-        "reason": "too_far_behind",
-        "message": f"more than {limit} events were missed; reload state from the read API",
-        "latest_id": latest_id,
-    }
-
-
 async def open_stream(service: Service, client: Client, after_id: int | None) -> Opening:
     """The replay after `after_id` (subscribed first, so nothing falls between the two),
     or a resync notice when more than REPLAY_LIMIT events were missed."""
@@ -3445,7 +3436,13 @@ async def open_stream(service: Service, client: Client, after_id: int | None) ->
     except Exception as error:
         raise StorageUnavailable(f"cannot replay right now: {error!r}") from error
     if len(documents) > limit:
-        return Opening(after_id, notice=resync_notice(limit, service.hub.last_id))
+        notice = {
+            "type": "resync",
+            "reason": "too_far_behind",
+            "message": f"more than {limit} events were missed; reload state from the read API",
+            "latest_id": service.hub.last_id,
+        }
+        return Opening(after_id, notice=notice)
     replay = [Frame.of(document) for document in documents if client.filter.matches(document)]
     return Opening(after_id, replay)
 
