@@ -151,10 +151,6 @@ def seconds(name: str, raw: str, default: float) -> float:
     return value
 
 
-def text(name: str, raw: str, default: str) -> str:
-    return raw or default
-
-
 def comma_list(name: str, raw: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
     """A comma-separated list; empty when unset."""
     return tuple(item.strip() for item in raw.split(",") if item.strip()) or default
@@ -312,7 +308,7 @@ ENVIRONMENT: dict[str, Callable[[str, str, Any], Any]] = {
     "DATABASE_URL": lambda name, raw, default: normalise_database_url(raw),
     "DATABASE_POOL_SIZE": whole_number,
     "REDIS_URL": lambda name, raw, default: normalise_redis_url(raw),
-    "NOTIFICATION_CHANNEL": text,
+    "NOTIFICATION_CHANNEL": lambda name, raw, default: raw or default,
     "MAX_BODY_BYTES": whole_number,
     "MAX_BATCH_EVENTS": whole_number,
     "MAX_OUTPUTS_BYTES": whole_number,
