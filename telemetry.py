@@ -760,6 +760,8 @@ NO_CELL = {"cell_id": (None, ""), "cell_index": (None, "")}
 
 def pioneer_cell(event_name: Any, info: Any) -> dict[str, tuple[Any, str]]:
     """cell_id and cell_index of a cell event, each with where it came from."""
+    if not isinstance(event_name, str):  # normalise_event refuses it; a list would not hash
+        return NO_CELL
     where = "data.eventDetail.eventInfo"
     if event_name == "CellEditEvent" and isinstance(info, dict):
         cell = info

@@ -299,6 +299,8 @@ INFO = f"{D}.eventInfo"
         (bad("data.eventDetail", ["x"]), D, "must be an object"),
         (bad("data.eventDetail.eventName", KeyError), f"{D}.eventName", "is required"),
         (bad("data.eventDetail.eventName", 3), f"{D}.eventName", "must be a string"),
+        (bad("data.eventDetail.eventName", []), f"{D}.eventName", "must be a string"),
+        (bad("data.eventDetail.eventName", {"a": 1}), f"{D}.eventName", "must be a string"),
         (bad("data.eventDetail.eventName", " "), f"{D}.eventName", "must not be empty"),
         (bad("data.eventDetail.eventTime", KeyError), f"{D}.eventTime", "epoch milliseconds"),
         (bad("data.eventDetail.eventTime", "2026-11-26"), f"{D}.eventTime", "epoch milli"),
