@@ -1828,8 +1828,10 @@ def student_document(
     their latest (cell_id, status), oldest first."""
     cell, count = error_streak(executions)
     statuses = [status for _, status in executions]
-    latest = {column: row[f"hand_{column}"] for column in HAND_COLUMNS}
-    hand = hand_document(None if row["hand_state"] is None else latest, now)
+    latest = None
+    if row["hand_state"] is not None:
+        latest = {column: row[f"hand_{column}"] for column in HAND_COLUMNS}
+    hand = hand_document(latest, now)
     raised = hand is not None and hand["state"] == "up"
     return {
         "student_id": row["student_id"],
