@@ -1399,6 +1399,19 @@ STRUGGLING_ERRORS = 6
 # release every 5 s, and never sends help_stop). Three missed 10 s beats lower the hand.
 HAND_TIMEOUT = dt.timedelta(seconds=30)
 HAND_EVENTS = frozenset(("help", "help_stop", "help_dismissed", "help_on_my_way"))
+# Presence, as the dashboard shows it: active within ACTIVE, idle within IDLE, then away.
+ACTIVE = dt.timedelta(minutes=2)
+IDLE = dt.timedelta(minutes=10)
+
+# The rules above as the page reads them (in the session answer), so it never copies them.
+CLASS_RULES = {
+    "hand_timeout_seconds": HAND_TIMEOUT.total_seconds(),
+    "stuck_error_streak": STUCK_ERROR_STREAK,
+    "recent_executions": STREAK_LOOKBACK_EXECUTIONS,
+    "struggling_errors": STRUGGLING_ERRORS,
+    "active_seconds": ACTIVE.total_seconds(),
+    "idle_seconds": IDLE.total_seconds(),
+}
 
 
 def upsert_one(table: str, types: Mapping[str, str], on_conflict: str) -> str:
@@ -1791,6 +1804,7 @@ def event_document(event: dict[str, Any], event_id: int, student: Mapping[str, A
         course_id=event["course_id"] or student["course_id"],
         occurred_at=format_timestamp(event["occurred_at"]),
         received_at=format_timestamp(event["received_at"]),
+        error_text=error_text(event["error"]),
     )
     return document
 
@@ -1803,6 +1817,7 @@ def row_document(row: Mapping[str, Any]) -> dict:
     document["outputs_truncated"] = bool(document["outputs_truncated"])
     document["occurred_at"] = format_timestamp(document["occurred_at"])
     document["received_at"] = format_timestamp(document["received_at"])
+    document["error_text"] = error_text(document["error"])
     return document
 
 
@@ -4200,7 +4215,12 @@ async def admit_websocket(websocket: WebSocket) -> tuple[StreamFilter, str]:
 
 def session_body(grant: Grant) -> dict:
     """What the dashboard may ask for: its token's name and courses (null: all)."""
-    return {"status": "ok", "token": grant.name, "courses": grant.course_list()}
+    return {
+        "status": "ok",
+        "token": grant.name,
+        "courses": grant.course_list(),
+        "rules": CLASS_RULES,
+    }
 
 
 async def show_session(request: Request) -> Response:
