@@ -13,7 +13,7 @@ import pytest
 from jupyterlab_pioneer.default_exporters import remote_exporter
 from websockets.asyncio.client import ClientConnection, connect
 
-from telemetry import format_timestamp
+from telemetry.storage import format_timestamp
 from tests.conftest import REDIS_URL, Server, fresh_postgres_database
 from tests.pioneer_samples import (
     CELL_FIELDS,

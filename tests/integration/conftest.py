@@ -10,7 +10,10 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from telemetry import Service, Settings, Storage, create_app
+from telemetry.application import create_app
+from telemetry.config import Settings
+from telemetry.service import Service
+from telemetry.storage import Storage
 
 
 @pytest.fixture

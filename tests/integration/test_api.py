@@ -1,12 +1,7 @@
 """The HTTP API in process (httpx over ASGI, lifespan run) on PostgreSQL and SQLite."""
 
-import asyncio
-import gc
-from unittest.mock import Mock
-
 import pytest
 
-import telemetry
 from tests.errors import assert_error
 
 EVENT = {"student_id": "s1", "event_type": "cell_executed", "event_id": "e1", "source": "1+1"}
@@ -104,34 +99,6 @@ async def test_healthz_reports_database_and_bus(client) -> None:
     response = await client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "database": "up", "bus": "up", "clients": 0}
-
-
-async def test_start_up_objects_are_kept_out_of_garbage_collection(
-    api_client, sqlite_database_url
-) -> None:
-    # Full collections walking them were the slowest POSTs (see the README's benchmark).
-    gc.unfreeze()
-    async with api_client(sqlite_database_url):
-        assert gc.get_freeze_count() > 10_000
-
-
-async def test_batches_stored_but_not_read_back_are_503s_and_their_retries_duplicates(
-    api_client, postgres_database_url, monkeypatch
-) -> None:
-    # 12 concurrent POSTs make several batches of 5, stored back to back under one hold of
-    # the commit order: each is answered well before the POST deadline, none left waiting.
-    events = [{**EVENT, "event_id": f"e{n}"} for n in range(12)]
-    async with api_client(postgres_database_url) as client:
-        with monkeypatch.context() as patch:
-            patch.setattr(telemetry, "batch_results", Mock(side_effect=RuntimeError("replay")))
-            async with asyncio.timeout(telemetry.POST_DEADLINE_SECONDS / 2):
-                answers = await asyncio.gather(
-                    *(client.post("/api/v1/events", json=[event]) for event in events)
-                )
-        for answer in answers:
-            assert_error(answer, 503, "storage_unavailable")
-        retries = await client.post("/api/v1/events", json=events[:5])
-        assert [item["duplicate"] for item in retries.json()["events"]] == [True] * 5
 
 
 async def test_healthz_is_503_naming_the_database_when_it_is_gone(

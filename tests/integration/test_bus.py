@@ -8,20 +8,11 @@ import logging
 import orjson
 import pytest
 
-from telemetry import (
-    Hub,
-    MemoryBus,
-    RedisBus,
-    Settings,
-    Storage,
-    StoredBatch,
-    StoredEvent,
-    StreamFilter,
-    deliver_message,
-    encode_batch,
-    normalise_batch,
-    relay_bus_to_hub,
-)
+from telemetry.bus import MemoryBus, RedisBus, encode_batch
+from telemetry.config import Settings
+from telemetry.hub import Hub, StreamFilter, deliver_message, relay_bus_to_hub
+from telemetry.ingest import normalise_batch
+from telemetry.storage import Storage, StoredBatch, StoredEvent
 from tests.conftest import REDIS_URL, wait_for
 
 

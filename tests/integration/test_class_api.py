@@ -7,7 +7,7 @@ import io
 import httpx
 import pytest
 
-from telemetry import StreamFilter
+from telemetry.hub import StreamFilter
 
 
 def assert_422(response: httpx.Response, *fields: str) -> None:

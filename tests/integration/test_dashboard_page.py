@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from telemetry import STATIC_DIR
+from telemetry.application import STATIC_DIR
 
 
 @pytest.fixture

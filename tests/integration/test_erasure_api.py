@@ -14,15 +14,12 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from telemetry import (
-    SCHEMA_PATH,
-    RedactTokens,
-    Settings,
-    StreamFilter,
-    create_app,
-    load_settings,
-    pseudonym,
-)
+from telemetry.access import RedactTokens
+from telemetry.application import create_app
+from telemetry.config import Settings, load_settings
+from telemetry.events import pseudonym
+from telemetry.hub import StreamFilter
+from telemetry.storage import SCHEMA_PATH
 from tests.errors import assert_error
 from tests.integration.conftest import ApiClient
 

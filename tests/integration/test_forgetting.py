@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from asgi_lifespan import LifespanManager
 
-from telemetry import FORGOTTEN_TABLES, Settings, Storage, create_app, normalise_batch
+from telemetry.application import create_app
+from telemetry.config import Settings
+from telemetry.ingest import normalise_batch
+from telemetry.storage import FORGOTTEN_TABLES, Storage
 from tests.conftest import fresh_postgres_database, wait_for
 
 T0 = dt.datetime(2026, 11, 26, 9, 0, 30, tzinfo=dt.UTC)

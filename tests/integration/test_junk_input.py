@@ -9,7 +9,8 @@ from asgi_lifespan import LifespanManager
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from telemetry import Settings, create_app
+from telemetry.application import create_app
+from telemetry.config import Settings
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

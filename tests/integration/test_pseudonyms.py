@@ -10,7 +10,10 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from telemetry import FORGOTTEN_TABLES, Settings, create_app, pseudonym
+from telemetry.application import create_app
+from telemetry.config import Settings
+from telemetry.events import pseudonym
+from telemetry.storage import FORGOTTEN_TABLES
 from tests.pseudonym_samples import CAMEL, OURS, PIONEER, RAW_IDS, SALT, leaks
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from telemetry import StreamFilter
+from telemetry.hub import StreamFilter
 from tests.errors import assert_error
 
 # Six events: two courses, three students, two notebooks, help raised and lowered.

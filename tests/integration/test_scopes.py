@@ -14,16 +14,11 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from telemetry import (
-    Hub,
-    Settings,
-    StreamFilter,
-    create_app,
-    deliver_message,
-    encode_batch,
-    load_settings,
-    normalise_batch,
-)
+from telemetry.application import create_app
+from telemetry.bus import encode_batch
+from telemetry.config import Settings, load_settings
+from telemetry.hub import Hub, StreamFilter, deliver_message
+from telemetry.ingest import normalise_batch
 from tests.errors import assert_error
 from tests.integration.conftest import ApiClient
 

@@ -5,7 +5,9 @@ import datetime as dt
 
 import pytest
 
-from telemetry import Settings, Storage, normalise_batch, normalise_database_url
+from telemetry.config import Settings, normalise_database_url
+from telemetry.ingest import normalise_batch
+from telemetry.storage import Storage
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 

@@ -2,19 +2,15 @@ import logging
 
 import pytest
 
-from telemetry import (
-    ConfigError,
-    Grant,
+from telemetry.access import (
     RedactTokens,
     bearer_token,
     envelope_token,
     find_grant,
-    load_settings,
     origin_allowed,
-    parse_tokens,
-    token_fingerprint,
     token_is_valid,
 )
+from telemetry.config import ConfigError, Grant, load_settings, parse_tokens, token_fingerprint
 
 TOKENS = ("old-token", "new-token")
 ENVELOPE = {"data": {"eventDetail": {}, "notebookState": {}}}

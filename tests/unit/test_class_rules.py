@@ -4,27 +4,21 @@ import datetime as dt
 
 import pytest
 
-from telemetry import (
-    ApiError,
+from telemetry.access import is_ingest_request
+from telemetry.application import redact_url
+from telemetry.errors import ApiError
+from telemetry.events import camel_case_origins, error_text, parse_instructor, strip_ansi
+from telemetry.readapi import csv_line, event_csv_row, parse_activity_query, parse_cells_query
+from telemetry.storage import (
     activity_rows,
     activity_series,
-    camel_case_origins,
     cell_documents,
     cell_label,
     cell_run_rows,
     cell_total_rows,
-    csv_line,
-    error_text,
-    event_csv_row,
     hand_document,
-    is_ingest_request,
     is_struggling,
     next_hand,
-    parse_activity_query,
-    parse_cells_query,
-    parse_instructor,
-    redact_url,
-    strip_ansi,
     student_count_rows,
 )
 

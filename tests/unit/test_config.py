@@ -1,6 +1,6 @@
 import pytest
 
-from telemetry import (
+from telemetry.config import (
     ConfigError,
     Settings,
     load_settings,

@@ -3,20 +3,16 @@ import asyncio
 import orjson
 import pytest
 
-from telemetry import (
+from telemetry.bus import decode_erasure, decode_message, encode_batch, encode_erasure
+from telemetry.hub import (
     OVERFLOWED,
     Frame,
     Hub,
-    StoredBatch,
-    StoredEvent,
     StreamFilter,
-    decode_erasure,
-    decode_message,
-    encode_batch,
-    encode_erasure,
     finish_if_cancelled,
     run_until_waiting,
 )
+from telemetry.storage import StoredBatch, StoredEvent
 
 
 def document(event_id: int, **fields) -> dict:

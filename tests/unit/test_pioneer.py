@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 
-from telemetry import ApiError, Settings, is_pioneer_envelope, normalise_batch
+from telemetry.config import Settings
+from telemetry.errors import ApiError
+from telemetry.ingest import normalise_batch
+from telemetry.pioneer import is_pioneer_envelope
 from tests.pioneer_samples import (
     C0,
     C1,

@@ -2,14 +2,9 @@ import datetime as dt
 
 import pytest
 
-from telemetry import (
-    ConfigError,
-    Settings,
-    load_settings,
-    normalise_batch,
-    pseudonym,
-    pseudonymized,
-)
+from telemetry.config import ConfigError, Settings, load_settings
+from telemetry.events import pseudonym, pseudonymized
+from telemetry.ingest import normalise_batch
 from tests.pioneer_samples import pioneer_data
 
 SALT = "a-salt-of-twenty-chars"

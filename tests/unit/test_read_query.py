@@ -2,14 +2,10 @@
 
 import pytest
 
-from telemetry import (
-    INT64_MAX,
-    PAGE_LIMIT_DEFAULT,
-    ApiError,
-    error_streak,
-    parse_events_query,
-    parse_students_query,
-)
+from telemetry.errors import ApiError
+from telemetry.events import INT64_MAX
+from telemetry.readapi import PAGE_LIMIT_DEFAULT, parse_events_query, parse_students_query
+from telemetry.storage import error_streak
 
 
 def test_events_query_defaults_select_the_newest_page() -> None:

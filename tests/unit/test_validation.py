@@ -2,18 +2,18 @@ import datetime as dt
 
 import pytest
 
-from telemetry import (
-    ApiError,
-    Settings,
+from telemetry.config import Settings
+from telemetry.errors import ApiError
+from telemetry.events import (
     cap_outputs,
     from_camel_case,
     is_json_content_type,
-    normalise_batch,
     parse_json_body,
-    parse_last_event_id,
     parse_occurred_at,
     replace_nul,
 )
+from telemetry.ingest import normalise_batch
+from telemetry.streams import parse_last_event_id
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 SETTINGS = Settings(max_batch_events=3, max_outputs_bytes=40)

@@ -1,0 +1,44 @@
+"""The one error shape every endpoint answers with: ApiError and its JSON body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answered to the client as one JSON shape: see error_body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+
+def error_body(status: int, code: str, message: str, details: list[dict[str, str]]) -> dict:
+    body: dict[str, Any] = {"status": status, "code": code, "message": message}
+    if details:
+        body["details"] = details
+    return {"error": body}
+
+
+class FieldErrors:
+    """Collects every problem of a request so the client hears about all of them at once."""
+
+    def __init__(self) -> None:
+        self.details: list[dict[str, str]] = []
+
+    def add(self, field_path: str, problem: str) -> None:
+        self.details.append({"field": field_path, "problem": problem})

@@ -1,0 +1,375 @@
+"""The read API: events, students, help queue, cells, activity and CSV export, each
+reading only the courses of its Grant.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import functools
+import io
+import logging
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from telemetry.access import authorize_read
+from telemetry.errors import ApiError, FieldErrors
+from telemetry.events import (
+    IDENTIFIER_MAX_CHARS,
+    INT64_MAX,
+    TEXT_MAX_CHARS,
+    error_text,
+    parse_instructor,
+    read_body,
+)
+from telemetry.ingest import normalise_batch
+from telemetry.service import service_of
+from telemetry.storage import (
+    StorageUnavailable,
+    format_timestamp,
+    hand_document,
+    read_storage,
+    storage_unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+
+STREAM_FILTERS = ("student_id", "course_id", "event_type")
+
+
+# Keyset pages on the event id (or student id), never OFFSET: a page stays correct while
+# events keep arriving.
+PAGE_LIMIT_DEFAULT = 100
+
+
+PAGE_LIMIT_MAX = 1_000
+
+
+# Reads one query parameter, adding to `errors` what is wrong with it.
+QueryReader = Callable[[Mapping[str, str], str, FieldErrors], Any]
+
+
+def text_param(max_chars: int, absent: str | None = None) -> QueryReader:
+    """An optional text filter; empty means absent, as an HTML form sends it."""
+
+    def read(query: Mapping[str, str], name: str, errors: FieldErrors) -> str | None:
+        value = query.get(name) or absent
+        if value is not None and len(value) > max_chars:
+            errors.add(name, f"must be at most {max_chars} characters")
+            return absent
+        return value
+
+    return read
+
+
+def int_param(default: int, low: int, high: int) -> QueryReader:
+    def read(query: Mapping[str, str], name: str, errors: FieldErrors) -> int:
+        raw = query.get(name, "").strip()
+        if not raw:
+            return default
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+            errors.add(name, f"must be a whole number from {low} to {high}")
+            return default
+        return int(raw)
+
+    return read
+
+
+def bool_param(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool:
+    raw = query.get(name, "").strip().lower()
+    if raw not in ("", "true", "false"):
+        errors.add(name, "must be true or false")
+    return raw == "true"
+
+
+def free_text(query: Mapping[str, str], name: str, errors: FieldErrors) -> str | None:
+    return query.get(name) or None
+
+
+def query_parser(**readers: QueryReader) -> Callable[[Mapping[str, str]], dict[str, Any]]:
+    """An endpoint's query parameters, or a 422 naming every bad value and every unknown
+    name: a misspelt filter (`?course=cs101`) must not quietly answer with everyone."""
+
+    def parse(query: Mapping[str, str]) -> dict[str, Any]:
+        errors = FieldErrors()
+        params = {name: read(query, name, errors) for name, read in readers.items()}
+        for name in query:
+            if name not in readers and name != "token":
+                errors.add(name, "is not a parameter of this endpoint")
+        if errors.details:
+            raise ApiError(
+                422, "invalid_query", "some query parameters are invalid", errors.details
+            )
+        return params
+
+    return parse
+
+
+TEXT_PARAM = text_param(TEXT_MAX_CHARS)
+
+
+IDENTIFIER_PARAM = text_param(IDENTIFIER_MAX_CHARS)
+
+
+EVENT_FILTERS = {
+    "student_id": IDENTIFIER_PARAM,
+    "course_id": TEXT_PARAM,
+    "event_type": IDENTIFIER_PARAM,
+    "notebook_path": TEXT_PARAM,
+}
+
+
+PAGE_LIMIT = int_param(PAGE_LIMIT_DEFAULT, 1, PAGE_LIMIT_MAX)
+
+
+CELLS_LIMIT_DEFAULT = 200
+
+
+ACTIVITY_MINUTES_DEFAULT = 60
+
+
+ACTIVITY_MINUTES_MAX = 1_440
+
+
+# The parameters of SELECT_EVENT_PAGE and of SELECT_STUDENT_PAGE.
+parse_events_query = query_parser(
+    **EVENT_FILTERS,
+    since_id=int_param(0, 0, INT64_MAX),
+    before_id=int_param(INT64_MAX, 1, INT64_MAX),
+    limit=PAGE_LIMIT,
+    collapse_beats=bool_param,
+)
+
+
+parse_students_query = query_parser(
+    course_id=TEXT_PARAM, after=text_param(IDENTIFIER_MAX_CHARS, absent=""), limit=PAGE_LIMIT
+)
+
+
+# GET /api/v1/help and GET /api/v1/students.csv.
+parse_course_query = query_parser(course_id=TEXT_PARAM)
+
+
+parse_cells_query = query_parser(
+    course_id=TEXT_PARAM,
+    notebook_path=TEXT_PARAM,
+    limit=int_param(CELLS_LIMIT_DEFAULT, 1, PAGE_LIMIT_MAX),
+)
+
+
+parse_activity_query = query_parser(
+    course_id=TEXT_PARAM,
+    minutes=int_param(ACTIVITY_MINUTES_DEFAULT, 1, ACTIVITY_MINUTES_MAX),
+)
+
+
+# GET /api/v1/events.csv: the filters of GET /api/v1/events, without paging.
+parse_export_query = query_parser(**EVENT_FILTERS)
+
+
+# The streams' filters are free text: only a misspelt name can be refused. stream_events
+# reads last_event_id itself.
+parse_stream_query = query_parser(
+    **dict.fromkeys(STREAM_FILTERS, free_text), last_event_id=free_text
+)
+
+
+async def read_page(
+    read: Callable[[dict[str, Any]], Awaitable[list[dict]]], params: dict[str, Any], key: str
+) -> tuple[list[dict], Any]:
+    """A keyset page, and the `key` of its last row if another follows (read one row more)."""
+    limit = params["limit"]
+    rows = await read_storage(read({**params, "limit": limit + 1}))
+    page = rows[:limit]
+    return page, page[-1][key] if len(rows) > limit else None
+
+
+async def list_events(request: Request) -> Response:
+    """Stored events, newest first, filtered; `next_before_id` fetches the older page."""
+    storage = service_of(request).storage
+    _, params = await authorize_read(request, parse_events_query)
+    # Read before the page: resuming the stream from latest_id then misses nothing.
+    latest_id = await read_storage(storage.max_event_id())
+    page, next_before_id = await read_page(storage.events_page, params, "id")
+    latest_id = max([latest_id, *(document["id"] for document in page)])
+    return JSONResponse({"events": page, "next_before_id": next_before_id, "latest_id": latest_id})
+
+
+async def list_students(request: Request) -> Response:
+    """Students by student_id with their counts; `next_after` fetches the next page."""
+    storage = service_of(request).storage
+    _, params = await authorize_read(request, parse_students_query)
+    now = dt.datetime.now(dt.UTC)
+    read = functools.partial(storage.students_page, now=now)
+    page, next_after = await read_page(read, params, "student_id")
+    return JSONResponse({"now": format_timestamp(now), "students": page, "next_after": next_after})
+
+
+async def list_help(request: Request) -> Response:
+    """The help queue, first come first served, and every raise still beating."""
+    _, params = await authorize_read(request, parse_course_query)
+    now = dt.datetime.now(dt.UTC)
+    hands = await read_storage(service_of(request).storage.hands(params, now))
+    return JSONResponse(
+        {
+            "now": format_timestamp(now),
+            "queue": [hand for hand in hands if hand["state"] == "up"],
+            "hands": hands,
+        }
+    )
+
+
+# What an instructor can do about a raised hand, as the event type that records it.
+HAND_ACTIONS = {"on-my-way": "help_on_my_way", "dismiss": "help_dismissed"}
+
+
+async def answer_hand(request: Request) -> Response:
+    """Record "on my way" or a dismissal as an event: stored and published like any, so
+    every dashboard, and any reload, agrees."""
+    service = service_of(request)
+    event_type = HAND_ACTIONS.get(request.path_params["action"])
+    if event_type is None:
+        raise ApiError(404, "not_found", "the actions are on-my-way and dismiss")
+    student_id = request.path_params["student_id"]
+    await authorize_read(request, lambda query: {"student_id": student_id})
+    by = parse_instructor(await read_body(request, 4_096), request.headers.get("content-type"))
+    seen, course_id = await read_storage(service.storage.student_course(student_id))
+    if not seen:
+        raise ApiError(404, "no_such_student", f"no student {student_id!r} has been seen")
+    now = dt.datetime.now(dt.UTC)
+    hand = hand_document(await read_storage(service.storage.latest_hand(student_id)), now)
+    if hand is None or hand["state"] != "up":
+        raise ApiError(409, "no_raised_hand", f"{student_id!r} has no raised hand now")
+    raw = {"student_id": student_id, "event_type": event_type, "course_id": course_id, "by": by}
+    [event] = normalise_batch(raw, now, service.settings)
+    try:
+        [stored] = await service.committer.submit([event])
+    except StorageUnavailable:
+        raise storage_unavailable("the action could not be stored") from None
+    hand = hand_document(await read_storage(service.storage.latest_hand(student_id)), now)
+    body = {"id": stored.document["id"], "event_type": event_type, "hand": hand}
+    return JSONResponse(body, status_code=201)
+
+
+async def list_cells(request: Request) -> Response:
+    """Where the class is stuck: per notebook and cell, who ran it and who fails there now."""
+    _, params = await authorize_read(request, parse_cells_query)
+    cells = await read_storage(service_of(request).storage.cells(params))
+    return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), "cells": cells})
+
+
+async def list_activity(request: Request) -> Response:
+    """Executions, errors and raised hands per minute over the last `minutes`."""
+    _, params = await authorize_read(request, parse_activity_query)
+    now = dt.datetime.now(dt.UTC)
+    series = await read_storage(service_of(request).storage.activity(params, now))
+    return JSONResponse(
+        {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
+    )
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula; students write
+# the text we export.
+CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+STUDENT_CSV_COLUMNS = (
+    "student_id name course_id team first_seen last_seen event_count execution_count "
+    "error_count last_notebook_path hand_raised stuck struggling"
+).split()
+
+
+EVENT_CSV_COLUMNS = (
+    "id received_at occurred_at student_id student_name team course_id event_type "
+    "notebook_path cell_id cell_index execution_count status duration_ms error source"
+).split()
+
+
+EXPORT_PAGE_SIZE = 1_000
+
+
+def csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def csv_line(values: Iterable[Any]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([csv_value(value) for value in values])
+    return buffer.getvalue().encode()
+
+
+def event_csv_row(document: Mapping[str, Any]) -> list[Any]:
+    """An event as one CSV row of EVENT_CSV_COLUMNS; its error as `ename: evalue`."""
+    row = {**document, "error": error_text(document.get("error"))}
+    return [row.get(column) for column in EVENT_CSV_COLUMNS]
+
+
+def student_csv_row(document: Mapping[str, Any]) -> list[Any]:
+    return [document.get(column) for column in STUDENT_CSV_COLUMNS]
+
+
+def csv_download(
+    name: str,
+    header: list[str],
+    first: list[Any],
+    more: Callable[[Any], Awaitable[list[Any]]],
+    row: Callable,
+) -> Response:
+    """The header, then page after page until one comes back empty; one page in memory."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield csv_line(header)
+        page = first
+        while page:
+            yield b"".join(csv_line(row(item)) for item in page)
+            try:
+                page = await more(page[-1])
+            except Exception as error:  # the status is sent: end the download short
+                logger.warning("CSV export cut short: %r", error)
+                return
+
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
+
+
+async def export_events(request: Request) -> Response:
+    """Events as CSV, oldest first, streamed in keyset pages: a term fits, memory does not grow."""
+    storage = service_of(request).storage
+    _, params = await authorize_read(request, parse_export_query)
+    params["limit"] = EXPORT_PAGE_SIZE
+
+    def page_after(last: dict) -> Awaitable[list[dict]]:
+        return storage.events_export({**params, "since_id": last["id"]})
+
+    first = await read_storage(storage.events_export({**params, "since_id": 0}))
+    return csv_download("events.csv", EVENT_CSV_COLUMNS, first, page_after, event_csv_row)
+
+
+async def export_students(request: Request) -> Response:
+    """The students table as CSV, streamed in keyset pages."""
+    storage = service_of(request).storage
+    _, params = await authorize_read(request, parse_course_query)
+    params["limit"] = EXPORT_PAGE_SIZE
+    now = dt.datetime.now(dt.UTC)
+
+    def page_after(last: dict) -> Awaitable[list[dict]]:
+        return storage.students_page({**params, "after": last["student_id"]}, now)
+
+    first = await read_storage(storage.students_page({**params, "after": ""}, now))
+    return csv_download("students.csv", STUDENT_CSV_COLUMNS, first, page_after, student_csv_row)
