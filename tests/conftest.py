@@ -46,17 +46,55 @@ def postgres_url(database: str) -> str:
     return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + database
 
 
+# Every test database is a copy of this one, made once per session with schema.sql applied.
+TEMPLATE_DATABASE = f"telemetry_template_{uuid.uuid4().hex[:10]}"
+template_made = False
+
+
+async def make_template(admin: asyncpg.Connection) -> None:
+    global template_made
+    await admin.execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
+    schema = "\n".join(
+        line for line in (REPO / "schema.sql").read_text().splitlines() if not line.startswith("--")
+    )
+    template = await asyncpg.connect(postgres_url(TEMPLATE_DATABASE))
+    try:
+        await template.execute(schema)
+    finally:
+        await template.close()
+    template_made = True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def drop_template() -> Iterator[None]:
+    yield
+    if template_made:
+        asyncio.run(drop_database(TEMPLATE_DATABASE))
+
+
+async def drop_database(name: str) -> None:
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
 @contextlib.asynccontextmanager
 async def fresh_postgres_database() -> AsyncIterator[str]:
-    """A new, empty PostgreSQL database, dropped afterwards."""
+    """A new PostgreSQL database with the schema applied, dropped afterwards."""
     name = f"telemetry_test_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(POSTGRES_ADMIN_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        if not template_made:
+            await make_template(admin)
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DATABASE}"')
+    finally:
+        await admin.close()
     try:
         yield postgres_url(name)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(name)
 
 
 @pytest.fixture
