@@ -11,7 +11,6 @@
 //   the read API (rules.js), so the replay that follows a load never counts twice.
 // - Times are the server's clock, from the "now" of its answers (api.js).
 // - The class rules and cleaned error text come from the server: never copied, never redone.
-import { $ } from "./dashboard/dom.js";
 import {
   fetchJson, fetchSession, fetchStudents, openStream, RETRY_MS, serverNow, Unauthorized,
 } from "./dashboard/api.js";
@@ -21,14 +20,13 @@ import {
 } from "./dashboard/chart.js";
 import { addToFeed, drawFeed, forgetInFeed, resetFeed, setUpFeed } from "./dashboard/feed.js";
 import {
-  applyScope, drawOptions, forgetCourse, learnEvent, learnStudent, onFilterChange, setUpFilters,
+  applyScope, drawOptions, forgetCourse, learnEvent, onFilterChange, setUpFilters,
 } from "./dashboard/filters.js";
 import { drawQueue, drawWaits, focusOldestHand } from "./dashboard/queue.js";
+import { applyEvent, expireHands, isRun, presence, resetStudents } from "./dashboard/rules.js";
 import {
-  applyHelp, applyToStudent, expireHands, HAND_EVENTS, handsFromStudents, isBeat, presence,
-  scheduleHelpRefresh,
-} from "./dashboard/rules.js";
-import { askForToken, noteUpdate, setConnection, setUpSettings, setUpSignIn } from "./dashboard/settings.js";
+  askForToken, noteUpdate, setConnection, setUpSettings, setUpSignIn,
+} from "./dashboard/settings.js";
 import { onDraw, schedule, state } from "./dashboard/state.js";
 import { closePanels, drawStudentPanel, noteStudentEvent, setUpStory } from "./dashboard/story.js";
 import { drawStudents, forgetRows, resetTable, setUpTable } from "./dashboard/students.js";
@@ -84,17 +82,11 @@ async function load() {
 
 function reset(history, students, help, activity) {
   state.loaded = true;
-  state.students = new Map(students.map((student) => [student.student_id, student]));
   state.lastId = history.latest_id;
+  resetStudents(students, help);
   resetFeed(history);
   resetTable();
-  state.students.forEach((student) => {
-    state.dirty.add(student.student_id);
-    learnStudent(student);
-  });
   history.events.forEach(learnEvent);
-  if (help) applyHelp(help);
-  else handsFromStudents();
   setActivity(activity || { series: [] });
   schedule();
 }
@@ -103,13 +95,11 @@ function receive(event) {
   noteUpdate();
   if (event.id <= state.lastId) return;
   state.lastId = event.id;
-  const beat = event.event_type === "help" && isBeat(event);
-  applyToStudent(event, beat);
+  const beat = applyEvent(event);
   countActivity(event, beat);
   learnEvent(event);
-  if (event.status === "error" || event.status === "ok") markCellsDirty();
+  if (isRun(event)) markCellsDirty();
   if (!beat) { // a heartbeat of a raised hand has no row in the feed or the timeline
-    if (HAND_EVENTS.has(event.event_type)) scheduleHelpRefresh();
     noteStudentEvent(event);
     addToFeed(event);
   }
@@ -131,10 +121,7 @@ function forget(erased) {
   forgetRows(ids);
   forgetInFeed((item) => ids.has(item.student_id) ||
     (!erased.student_id && item.course_id === erased.course_id));
-  if (state.panel && (ids.has(state.panel.id) || state.panel.kind === "cell")) {
-    closePanels();
-    $("#timeline").replaceChildren();
-  }
+  if (state.panel && (ids.has(state.panel.id) || state.panel.kind === "cell")) closePanels();
   if (!erased.student_id) forgetCourse(erased.course_id);
   schedule();
   load();

@@ -78,10 +78,10 @@ function drawCellPanel() {
   const errors = el("ul", "top-errors", ...cell.top_errors.map((top) => el("li", "", errorLine(top))));
   $("#cell-facts").replaceChildren(facts, el("h3", "", "Most common errors"), errors,
     el("h3", "", "Failing here now"));
-  $("#cell-students").replaceChildren(...cell.failing_student_ids.map((id) => el("li", "", failingStudent(id))));
+  $("#cell-students").replaceChildren(...cell.failing_student_ids.map((id) => el("li", "", pickStudent(id))));
 }
 
-function failingStudent(id) {
+function pickStudent(id) {
   const student = state.students.get(id);
   const pick = button("", el("strong", "", student?.name || id), () => openStudent(id));
   pick.dataset.studentId = id;

@@ -1,6 +1,7 @@
 // Activity of the last hour: per-minute buckets from the server, counted on live.
 import { $, millis, svg } from "./dom.js";
 import { serverNow } from "./api.js";
+import { isRun } from "./rules.js";
 import { schedule } from "./state.js";
 
 export const ACTIVITY_MINUTES = 60;
@@ -37,7 +38,7 @@ function bucketFor(time) {
 
 export function countActivity(event, beat) {
   const received = millis(event.received_at);
-  const isExecution = event.status === "ok" || event.status === "error";
+  const isExecution = isRun(event);
   const isRaise = event.event_type === "help" && !beat;
   if (received === null || !(isExecution || isRaise)) return;
   const bucket = bucketFor(received);

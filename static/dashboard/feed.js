@@ -1,11 +1,11 @@
 // The live feed, newest first: held while paused or while an event is open, older events on
 // demand. It keeps at most FEED_LIMIT rows, so a busy class leaves the page responsive.
-import { $, button, el, formatTime, pathNode } from "./dom.js";
+import { $, button, cellPosition, el, formatTime, pathNode } from "./dom.js";
 import { fetchJson } from "./api.js";
 import { learnEvent, matchesFeedFilters, onFilterChange } from "./filters.js";
 import { HAND_EVENTS } from "./rules.js";
 import { ROWS_PER_FRAME, schedule, state } from "./state.js";
-import { appendExecution, eventTypeLabel, openStudent, statusClass } from "./story.js";
+import { appendExecution, eventHints, eventTypeLabel, openStudent, statusClass } from "./story.js";
 
 const FEED_LIMIT = 200;
 const BUFFER_LIMIT = 2000; // recent events kept in memory, to re-filter the feed
@@ -103,7 +103,7 @@ function feedItem(event) {
     el("time", "time", formatTime(event.occurred_at)),
     el("span", "student", event.student_name || event.student_id),
     el("span", "type", eventTypeLabel(event)),
-    el("span", "where", el("span", "cell", event.cell_index == null ? "" : `[${event.cell_index}]`), notebook));
+    el("span", "where", el("span", "cell", event.cell_index == null ? "" : cellPosition(event.cell_index)), notebook));
   summary.title = event.student_id;
   item.append(summary);
   // Code and tracebacks can be large: build them only when the event is opened.
@@ -116,12 +116,9 @@ function feedItem(event) {
 }
 
 function details(event) {
-  const meta = [`event ${event.id}`, `student ${event.student_id}`];
-  if (event.team) meta.push(`team ${event.team}`);
-  if (event.notebook_path) meta.push(event.notebook_path);
-  if (event.duration_ms != null) meta.push(`${Math.round(event.duration_ms)} ms`);
-  if (event.extra?.by) meta.push(`by ${event.extra.by}`);
-  const body = el("div", "details", el("p", "meta", meta.join(" · ")));
+  const meta = [`event ${event.id}`, `student ${event.student_id}`, event.team && `team ${event.team}`,
+    event.notebook_path, ...eventHints(event)];
+  const body = el("div", "details", el("p", "meta", meta.filter(Boolean).join(" · ")));
   appendExecution(body, event);
   body.append(button("", "Open this student", () => openStudent(event.student_id)));
   return body;
@@ -145,10 +142,10 @@ function resumeIfFree() {
 
 function drawPauseNote() {
   const note = $("#feed-paused");
-  const open = hasOpenEvent();
-  note.hidden = !(paused || open);
-  $("#feed-section").classList.toggle("paused", paused || open);
-  if (paused || open) note.textContent = `${paused ? "paused" : "paused while an event is open"}: ${held.length} new`;
+  const why = paused ? "paused" : hasOpenEvent() && "paused while an event is open";
+  note.hidden = !why;
+  $("#feed-section").classList.toggle("paused", Boolean(why));
+  if (why) note.textContent = `${why}: ${held.length} new`;
 }
 
 async function loadOlder() {

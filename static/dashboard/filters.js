@@ -4,16 +4,9 @@ import { $, collator, el, fileName } from "./dom.js";
 import { drawExportLinks } from "./export.js";
 import { schedule, state } from "./state.js";
 
-const SELECTS = {
-  course: "#filter-course", team: "#filter-team", notebook: "#filter-notebook", type: "#filter-type",
-};
-const PARAMS = {
-  course: "course_id", team: "team", notebook: "notebook_path", type: "event_type", search: "q",
-};
-const STUDENT_FIELDS = {
-  course: "course_id", team: "team", notebook: "last_notebook_path", type: "last_event_type",
-};
-const EVENT_FIELDS = { course: "course_id", team: "team", notebook: "notebook_path", type: "event_type" };
+// The picked filters, each a <select id="filter-KIND">; an event's field is its URL parameter.
+const PICKED = ["course", "team", "notebook", "type"];
+const PARAMS = { course: "course_id", team: "team", notebook: "notebook_path", type: "event_type", search: "q" };
 
 const known = { course: new Set(), team: new Set(), notebook: new Set(), type: new Set() };
 let optionsChanged = true;
@@ -38,12 +31,10 @@ function learn(kind, value) {
   }
 }
 
-function learnFields(record, fields) {
-  for (const [kind, field] of Object.entries(fields)) learn(kind, record[field]);
-}
-
-export const learnStudent = (student) => learnFields(student, STUDENT_FIELDS);
-export const learnEvent = (event) => learnFields(event, EVENT_FIELDS);
+export const learnEvent = (event) => PICKED.forEach((kind) => learn(kind, event[PARAMS[kind]]));
+export const learnStudent = (student) => learnEvent({
+  ...student, notebook_path: student.last_notebook_path, event_type: student.last_event_type,
+});
 
 export function forgetCourse(course) {
   if (known.course.delete(course)) optionsChanged = true;
@@ -63,8 +54,8 @@ export function applyScope(courses) {
 export function drawOptions() {
   if (!optionsChanged) return;
   optionsChanged = false;
-  for (const [kind, selector] of Object.entries(SELECTS)) {
-    const select = $(selector);
+  for (const kind of PICKED) {
+    const select = $(`#filter-${kind}`);
     const values = [...known[kind], state.filters[kind]].filter(Boolean);
     const wanted = [...new Set(values)].sort(collator.compare);
     if (select.options.length - 1 === wanted.length) continue;
@@ -106,8 +97,8 @@ export function matchesStudentFilters(student) {
 export function setUpFilters() {
   const query = new URLSearchParams(location.search);
   for (const [kind, param] of Object.entries(PARAMS)) state.filters[kind] = query.get(param) || "";
-  for (const [kind, selector] of Object.entries(SELECTS)) {
-    const select = $(selector);
+  for (const kind of PICKED) {
+    const select = $(`#filter-${kind}`);
     select.addEventListener("change", () => setFilter(kind, select.value));
   }
   const search = $("#search");

@@ -1,7 +1,7 @@
 // The help queue, first come first served, with each hand's wait ticking on the server's clock.
 import { $, arrange, button, cellLabel, collator, el, formatTime, formatWait, millis } from "./dom.js";
 import { serverNow } from "./api.js";
-import { handAction } from "./rules.js";
+import { pressHand } from "./rules.js";
 import { state } from "./state.js";
 import { displayName, onTheWay, openStudent } from "./story.js";
 
@@ -77,12 +77,10 @@ function queueItem(studentId) {
 }
 
 function actionButton(label, action, studentId) {
-  const pressed = button(action, label, (click) => {
+  return button(action, label, (click) => {
     click.stopPropagation();
-    pressed.disabled = true;
-    handAction(studentId, action).finally(() => (pressed.disabled = false));
+    pressHand(click.currentTarget, studentId, action);
   });
-  return pressed;
 }
 
 // Every wait on the page: the queue's and the open student's.

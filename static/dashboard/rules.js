@@ -13,7 +13,7 @@ export const HAND_EVENTS = new Set(["help", "help_stop", "help_on_my_way", "help
 let helpTimer = 0;
 
 const ms = (rule) => state.rules[`${rule}_seconds`] * 1000;
-const isRun = (event) => event.status === "ok" || event.status === "error";
+export const isRun = (event) => event.status === "ok" || event.status === "error";
 
 export function presence(student, now) {
   const seen = millis(student.last_seen);
@@ -29,8 +29,7 @@ export function attentionRank(student) {
   return student.struggling ? 2 : 3;
 }
 
-export const recentErrors = (student) =>
-  (student.recent_statuses || []).filter((status) => status === "error").length;
+export const recentErrors = (student) => student.recent_statuses.filter((status) => status === "error").length;
 
 // Counts for the class summary and for each team.
 export function tally(students, now) {
@@ -45,34 +44,45 @@ export function tally(students, now) {
   return counts;
 }
 
+// The read API's students, and its hands when GET /api/v1/help answered, else the students'.
+export function resetStudents(students, help) {
+  state.students = new Map(students.map((student) => [student.student_id, student]));
+  state.students.forEach((student) => {
+    state.dirty.add(student.student_id);
+    learnStudent(student);
+  });
+  if (help) return applyHelp(help);
+  state.hands = new Map([...state.students.values()].filter((student) => student.hand_raised)
+    .map((s) => [s.student_id, { raised_at: s.hand_raised_at, last_beat_at: s.hand_last_beat_at }]));
+}
+
+// Applies a live event to its student; true when it only beat for a hand already raised.
+export function applyEvent(event) {
+  const beat = event.event_type === "help" && isBeat(event);
+  applyToStudent(event, beat);
+  if (HAND_EVENTS.has(event.event_type) && !beat) scheduleHelpRefresh();
+  return beat;
+}
+
 // A help while the student's raise still beats only moves its last beat.
-export function isBeat(event) {
+function isBeat(event) {
   const hand = state.hands.get(event.student_id);
   const received = millis(event.received_at);
   const lastBeat = hand ? millis(hand.last_beat_at) : null;
   return received !== null && lastBeat !== null && received - lastBeat <= ms("hand_timeout");
 }
 
-function newStudent(event) {
-  return {
-    student_id: event.student_id, name: null, course_id: null, team: null,
-    first_seen: event.received_at, last_seen: event.received_at,
-    event_count: 0, execution_count: 0, error_count: 0, last_event_id: 0,
-    last_event_type: null, last_notebook_path: null, last_cell_id: null,
-    last_cell_index: null, last_status: null, hand_raised: false, hand_raised_at: null,
-    hand_last_beat_at: null, hand_on_my_way: null, error_streak: 0, streak_cell_id: null,
-    stuck: false, recent_statuses: [], struggling: false,
-  };
-}
+const newStudent = (event) => ({
+  student_id: event.student_id, first_seen: event.received_at, event_count: 0, execution_count: 0,
+  error_count: 0, last_event_id: 0, error_streak: 0, recent_statuses: [],
+  hand_raised: false, stuck: false, struggling: false,
+});
 
 // An event counts for a student only if its id is above the student's last_event_id from the
 // read API, so the replay that follows the initial load never counts twice.
-export function applyToStudent(event, beat) {
-  let student = state.students.get(event.student_id);
-  if (!student) {
-    student = newStudent(event);
-    state.students.set(event.student_id, student);
-  }
+function applyToStudent(event, beat) {
+  if (!state.students.has(event.student_id)) state.students.set(event.student_id, newStudent(event));
+  const student = state.students.get(event.student_id);
   if (event.id <= student.last_event_id) return;
   student.last_event_id = event.id;
   student.name = event.student_name ?? student.name;
@@ -107,8 +117,7 @@ function countExecution(student, event) {
     student.streak_cell_id = null;
   }
   student.stuck = student.error_streak >= state.rules.stuck_error_streak;
-  student.recent_statuses = [...(student.recent_statuses || []), event.status]
-    .slice(-state.rules.recent_executions);
+  student.recent_statuses = [...student.recent_statuses, event.status].slice(-state.rules.recent_executions);
   student.struggling = recentErrors(student) >= state.rules.struggling_errors;
 }
 
@@ -123,58 +132,40 @@ function applyHand(student, event, beat) {
         if (student.hand_raised) student.hand_last_beat_at = received;
         return;
       }
-      state.hands.set(id, { state: "up", raised_at: received, last_beat_at: received });
-      raiseHand(student, { raised_at: received, last_beat_at: received, on_my_way: null });
+      state.hands.set(id, { raised_at: received, last_beat_at: received });
+      setHand(student, { raised_at: received, last_beat_at: received });
       if (state.loaded) announceHand(student);
       return;
     case "help_stop":
       state.hands.delete(id);
-      lowerHand(student);
+      setHand(student, null);
       return;
-    case "help_dismissed":
-      if (state.hands.has(id)) state.hands.get(id).state = "dismissed";
-      lowerHand(student);
+    case "help_dismissed": // the raise still beats until stopped: its beats raise nothing
+      setHand(student, null);
       return;
     case "help_on_my_way":
       if (student.hand_raised) student.hand_on_my_way = { by: event.extra?.by ?? null, at: received };
   }
 }
 
-function raiseHand(student, hand) {
+// A queue item of GET /api/v1/help, or null to lower the hand.
+function setHand(student, hand) {
   Object.assign(student, {
-    hand_raised: true, hand_raised_at: hand.raised_at,
-    hand_last_beat_at: hand.last_beat_at, hand_on_my_way: hand.on_my_way,
-  });
-}
-
-function lowerHand(student) {
-  Object.assign(student, {
-    hand_raised: false, hand_raised_at: null, hand_last_beat_at: null, hand_on_my_way: null,
+    hand_raised: Boolean(hand), hand_raised_at: hand?.raised_at ?? null,
+    hand_last_beat_at: hand?.last_beat_at ?? null, hand_on_my_way: hand?.on_my_way ?? null,
   });
 }
 
 const handKey = (student) =>
   `${student.hand_raised}|${student.hand_raised_at}|${JSON.stringify(student.hand_on_my_way)}`;
 
-export function applyHelp(answer) {
+function applyHelp(answer) {
   state.hands = new Map(answer.hands.map((hand) => [hand.student_id, hand]));
   const queued = new Map(answer.queue.map((item) => [item.student_id, item]));
   state.students.forEach((student) => {
     const was = handKey(student);
-    const item = queued.get(student.student_id);
-    if (item) raiseHand(student, item);
-    else lowerHand(student);
+    setHand(student, queued.get(student.student_id) ?? null);
     if (was !== handKey(student)) state.dirty.add(student.student_id);
-  });
-}
-
-export function handsFromStudents() {
-  state.hands = new Map();
-  state.students.forEach((student) => {
-    if (!student.hand_raised) return;
-    state.hands.set(student.student_id, {
-      state: "up", raised_at: student.hand_raised_at, last_beat_at: student.hand_last_beat_at,
-    });
   });
 }
 
@@ -183,7 +174,7 @@ export function expireHands(now) {
   state.students.forEach((student) => {
     const beat = millis(student.hand_last_beat_at);
     if (student.hand_raised && beat !== null && now - beat > timeout) {
-      lowerHand(student);
+      setHand(student, null);
       state.dirty.add(student.student_id);
     }
   });
@@ -192,7 +183,7 @@ export function expireHands(now) {
   });
 }
 
-export function scheduleHelpRefresh() {
+function scheduleHelpRefresh() {
   if (helpTimer) return;
   const generation = state.generation;
   helpTimer = setTimeout(async () => {
@@ -208,14 +199,16 @@ export function scheduleHelpRefresh() {
   }, HELP_REFRESH_MS);
 }
 
-// "on-my-way" or "dismiss". A 409 (already down elsewhere), an error or a success: either
-// way the server's queue, asked for next, shows where the hand stands.
-export async function handAction(studentId, action) {
+// "on-my-way" or "dismiss", the button disabled meanwhile. A 409 (already down elsewhere), an
+// error or a success: either way the server's queue, asked for next, shows where the hand stands.
+export async function pressHand(pressed, studentId, action) {
+  pressed.disabled = true;
   try {
     await postJson(`/api/v1/help/${encodeURIComponent(studentId)}/${action}`, { by: instructorName() });
   } catch (error) {
     if (error instanceof Unauthorized) askForToken("");
   } finally {
+    pressed.disabled = false;
     scheduleHelpRefresh();
   }
 }

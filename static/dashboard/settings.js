@@ -3,7 +3,6 @@
 import { $, timeFormat } from "./dom.js";
 import { signIn } from "./api.js";
 
-let live = false;
 let lastUpdate = null; // local Date of the latest sign of life from the stream
 let audio = null;
 
@@ -11,17 +10,8 @@ export function setConnection(name) {
   const indicator = $("#connection");
   indicator.dataset.state = name;
   indicator.textContent = name;
-  live = name === "live";
-  if (live) lastUpdate = new Date();
-  drawStale();
-}
-
-export function noteUpdate() {
-  lastUpdate = new Date();
-}
-
-function drawStale() {
-  const stale = !live && lastUpdate !== null;
+  if (name === "live") lastUpdate = new Date();
+  const stale = name !== "live" && lastUpdate !== null;
   document.body.classList.toggle("stale", stale);
   const banner = $("#stale");
   banner.hidden = !stale;
@@ -30,6 +20,10 @@ function drawStale() {
     banner.textContent = `Stream down: data as of ${at}, its last update. Reconnecting…`;
     banner.dataset.lastUpdate = lastUpdate.toISOString();
   }
+}
+
+export function noteUpdate() {
+  lastUpdate = new Date();
 }
 
 export function askForToken(problem) {

@@ -5,7 +5,7 @@ export const state = {
   filters: { course: "", team: "", notebook: "", type: "", search: "" },
   rules: null, // the server's class rules, from the session answer
   students: new Map(), // student_id -> student record (as the read API sends, kept current)
-  hands: new Map(), // student_id -> {state, raised_at, last_beat_at}: raises still beating
+  hands: new Map(), // student_id -> {raised_at, last_beat_at}: raises still beating
   dirty: new Set(), // student ids whose row needs redrawing
   lastId: 0, // highest event id applied
   generation: 0, // bumped by each (re)load so that stale callbacks do nothing

@@ -3,7 +3,7 @@
 import { $, addFact, cellLabel, el, formatTime, formatWait, millis } from "./dom.js";
 import { fetchJson, serverNow } from "./api.js";
 import { drawStudentExportLink } from "./export.js";
-import { handAction, presence, recentErrors } from "./rules.js";
+import { presence, pressHand, recentErrors } from "./rules.js";
 import { schedule, state } from "./state.js";
 
 const TIMELINE_LIMIT = 50;
@@ -14,6 +14,10 @@ export const displayName = (student) => student.name || student.student_id;
 export const statusClass = (status) => (status === "ok" || status === "error" ? status : "none");
 export const eventTypeLabel = (event) =>
   event.status ? `${event.event_type} ${event.status}` : event.event_type;
+export const eventHints = (event) => [
+  event.duration_ms != null && `${Math.round(event.duration_ms)} ms`,
+  event.extra?.by && `by ${event.extra.by}`,
+].filter(Boolean);
 
 // Code, outputs and tracebacks as they were posted; the error line as the server cleaned it.
 export function appendExecution(body, event) {
@@ -43,13 +47,14 @@ function outputPart(output) {
   if (!output || typeof output !== "object") return JSON.stringify(output);
   const text = output.text ?? output.data?.["text/plain"];
   if (text !== undefined) return Array.isArray(text) ? text.join("") : String(text);
-  if (output.ename) return [`${output.ename}: ${output.evalue ?? ""}`, ...(output.traceback || [])].join("\n");
-  return JSON.stringify(output);
+  if (!output.ename) return JSON.stringify(output);
+  return [[output.ename, output.evalue].filter(Boolean).join(": "), ...(output.traceback || [])].join("\n");
 }
 
 export function closePanels() {
   state.panel = null;
   $("#student-panel").hidden = true;
+  $("#timeline").replaceChildren(); // an erased student's story goes with the panel
   $("#cell-panel").hidden = true;
   $("#settings").open = false;
 }
@@ -58,7 +63,6 @@ export function openStudent(studentId) {
   closePanels();
   state.panel = { kind: "student", id: studentId, before: null, incoming: [], drawnKey: "", last: null };
   $("#student-panel").hidden = false;
-  $("#timeline").replaceChildren();
   $("#timeline-older").hidden = true;
   drawStudentExportLink(studentId);
   drawStudentPanel();
@@ -102,8 +106,7 @@ function timelineItem(event) {
   const line = el("div", "line", el("time", "time", formatTime(event.occurred_at)),
     el("span", "type", eventTypeLabel(event)));
   if (event.notebook_path) line.append(el("span", "where", cellLabel(event.cell_index, event.notebook_path)));
-  if (event.duration_ms != null) line.append(el("span", "hint", `${Math.round(event.duration_ms)} ms`));
-  if (event.extra?.by) line.append(el("span", "hint", `by ${event.extra.by}`));
+  line.append(...eventHints(event).map((hint) => el("span", "hint", hint)));
   item.append(line);
   appendExecution(item, event);
   return item;
@@ -131,8 +134,9 @@ export function drawStudentPanel() {
 function studentFacts(student) {
   const facts = el("dl", "facts");
   const presenceNow = student._presence || presence(student, serverNow());
-  const recent = (student.recent_statuses || []).length;
-  const rate = student.execution_count ? Math.round((100 * student.error_count) / student.execution_count) : 0;
+  const recent = student.recent_statuses.length;
+  const runs = student.execution_count;
+  const rate = runs ? Math.round((100 * student.error_count) / runs) : 0;
   const flags = [];
   if (student.stuck) flags.push(`stuck: ${student.error_streak} errors in a row on one cell`);
   if (student.struggling) flags.push("struggling: many errors in the recent runs");
@@ -141,7 +145,7 @@ function studentFacts(student) {
   if (student.course_id) addFact(facts, "Course", student.course_id);
   addFact(facts, "Presence", `${presenceNow}, last seen ${formatTime(student.last_seen)}`);
   addFact(facts, "Hand", handFact(student));
-  addFact(facts, "Runs", `${student.execution_count} runs, ${student.error_count} errors (${rate}%); ` +
+  addFact(facts, "Runs", `${runs} runs, ${student.error_count} errors (${rate}%); ` +
     `${recentErrors(student)} errors in the last ${recent}`);
   addFact(facts, "Attention", flags.join("; ") || "none");
   addFact(facts, "Now in", student.last_notebook_path
@@ -163,13 +167,9 @@ function handFact(student) {
 
 export function setUpStory() {
   $("#timeline-older").addEventListener("click", () => state.panel && loadTimeline(state.panel));
-  for (const [selector, action] of [["#student-on-my-way", "on-my-way"], ["#student-dismiss", "dismiss"]]) {
-    const pressed = $(selector);
-    pressed.addEventListener("click", () => {
-      if (!state.panel) return;
-      pressed.disabled = true;
-      handAction(state.panel.id, action).finally(() => (pressed.disabled = false));
-    });
+  for (const action of ["on-my-way", "dismiss"]) {
+    const pressed = $(`#student-${action}`);
+    pressed.addEventListener("click", () => state.panel && pressHand(pressed, state.panel.id, action));
   }
-  document.querySelectorAll(".panel .close").forEach((close) => close.addEventListener("click", closePanels));
+  for (const close of document.querySelectorAll(".panel .close")) close.addEventListener("click", closePanels);
 }

@@ -80,7 +80,7 @@ export function drawStudents() {
     rebuild = false;
   }
   const total = state.students.size;
-  $("#student-count").textContent = visible.length === total ? String(total) : `${visible.length} of ${total}`;
+  $("#student-count").textContent = visible.length === total ? total : `${visible.length} of ${total}`;
   $("#empty").hidden = total > 0 || !state.loaded;
   return true;
 }
@@ -132,7 +132,7 @@ function attentionCell(student) {
   }
   if (student.struggling) {
     const badge = el("span", "badge struggling", "struggling");
-    badge.title = `${recentErrors(student)} errors in the last ${(student.recent_statuses || []).length} runs`;
+    badge.title = `${recentErrors(student)} errors in the last ${student.recent_statuses.length} runs`;
     cell.append(badge);
   }
   cell.append(el("span", `badge ${student._presence}`, student._presence));
