@@ -120,6 +120,31 @@ def test_repeated_errors_on_one_cell_mark_the_student_stuck(dashboard) -> None:
     assert dashboard.wait(lambda: "stuck" not in dashboard.cell(row, "attention"))
 
 
+# Runs before the page's scripts: the session answer says two errors in a row make a student
+# stuck, where the server's own rule says three.
+STRICTER_RULES = """
+const fetchAnswer = window.fetch;
+window.fetch = async (resource, options) => {
+  const response = await fetchAnswer(resource, options);
+  if (!String(resource).startsWith("/api/v1/session")) return response;
+  const session = await response.json();
+  session.rules.stuck_error_streak = 2;
+  const {status, headers} = response;
+  return new Response(JSON.stringify(session), {status, headers});
+};
+"""
+
+
+def test_live_updates_follow_the_rules_in_the_session_answer(dashboard) -> None:
+    dashboard.browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument", {"source": STRICTER_RULES}
+    )
+    dashboard.open()
+    dashboard.post(*[execution("lin", "error") for _ in range(2)])
+    row = dashboard.student_row("lin")
+    assert dashboard.wait(lambda: "stuck: 2 errors" in dashboard.cell(row, "attention"))
+
+
 def test_student_provided_markup_shows_as_text_and_runs_nothing(dashboard) -> None:
     dashboard.open()
     [event_id] = dashboard.post(execution("mallory", "error", student_name=XSS, source=XSS))
@@ -340,11 +365,13 @@ def test_page_fits_the_window_without_horizontal_overflow(dashboard, width) -> N
 
 
 def test_an_open_event_holds_the_feed_until_it_is_closed(dashboard) -> None:
-    [first] = dashboard.post(execution("ada", "error", source="print(x)"))
+    output = [{"output_type": "stream", "name": "stdout", "text": "d[m] = 1\n"}]
+    [first] = dashboard.post(execution("ada", "error", source="print(x)", outputs=output))
     dashboard.open()
     item = dashboard.feed_item(first)
     item.find_element(By.TAG_NAME, "summary").click()
     dashboard.element("pre.code", within=item)
+    assert dashboard.element("pre.output", within=item).text == "d[m] = 1"  # raw, never "d] = 1"
     [second] = dashboard.post(execution("grace", "ok"))
     note = dashboard.element("#feed-paused")
     assert dashboard.wait(lambda: note.text == "paused while an event is open: 1 new")

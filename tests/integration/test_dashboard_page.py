@@ -20,12 +20,16 @@ async def test_page_is_served_with_a_strict_content_security_policy(client) -> N
     assert response.headers["content-security-policy"].startswith("default-src 'self'")
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["referrer-policy"] == "no-referrer"
-    assert '<script src="/static/dashboard.js"' in response.text
+    assert '<script type="module" src="/static/dashboard.js">' in response.text
+
+
+SCRIPTS = sorted(STATIC_DIR.rglob("*.js"))
+MODULES = [f"/static/{script.relative_to(STATIC_DIR).as_posix()}" for script in SCRIPTS]
 
 
 @pytest.mark.parametrize(
     ("path", "media_type"),
-    [("/static/dashboard.js", "text/javascript"), ("/static/dashboard.css", "text/css")],
+    [*((module, "text/javascript") for module in MODULES), ("/static/dashboard.css", "text/css")],
 )
 async def test_script_and_style_are_served_from_static(client, path, media_type) -> None:
     response = await client.get(path)
@@ -37,5 +41,6 @@ def test_page_has_no_inline_script_or_style_and_never_parses_html() -> None:
     html = (STATIC_DIR / "index.html").read_text()
     assert not re.search(r"<script(?![^>]*\bsrc=)", html)  # every script is a file
     assert not re.search(r"<style|\sstyle=|\son[a-z]+=", html)
-    script = (STATIC_DIR / "dashboard.js").read_text()
-    assert not re.search(r"\.(innerHTML|outerHTML|insertAdjacentHTML)\b|document\.write", script)
+    for script in SCRIPTS:
+        text = script.read_text()
+        assert not re.search(r"\.(innerHTML|outerHTML|insertAdjacentHTML)\b|document\.write", text)

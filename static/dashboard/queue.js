@@ -1,0 +1,102 @@
+// The help queue, first come first served, with each hand's wait ticking on the server's clock.
+import { $, arrange, button, cellLabel, collator, el, formatTime, formatWait, millis } from "./dom.js";
+import { serverNow } from "./api.js";
+import { pressHand } from "./rules.js";
+import { state } from "./state.js";
+import { displayName, onTheWay, openStudent } from "./story.js";
+
+let drawnKey = "";
+const items = new Map(); // student_id -> the parts of their queue item
+let focused = null; // the student whose item H focused
+
+function queueStudents() {
+  const team = state.filters.team;
+  return [...state.students.values()]
+    .filter((student) => student.hand_raised && (!team || student.team === team))
+    .sort((a, b) => collator.compare(a.hand_raised_at || "", b.hand_raised_at || "") ||
+      collator.compare(a.student_id, b.student_id));
+}
+
+const itemKey = (s) => [s.student_id, s.hand_raised_at, JSON.stringify(s.hand_on_my_way),
+  s.last_notebook_path, s.last_cell_index, s.name, s.team].join("|");
+
+export function drawQueue() {
+  const queue = queueStudents();
+  const key = queue.map(itemKey).join("\u0000");
+  if (key === drawnKey) return;
+  drawnKey = key;
+  $("#queue-count").textContent = queue.length ? String(queue.length) : "";
+  $("#queue-empty").hidden = queue.length > 0;
+  const shown = queue.map((student, index) => updateItem(student, index));
+  for (const id of items.keys()) if (!queue.some((student) => student.student_id === id)) items.delete(id);
+  arrange($("#queue"), shown);
+  drawWaits(serverNow());
+}
+
+// Items are updated in place, never rebuilt: a student running a cell while the instructor
+// reaches for "Dismiss" must not swap the button from under the pointer.
+function updateItem(student, index) {
+  if (!items.has(student.student_id)) items.set(student.student_id, queueItem(student.student_id));
+  const parts = items.get(student.student_id);
+  const raisedAt = student.hand_raised_at || "";
+  if (parts.wait.dataset.raisedAt !== raisedAt) {
+    parts.wait.dataset.raisedAt = raisedAt;
+    parts.raised.textContent = `raised ${formatTime(student.hand_raised_at)} · waiting `;
+  }
+  const onWay = student.hand_on_my_way;
+  parts.item.classList.toggle("on-way", Boolean(onWay));
+  parts.item.classList.toggle("focused", focused === student.student_id);
+  parts.position.textContent = String(index + 1);
+  parts.name.textContent = displayName(student);
+  parts.team.textContent = student.team ? ` · ${student.team}` : "";
+  parts.where.textContent = student.last_notebook_path
+    ? cellLabel(student.last_cell_index, student.last_notebook_path) : "";
+  parts.where.title = student.last_notebook_path || "";
+  parts.onWay.textContent = onTheWay(onWay);
+  parts.onMyWay.hidden = Boolean(onWay);
+  return parts.item;
+}
+
+function queueItem(studentId) {
+  const parts = {
+    position: el("span", "position"),
+    name: button("name", "", () => openStudent(studentId)),
+    team: el("span", "hint"),
+    where: el("span", "where"),
+    raised: el("span"),
+    wait: el("span", "wait"),
+    onWay: el("span"),
+    onMyWay: actionButton("On my way", "on-my-way", studentId),
+  };
+  parts.item = el("li", "", parts.position,
+    el("div", "who", parts.name, parts.team, parts.where,
+      el("span", "since", parts.raised, parts.wait, parts.onWay)),
+    el("div", "actions", parts.onMyWay, actionButton("Dismiss", "dismiss", studentId)));
+  parts.item.dataset.studentId = studentId;
+  return parts;
+}
+
+function actionButton(label, action, studentId) {
+  return button(action, label, (click) => {
+    click.stopPropagation();
+    pressHand(click.currentTarget, studentId, action);
+  });
+}
+
+// Every wait on the page: the queue's and the open student's.
+export function drawWaits(now) {
+  for (const wait of document.querySelectorAll("[data-raised-at]")) {
+    const raised = millis(wait.dataset.raisedAt);
+    if (raised !== null) wait.textContent = formatWait(now - raised);
+  }
+}
+
+export function focusOldestHand() {
+  const first = $("#queue li");
+  if (!first) return;
+  focused = first.dataset.studentId;
+  document.querySelectorAll("#queue li.focused").forEach((item) => item.classList.remove("focused"));
+  first.classList.add("focused");
+  first.scrollIntoView({ block: "nearest" });
+  first.querySelector("button.name").focus();
+}

@@ -1,0 +1,40 @@
+// What the panels share: the students as the read API and the stream tell of them, the
+// filters, the server's rules; and the one draw loop. Each panel keeps its own drawing state.
+
+export const state = {
+  filters: { course: "", team: "", notebook: "", type: "", search: "" },
+  rules: null, // the server's class rules, from the session answer
+  students: new Map(), // student_id -> student record (as the read API sends, kept current)
+  hands: new Map(), // student_id -> {raised_at, last_beat_at}: raises still beating
+  dirty: new Set(), // student ids whose row needs redrawing
+  lastId: 0, // highest event id applied
+  generation: 0, // bumped by each (re)load so that stale callbacks do nothing
+  loaded: false,
+  panel: null, // {kind: "student"|"cell", id, ...}
+};
+
+// A whole class drawn in one frame is a long task: a first draw is spread over frames.
+export const ROWS_PER_FRAME = 25;
+const DRAW_INTERVAL_MS = 100;
+
+let frame = 0; // the pending animation frame or timer, 0 when none
+let drawnAt = -Infinity;
+let drawer = () => {};
+
+export function onDraw(draw) {
+  drawer = draw;
+}
+
+// At most one draw per DRAW_INTERVAL_MS, for whatever arrived meanwhile: drawing in every
+// frame at a busy class's event rate kept the main thread mostly busy, for little less delay.
+export function schedule() {
+  if (frame) return;
+  const run = () => {
+    frame = 0;
+    drawnAt = performance.now();
+    drawer();
+  };
+  const wait = drawnAt + DRAW_INTERVAL_MS - performance.now();
+  if (wait <= 0) frame = requestAnimationFrame(run);
+  else frame = setTimeout(() => (frame = requestAnimationFrame(run)), wait);
+}

@@ -1,0 +1,57 @@
+// Tallies: the class summary line, and one button per team that shows only its students.
+import { $, button, collator, el, plural } from "./dom.js";
+import { serverNow } from "./api.js";
+import { errorsInLastMinutes } from "./chart.js";
+import { setFilter } from "./filters.js";
+import { tally } from "./rules.js";
+import { state } from "./state.js";
+
+let drawnKey = "";
+
+export function drawSummary() {
+  const counts = tally(state.students.values(), serverNow());
+  const parts = [
+    [counts.active, ` of ${counts.total} active`],
+    [errorsInLastMinutes(5), " errors in the last 5 min"],
+    [counts.hands, counts.hands === 1 ? " hand up" : " hands up"],
+    [counts.stuck, " stuck"],
+    [counts.struggling, " struggling"],
+  ];
+  $("#summary").replaceChildren(...parts.flatMap(([count, text], index) =>
+    [...(index ? [" · "] : []), el("strong", "", count), text]));
+}
+
+export function drawTeams() {
+  const members = new Map();
+  for (const student of state.students.values()) {
+    if (!student.team) continue;
+    if (!members.has(student.team)) members.set(student.team, []);
+    members.get(student.team).push(student);
+  }
+  const names = [...members.keys()].sort(collator.compare);
+  const now = serverNow();
+  const teams = names.map((name) => [name, tally(members.get(name), now)]);
+  const key = JSON.stringify([state.filters.team, teams]);
+  if (key === drawnKey) return;
+  drawnKey = key;
+  $("#teams").hidden = names.length === 0;
+  $("#teams").replaceChildren(...teams.map(([name, counts]) => el("li", "", teamButton(name, counts))));
+}
+
+function teamButton(name, counts) {
+  const pick = button("", null, () => {
+    const team = state.filters.team === name ? "" : name;
+    $("#filter-team").value = team;
+    setFilter("team", team);
+  });
+  pick.dataset.team = name;
+  pick.setAttribute("aria-pressed", String(state.filters.team === name));
+  pick.classList.toggle("has-hands", counts.hands > 0);
+  pick.append(
+    el("span", "team-name", name),
+    el("span", "team-counts", `${counts.active} of ${counts.total} active`),
+    el("span", "team-counts",
+      `${plural(counts.hands, "hand")} · ${counts.stuck} stuck · ${counts.struggling} struggling`),
+  );
+  return pick;
+}
