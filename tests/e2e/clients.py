@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from ssl import SSLContext
 
 import httpx
 import websockets
@@ -57,15 +58,18 @@ class StreamRecorder:
 
 
 class SseClient(StreamRecorder):
-    def __init__(self, url: str, last_event_id: int | None = None, **params: str) -> None:
+    def __init__(
+        self, url: str, last_event_id: int | None = None, *, verify: bool = True, **params: str
+    ) -> None:
         super().__init__()
-        self.url, self.params = url, params
+        self.url, self.params, self.verify = url, params, verify
         self.headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
         self.status: int | None = None
         self.retry: int | None = None
 
     async def _run(self) -> None:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=None)) as client:
+        timeout = httpx.Timeout(5.0, read=None)
+        async with httpx.AsyncClient(timeout=timeout, verify=self.verify) as client:
             async with aconnect_sse(
                 client, "GET", f"{self.url}/api/v1/stream", headers=self.headers, params=self.params
             ) as source:
@@ -84,8 +88,16 @@ class SseClient(StreamRecorder):
 
 
 class WebSocketClient(StreamRecorder):
-    def __init__(self, ws_url: str, last_event_id: int | None = None, **params: str) -> None:
+    def __init__(
+        self,
+        ws_url: str,
+        last_event_id: int | None = None,
+        *,
+        ssl: SSLContext | None = None,
+        **params: str,
+    ) -> None:
         super().__init__()
+        self.ssl = ssl
         query = dict(params)
         if last_event_id is not None:
             query["last_event_id"] = str(last_event_id)
@@ -93,7 +105,7 @@ class WebSocketClient(StreamRecorder):
         self.close_code: int | None = None
 
     async def _run(self) -> None:
-        async with websockets.connect(self.url) as socket:
+        async with websockets.connect(self.url, ssl=self.ssl) as socket:
             self.connected.set()
             try:
                 async for text in socket:
