@@ -1,34 +1,86 @@
--- wrk script: POSTs of BENCH_BATCH events (1 = a single object, else an array), each with a
--- unique event_id "<BENCH_RUN>-<thread>-<counter>". done() prints one JSON line for run.py.
+-- wrk script: replays the events bench/classroom.py wrote (cell-monitor-extension's camelCase
+-- shape, one JSON line each, BENCH_EVENTS), BENCH_BATCH of them per POST as a JSON array
+-- (1 = a one-element array, as the extension posts), each with a unique eventId
+-- "<BENCH_RUN>-<thread>-<counter>". Every HELP_BEAT_SECONDS the help beats of the raised
+-- hands (BENCH_HELP) join the next POSTs. done() prints one JSON line for run.py.
 local run = os.getenv("BENCH_RUN") or "run"
 local batch = tonumber(os.getenv("BENCH_BATCH") or "1")
+local placeholder = "@EVENT_ID@"
+local HELP_BEAT_SECONDS = 10
 local threads = {}
 counter = 0
 acked = 0
+
+-- Each template is the text before and after the event id.
+local function load(path)
+  local templates = {}
+  for line in io.lines(path) do
+    local at = line:find(placeholder, 1, true)
+    if at then
+      templates[#templates + 1] = {line:sub(1, at - 1), line:sub(at + #placeholder)}
+    end
+  end
+  assert(#templates > 0, "no events in " .. path)
+  return templates
+end
+
+local events = load(assert(os.getenv("BENCH_EVENTS"), "set BENCH_EVENTS"))
+local beats = load(assert(os.getenv("BENCH_HELP"), "set BENCH_HELP"))
+local next_event = 0
+local pending = {}   -- help beats due, sent before the next replayed events
+local next_beat = 0
 
 function setup(thread)
   thread:set("tid", #threads)
   table.insert(threads, thread)
 end
 
-local function event()
-  counter = counter + 1
-  return string.format(
-    '{"event_id":"%s-%d-%d","student_id":"student-%d","event_type":"cell_executed",' ..
-    '"course_id":"course-1","cell_index":3,"source":"print(%d)","status":"ok",' ..
-    '"duration_ms":12.5}', run, tid, counter, counter % 500, counter)
+function init(args)
+  -- Threads start at different places in the class, so they do not post the same events.
+  next_event = (tid or 0) * 7919 % #events
 end
 
-function request()
-  local body
-  if batch == 1 then
-    body = event()
+local function event()
+  counter = counter + 1
+  local template
+  if #pending > 0 then
+    template = table.remove(pending)
   else
-    local parts = {}
-    for i = 1, batch do parts[i] = event() end
-    body = "[" .. table.concat(parts, ",") .. "]"
+    next_event = next_event % #events + 1
+    template = events[next_event]
   end
-  return wrk.format("POST", "/api/v1/events", {["Content-Type"] = "application/json"}, body)
+  return template[1] .. run .. "-" .. tid .. "-" .. counter .. template[2]
+end
+
+local function build()
+  local now = os.time()
+  if now >= next_beat then
+    for _, beat in ipairs(beats) do pending[#pending + 1] = beat end
+    next_beat = now + HELP_BEAT_SECONDS
+  end
+  local parts = {}
+  for i = 1, batch do parts[i] = event() end
+  local body = "[" .. table.concat(parts, ",") .. "]"
+  return wrk.format("POST", "/api/v1/events", {
+    ["Content-Type"] = "application/json",
+    ["Origin"] = "http://localhost:8888",
+  }, body)
+end
+
+-- wrk calls request() once on the first thread before the run, to check for pipelining,
+-- and discards what it returns: that call must leave the counter and the beats as they were.
+local checked = false
+
+function request()
+  if tid == 0 and not checked then
+    checked = true
+    local saved = {counter, next_event, next_beat}
+    local check = build()
+    counter, next_event, next_beat = saved[1], saved[2], saved[3]
+    pending = {}
+    return check
+  end
+  return build()
 end
 
 function response(status, headers, body)

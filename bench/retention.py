@@ -3,11 +3,12 @@
     .venv/bin/python bench/retention.py                  # 1,000,000 old events, 3 rounds of 20 s
     .venv/bin/python bench/retention.py --events 100000 --seconds 10 --rounds 1   # a smoke run
 
-Recreates the database `telemetry_bench_retention` (admin DSN BENCH_PG_ADMIN), applies the
-schema, and fills it with generate_series: `--events` events received 10 days ago from 300
+Recreates the database `telemetry_bench_retention` (admin DSN BENCH_PG_ADMIN), applies
+schema.sql, and fills it with generate_series: `--events` events received 10 days ago from 300
 students, with their summaries (student_counts, cell_runs, cell_totals, activity) as ingest
 would have left them. Then single-event POSTs from wrk (post.lua, 32 connections, as
-bench/run.py) against a real uvicorn, for the same duration each run, in turn:
+bench/run.py, with its cell-monitor-extension events) against a real uvicorn, for the same
+duration each run, in turn:
 
 1. without retention (RETENTION_DAYS unset);
 2. with RETENTION_DAYS=1: the service's pass deletes old rows in the background while wrk
@@ -34,21 +35,18 @@ import time
 from pathlib import Path
 
 import asyncpg
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from run import (  # bench/run.py, beside this script
     PG_ADMIN_DSN,
     PG_URL,
+    REPO_DIR,
     WRK_CONNECTIONS,
+    Load,
     raise_file_limit,
     reset_database,
     run_wrk,
     service_env,
     uvicorn,
 )
-
-import telemetry
 
 DATABASE = "telemetry_bench_retention"
 # Not run.py's ports: its benchmark may run at the same time.
@@ -108,11 +106,9 @@ async def load(events: int) -> float:
     """A fresh database with the schema and `events` old events; the seconds it took."""
     started = time.monotonic()
     await reset_database(DATABASE)
-    storage = telemetry.Storage(PG_URL.format(name=DATABASE), pool_size=2)
-    await storage.connect()  # applies schema.sql
-    await storage.disconnect()
     connection = await asyncpg.connect(PG_URL.format(name=DATABASE))
     try:
+        await connection.execute((REPO_DIR / "schema.sql").read_text())
         await connection.execute(FILL[0], AGE, STUDENTS)
         await connection.execute(FILL[1], AGE, STUDENTS, events)
         for statement in FILL[2:]:
@@ -162,13 +158,13 @@ async def main() -> None:
     )
     print(f"loaded {args.events:,} old events in {await load(args.events):.1f} s")
     logs = Path(tempfile.mkdtemp(prefix="bench-retention-"))
+    posts = Load.write(logs)
     runs: list[dict] = []
     try:
         for number in range(args.rounds):
             for retention in (False, True):
-                runs.append(
-                    await measure(retention, args.seconds, logs / f"{number}-{retention}.log")
-                )
+                log = logs / f"{number}-{retention}.log"
+                runs.append(await measure(retention, args.seconds, log, posts))
                 print(describe(runs[-1]))
         started = time.monotonic()
         with uvicorn("telemetry:app", PORT, env(True), logs / "rest.log"):
@@ -182,7 +178,7 @@ async def main() -> None:
     report(runs, args.events, rest, rest_seconds)
 
 
-async def measure(retention: bool, seconds: int, log: Path) -> dict:
+async def measure(retention: bool, seconds: int, log: Path, load: Load) -> dict:
     """One wrk run against a fresh service; with retention, its pass runs meanwhile (it
     resumes from the oldest events left)."""
     with socket.socket() as probe:  # or wrk would measure whoever listens there
@@ -191,7 +187,7 @@ async def measure(retention: bool, seconds: int, log: Path) -> dict:
     before = await old_events()
     started = time.monotonic()
     with uvicorn("telemetry:app", PORT, env(retention), log):
-        result = await asyncio.to_thread(run_wrk, PORT, seconds, 1, log.stem)
+        result = await asyncio.to_thread(run_wrk, PORT, seconds, 1, log.stem, load)
     result["uptime"] = time.monotonic() - started
     result["retention"] = retention
     result["deleted"] = before - await old_events()

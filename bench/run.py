@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import classroom  # bench/classroom.py, beside this script
 import redis.asyncio as aioredis
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -189,7 +190,22 @@ class PublishedCounter:
 # Ingest
 
 
-def run_wrk(port: int, seconds: int, batch: int, run_id: str) -> dict:
+@dataclass(frozen=True)
+class Load:
+    """The files post.lua replays: classroom.write_load's events and help beats."""
+
+    events: Path
+    help: Path
+
+    @classmethod
+    def write(cls, directory: Path) -> Load:
+        return cls(*classroom.write_load(directory))
+
+    def env(self) -> dict[str, str]:
+        return {"BENCH_EVENTS": str(self.events), "BENCH_HELP": str(self.help)}
+
+
+def run_wrk(port: int, seconds: int, batch: int, run_id: str, load: Load) -> dict:
     args = [
         "wrk",
         "-t1",
@@ -201,7 +217,7 @@ def run_wrk(port: int, seconds: int, batch: int, run_id: str) -> dict:
         str(BENCH_DIR / "post.lua"),
         f"http://127.0.0.1:{port}/api/v1/events",
     ]
-    env = {**os.environ, "BENCH_RUN": run_id, "BENCH_BATCH": str(batch)}
+    env = {**os.environ, **load.env(), "BENCH_RUN": run_id, "BENCH_BATCH": str(batch)}
     output = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
     line = next(line for line in output.splitlines() if line.startswith("BENCH "))
     result = json.loads(line[len("BENCH ") :])
@@ -210,16 +226,18 @@ def run_wrk(port: int, seconds: int, batch: int, run_id: str) -> dict:
     return result
 
 
-async def measure_ingest(port: int, seconds: int, batch: int, run_id: str, stored: bool) -> dict:
+async def measure_ingest(
+    port: int, seconds: int, batch: int, run_id: str, stored: bool, load: Load
+) -> dict:
     """wrk against one endpoint; for the service, count the rows and published events."""
     if not stored:
-        return await asyncio.to_thread(run_wrk, port, seconds, batch, run_id)
+        return await asyncio.to_thread(run_wrk, port, seconds, batch, run_id, load)
     counter = PublishedCounter(SERVICE_CHANNEL, run_id)
     ready = asyncio.Event()
     listener = asyncio.create_task(counter.run(ready))
     await ready.wait()
     try:
-        result = await asyncio.to_thread(run_wrk, port, seconds, batch, run_id)
+        result = await asyncio.to_thread(run_wrk, port, seconds, batch, run_id, load)
         # Every acknowledged event was published before its reply; wait for Redis to hand
         # the last ones to the counter, and for POSTs still in flight when wrk stopped to
         # be stored and published too, polling with a deadline.
@@ -239,9 +257,10 @@ async def measure_ingest(port: int, seconds: int, batch: int, run_id: str, store
     return result
 
 
-async def insert_ceiling(seconds: float) -> dict:
+async def insert_ceiling(seconds: float, load: Load) -> dict:
     """PostgreSQL's own rate for 100-row INSERTs into an events-like table, from a few
-    concurrent connections: what the ingest path could reach if Python cost nothing."""
+    concurrent connections: what the ingest path could reach if Python cost nothing. The
+    payloads are the load's events as posted."""
     await reset_database(CEILING_DB)
     url = PG_URL.format(name=CEILING_DB)
     setup = await asyncpg.connect(url)
@@ -255,7 +274,8 @@ async def insert_ceiling(seconds: float) -> dict:
         "INSERT INTO events (event_id, student_id, event_type, payload)"
         " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])"
     )
-    payload = json.dumps({"source": "print(1)", "status": "ok", "duration_ms": 12.5})
+    with open(load.events, encoding="utf-8") as lines:
+        payloads = [line.strip() for _, line in zip(range(CEILING_ROWS), lines, strict=False)]
     rows = 0
     stop = time.monotonic() + seconds
 
@@ -269,7 +289,7 @@ async def insert_ceiling(seconds: float) -> dict:
                 counter += CEILING_ROWS
                 students = [f"student-{n % 500}" for n in range(CEILING_ROWS)]
                 types = ["cell_executed"] * CEILING_ROWS
-                await connection.execute(statement, ids, students, types, [payload] * CEILING_ROWS)
+                await connection.execute(statement, ids, students, types, payloads)
                 rows += CEILING_ROWS
         finally:
             await connection.close()
@@ -279,20 +299,23 @@ async def insert_ceiling(seconds: float) -> dict:
     return {"events_per_s": rows / (time.monotonic() - started), "rows": rows}
 
 
-async def ingest_phase(plan: Plan, logs: Path) -> dict[str, dict]:
-    seconds = plan.ingest_seconds
+async def ingest_phase(plan: Plan, logs: Path, load: Load) -> dict[str, dict]:
+    seconds, service = plan.ingest_seconds, PORTS["service"]
     results: dict[str, dict] = {}
     with uvicorn("bench.noop_app:app", PORTS["noop"], {}, logs / "noop.log"):
-        run_wrk(PORTS["noop"], 2, 1, "warm-noop")
-        results["noop"] = await measure_ingest(PORTS["noop"], seconds, 1, "noop", False)
-    with uvicorn("telemetry:app", PORTS["service"], service_env(), logs / "service.log"):
-        run_wrk(PORTS["service"], 2, 1, "warm-service")
-        results["single"] = await measure_ingest(PORTS["service"], seconds, 1, "single", True)
-        results["batch"] = await measure_ingest(PORTS["service"], seconds, 50, "batch", True)
-    with uvicorn("telemetry:app", PORTS["service"], service_env(2), logs / "service2.log"):
-        run_wrk(PORTS["service"], 2, 1, "warm-two")
-        results["two_workers"] = await measure_ingest(PORTS["service"], seconds, 1, "two", True)
-    results["ceiling"] = await insert_ceiling(seconds)
+        run_wrk(PORTS["noop"], 2, 1, "warm-noop", load)
+        results["noop"] = await measure_ingest(PORTS["noop"], seconds, 1, "noop", False, load)
+        results["noop_batch"] = await measure_ingest(
+            PORTS["noop"], seconds, 50, "noop-batch", False, load
+        )
+    with uvicorn("telemetry:app", service, service_env(), logs / "service.log"):
+        run_wrk(service, 2, 1, "warm-service", load)
+        results["single"] = await measure_ingest(service, seconds, 1, "single", True, load)
+        results["batch"] = await measure_ingest(service, seconds, 50, "batch", True, load)
+    with uvicorn("telemetry:app", service, service_env(2), logs / "service2.log"):
+        run_wrk(service, 2, 1, "warm-two", load)
+        results["two_workers"] = await measure_ingest(service, seconds, 1, "two", True, load)
+    results["ceiling"] = await insert_ceiling(seconds, load)
     return results
 
 
@@ -474,6 +497,7 @@ def ingest_rows(r: dict[str, dict]) -> list[tuple[str, str, str, str, str]]:
         r["ceiling"],
     )
     noop_ratio = single["rps"] / noop["rps"]
+    noop_batch = r["noop_batch"]["events_per_s"]
     ceiling_ratio = batch["events_per_s"] / ceiling["events_per_s"]
     two_ratio = two["rps"] / single["rps"]
     rows = [
@@ -499,8 +523,16 @@ def ingest_rows(r: dict[str, dict]) -> list[tuple[str, str, str, str, str]]:
             f">= 0.30x: {check(ceiling_ratio >= 0.30)}",
         ),
         (
+            "  against the no-op, same batches",
+            "",
+            f"no-op {noop_batch:,.0f} events/s",
+            f"{batch['events_per_s'] / noop_batch:.2f}x",
+            "",
+        ),
+        (
             "WEB_CONCURRENCY=2, single-event req/s",
-            f"{two['rps']:,.0f} (p99 {two['p99_us'] / 1000:.0f} ms)",
+            f"{two['rps']:,.0f} ({two['rps'] / noop['rps']:.2f}x no-op, p99"
+            f" {two['p99_us'] / 1000:.0f} ms)",
             f"one worker {single['rps']:,.0f}",
             f"{two_ratio:.2f}x",
             f">= 1x: {check(two_ratio >= 1)}",
@@ -545,6 +577,16 @@ def machine_line(plan: Plan) -> str:
     )
 
 
+def load_line(mix: dict) -> str:
+    types = ", ".join(f"{count:,} {kind}" for kind, count in mix["types"].items())
+    return (
+        f"{mix['events']:,} cell-monitor-extension events replayed ({types}; {mix['errors']:,}"
+        f" errors, {mix['tracebacks']:,} of them ANSI tracebacks; {mix['mean_bytes']} bytes"
+        f" on average) from {classroom.STUDENTS} students, {classroom.CELL_COUNT} cells, plus"
+        f" {classroom.HANDS} help beats every {classroom.HELP_BEAT_SECONDS} s"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 2-3 minute smoke run")
@@ -561,7 +603,12 @@ async def main() -> None:
     rows = []
     await reset_database(SERVICE_DB)  # fan-out alone, on a new machine, needs it too
     if args.only != "fanout":
-        results.update(await ingest_phase(plan, logs))
+        with tempfile.TemporaryDirectory(prefix="bench-load-") as directory:
+            load = Load.write(Path(directory))
+            mix = classroom.describe(load.events)
+            results.update(await ingest_phase(plan, logs, load))
+        header += f"\nload: {load_line(mix)}"
+        results["load"] = mix
         rows += ingest_rows(results)
     if args.only != "ingest":
         results.update(await fanout_phase(plan, logs))
