@@ -1,8 +1,8 @@
 """Dashboard benchmark: the page open in headless Chromium while a class posts.
 
-    /work/venv/bin/python bench/dashboard.py              # 300 students, 50 events/s, 60 s
-    /work/venv/bin/python bench/dashboard.py --sqlite     # on the SQLite default
-    /work/venv/bin/python bench/dashboard.py --seconds 20 # a smoke run
+    .venv/bin/python bench/dashboard.py              # 300 students, 50 events/s, 60 s
+    .venv/bin/python bench/dashboard.py --sqlite     # on the SQLite default
+    .venv/bin/python bench/dashboard.py --seconds 20 # a smoke run
 
 Against PostgreSQL and Redis (as bench/run.py: database `telemetry_bench_dashboard`,
 recreated) unless --sqlite. 300 simulated students (bench/dashboard_class.py) post

@@ -1,7 +1,7 @@
 """Screenshots of the dashboard with a simulated class, for the README.
 
-    /work/venv/bin/python bench/screenshots.py            # about 3 minutes
-    /work/venv/bin/python bench/screenshots.py --seconds 30
+    .venv/bin/python bench/screenshots.py            # about 3 minutes
+    .venv/bin/python bench/screenshots.py --seconds 30
 
 Starts the service on a temporary SQLite file, lets 30 simulated students in 3 teams post
 cell-monitor-extension's camelCase events (bench/dashboard_class.py) in real time, so the
