@@ -193,7 +193,7 @@ class Settings:
     send_timeout_seconds: float = variable(10.0, seconds)
     ingest_tokens: tuple[str, ...] = variable((), comma_list)
     dashboard_tokens: tuple[Grant, ...] = variable((), parse_tokens)
-    admin_tokens: tuple[Grant, ...] = variable((), lambda n, raw: parse_tokens(n, raw, False))
+    admin_tokens: tuple[Grant, ...] = variable((), lambda n, v: parse_tokens(n, v, scoped=False))
     cors_origins: tuple[str, ...] = variable((), comma_list)
     max_streams_per_client: int = variable(20, whole_number)
     pioneer_student_env: str = variable("JUPYTERHUB_USER", variable_name)

@@ -82,9 +82,8 @@ def student_of(envelope: dict, env_name: str) -> tuple[Any, str]:
     for position, entry in enumerate(envelope.get("env") or []):
         if not is_blank(entry.get(env_name)):
             return entry[env_name], f"env[{position}].{env_name}"
-    raise PioneerError(
-        "params.student_id", f"is required, or a non-empty {env_name!r} entry in env"
-    )
+    problem = f"is required, or a non-empty {env_name!r} entry in env"
+    raise PioneerError("params.student_id", problem)
 
 
 def cell_of(event_name: Any, info: Any) -> dict[str, tuple[Any, str]]:
@@ -138,10 +137,9 @@ def source_of(notebook: Any, cell_id: Any, cell_index: Any) -> tuple[Any, str]:
     ids = [item.get("id") for item in cells]
     if any("id" in item for item in cells):
         position = ids.index(cell_id) if cell_id is not None and cell_id in ids else None
-    elif isinstance(cell_index, int) and 0 <= cell_index < len(cells):
-        position = cell_index  # nbformat before 4.5 has no cell ids: the position is the key
-    else:
-        return None, where
+    else:  # nbformat before 4.5 has no cell ids: the position is the key
+        in_range = isinstance(cell_index, int) and 0 <= cell_index < len(cells)
+        position = cell_index if in_range else None
     if position is None:
         return None, where
     text = cells[position].get("source")
