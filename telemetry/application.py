@@ -287,6 +287,9 @@ def app_from_environment() -> Starlette:
     """The app as deployed: logging configured, Settings read from the environment."""
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # At DEBUG these log every query with its arguments: students' ids and code.
+    for name in ("databases", "aiosqlite", "asyncpg"):
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     # uvicorn logs a WebSocket's handshake, query string included, on its error logger.
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactTokens())

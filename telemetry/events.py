@@ -1,5 +1,6 @@
-"""Our event shape and cell-monitor-extension's camelCase one: pure functions from a
-request body to normalised events, and the pseudonyms that replace raw student ids.
+"""Events: our shape and cell-monitor-extension's camelCase one, validated into normalised
+events; the JSON bodies they come in; the pseudonyms that replace raw student ids. Pure
+functions of a request: nothing here stores, publishes or logs.
 """
 
 from __future__ import annotations
@@ -7,14 +8,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import logging
 import math
 import re
 import uuid
-from collections.abc import (
-    Callable,
-    Mapping,
-)
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -23,65 +20,30 @@ from starlette.requests import Request
 from telemetry.config import Settings
 from telemetry.errors import ApiError, FieldErrors
 
-logger = logging.getLogger(__name__)
-
-
 IDENTIFIER_MAX_CHARS = 256
-
-
 TEXT_MAX_CHARS = 4_096
-
-
 SOURCE_MAX_CHARS = 262_144
-
-
+ERROR_TEXT_MAX_CHARS = 300
 INT32_MAX = 2**31 - 1
-
-
 INT64_MAX = 2**63 - 1
-
-
 # Client clocks drift, but an event from before 2000 or days ahead is a bug, not a clock.
 EARLIEST_OCCURRED_AT = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
-
-
 LATEST_CLOCK_SKEW = dt.timedelta(days=2)
-
-
-REQUIRED_FIELDS = ("student_id", "event_type")
-
-
-IDENTIFIER_FIELDS = ("student_id", "event_type", "event_id")
-
-
-TEXT_FIELDS = ("student_name", "course_id", "team", "session_id", "notebook_path", "cell_id")
-
-
-COUNTER_FIELDS = {"cell_index": INT32_MAX, "execution_count": INT32_MAX, "seq": INT64_MAX}
-
-
-KNOWN_FIELDS = frozenset(
-    (*IDENTIFIER_FIELDS, *TEXT_FIELDS, *COUNTER_FIELDS)
-    + ("occurred_at", "source", "status", "error", "duration_ms", "outputs")
-)
-
-
 # Jupyter outputs nest a handful of levels. Deeper JSON is refused: orjson encodes at most
 # 255, and a stored event travels nested in a bus message and a batch's rows.
 MAX_JSON_DEPTH = 64
 
+REQUIRED_FIELDS = ("student_id", "event_type")
+TEXT_FIELDS = ("student_name", "course_id", "team", "session_id", "notebook_path", "cell_id")
 
-JSON_CONTAINERS = (list, dict)
 
-
-def nests_deeper_than(value: list | dict, limit: int) -> bool:
-    """Whether `value` and the lists and objects in it nest more than `limit` deep."""
+def nests_deeper_than(value: Any, limit: int) -> bool:
+    if not isinstance(value, (list, dict)):
+        return False
     if limit == 0:
         return True
     items = value.values() if isinstance(value, dict) else value
-    return any(
-        nests_deeper_than(item, limit - 1) for item in items if isinstance(item, JSON_CONTAINERS)
-    )
+    return any(nests_deeper_than(item, limit - 1) for item in items)
 
 
 def replace_nul(value: Any) -> Any:
@@ -125,8 +87,7 @@ def check_string(value: Any, max_chars: int) -> str:
 
 
 def check_identifier(value: Any) -> str:
-    value = check_string(value, IDENTIFIER_MAX_CHARS)
-    if not value.strip():
+    if not check_string(value, IDENTIFIER_MAX_CHARS).strip():
         raise ValueError("must not be empty")
     return value
 
@@ -170,12 +131,23 @@ def check_error(value: Any) -> dict[str, Any]:
     return {**value, "traceback": traceback}
 
 
+# Our fields but occurred_at and outputs, each with its check; a check raises ValueError.
+FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(("student_id", "event_type", "event_id"), check_identifier),
+    **dict.fromkeys(TEXT_FIELDS, lambda value: check_string(value, TEXT_MAX_CHARS)),
+    "cell_index": lambda value: check_counter(value, INT32_MAX),
+    "execution_count": lambda value: check_counter(value, INT32_MAX),
+    "seq": lambda value: check_counter(value, INT64_MAX),
+    "source": lambda value: check_string(value, SOURCE_MAX_CHARS),
+    "status": check_status,
+    "error": check_error,
+    "duration_ms": check_duration,
+}
+KNOWN_FIELDS = frozenset((*FIELD_CHECKS, "occurred_at", "outputs"))
+
 # Jupyter tracebacks and cell-monitor-extension's errorMessage carry terminal colours;
 # some clients lose the ESC and leave "[0;31m" behind.
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\[\d+(?:;\d+)*m")
-
-
-ERROR_TEXT_MAX_CHARS = 300
 
 
 def strip_ansi(text: str) -> str:
@@ -199,93 +171,17 @@ def cap_outputs(value: Any, max_bytes: int) -> tuple[Any, bool]:
     return encoded[:max_bytes].decode("utf-8", errors="ignore"), True
 
 
-FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
-    **{name: check_identifier for name in IDENTIFIER_FIELDS},
-    **{name: lambda value: check_string(value, TEXT_MAX_CHARS) for name in TEXT_FIELDS},
-    **{
-        name: lambda value, top=top: check_counter(value, top)
-        for name, top in COUNTER_FIELDS.items()
-    },
-    "source": lambda value: check_string(value, SOURCE_MAX_CHARS),
-    "status": check_status,
-    "error": check_error,
-    "duration_ms": check_duration,
-}
-
-
-def normalise_event(
-    raw: Any, path: str, now: dt.datetime, settings: Settings, errors: FieldErrors
-) -> dict[str, Any] | None:
-    """One posted event to our normalised dict, or None with its problems added to errors."""
-    if not isinstance(raw, dict):
-        errors.add(path, "must be a JSON object")
-        return None
-    too_deep = [
-        key
-        for key, value in raw.items()
-        if isinstance(value, JSON_CONTAINERS) and nests_deeper_than(value, MAX_JSON_DEPTH)
-    ]
-    for key in too_deep:
-        errors.add(f"{path}.{key}", f"must not nest lists or objects over {MAX_JSON_DEPTH} deep")
-    if too_deep:
-        return None
-    source = replace_nul(from_camel_case(raw))
-    origins = camel_case_origins(raw)
-
-    def problem_at(name: str, problem: str) -> None:
-        key = origins.get(name, name)
-        errors.add(f"{path}.{key}", CAMEL_CASE_PROBLEMS.get(key, problem))
-
-    before = len(errors.details)
-    event: dict[str, Any] = {name: None for name in KNOWN_FIELDS}
-    for name in REQUIRED_FIELDS:
-        if source.get(name) is None:
-            problem_at(name, "is required")
-    for name, check in FIELD_CHECKS.items():
-        if source.get(name) is not None:
-            try:
-                event[name] = check(source[name])
-            except ValueError as problem:
-                problem_at(name, str(problem))
-    try:
-        occurred_at = source.get("occurred_at")
-        event["occurred_at"] = now if occurred_at is None else parse_occurred_at(occurred_at, now)
-    except ValueError as problem:
-        problem_at("occurred_at", str(problem))
-    if len(errors.details) > before:
-        return None
-    outputs = source.get("outputs")
-    event["outputs"], event["outputs_truncated"] = cap_outputs(outputs, settings.max_outputs_bytes)
-    event["event_id"] = event["event_id"] or str(uuid.uuid4())
-    event["extra"] = {key: value for key, value in source.items() if key not in KNOWN_FIELDS}
-    return event
-
-
 # cell-monitor-extension posts camelCase; these keys map one to one onto ours.
 CAMEL_CASE_ALIASES = {
-    "eventId": "event_id",
-    "eventType": "event_type",
-    "eventTime": "occurred_at",
-    "emailAddress": "student_id",
-    "userId": "student_id",
-    "userName": "student_name",
-    "teamName": "team",
-    "courseId": "course_id",
-    "sessionId": "session_id",
-    "notebookPath": "notebook_path",
-    "cellId": "cell_id",
-    "cellIndex": "cell_index",
-    "code": "source",
-    "executionCount": "execution_count",
-    "result": "outputs",
+    "eventId": "event_id", "eventType": "event_type", "eventTime": "occurred_at",
+    "emailAddress": "student_id", "userId": "student_id", "userName": "student_name",
+    "teamName": "team", "courseId": "course_id", "sessionId": "session_id",
+    "notebookPath": "notebook_path", "cellId": "cell_id", "cellIndex": "cell_index",
+    "code": "source", "executionCount": "execution_count", "result": "outputs",
     "executionDurationMs": "duration_ms",
-}
-
-
+}  # fmt: skip
 # Named in errors as the client named them when a camelCase event leaves them out.
 CAMEL_CASE_REQUIRED = {"student_id": "emailAddress", "event_type": "eventType"}
-
-
 CAMEL_CASE_PROBLEMS = {"hasError": "must be true or false"}
 
 
@@ -302,15 +198,13 @@ def camel_case_origins(raw: dict[str, Any]) -> dict[str, str]:
 
 
 def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
-    """Map cell-monitor-extension's camelCase shape onto ours; snake_case passes through."""
+    """cell-monitor-extension's camelCase shape onto ours; snake_case passes through."""
     event: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("hasError", "errorMessage"):
-            continue
         target = CAMEL_CASE_ALIASES.get(key, key)
-        if target in event and target != key:
-            continue  # an explicit snake_case key wins over its alias
-        event[target] = value
+        # An explicit snake_case key wins over its alias.
+        if key not in ("hasError", "errorMessage") and (target == key or target not in event):
+            event[target] = value
     if "hasError" in raw and "status" not in raw:
         # A string "true" is a client bug to report (see CAMEL_CASE_PROBLEMS), not an "ok".
         has_error = raw["hasError"]
@@ -323,11 +217,52 @@ def from_camel_case(raw: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-# 20 hex characters are 80 bits: among a million students, the odds that two share a
-# pseudonym are about 4 in 10^13.
+def normalise_event(
+    raw: Any,
+    path: str,
+    now: dt.datetime,
+    settings: Settings,
+    errors: FieldErrors,
+    origins: Mapping[str, str] | None = None,
+) -> dict[str, Any] | None:
+    """One posted event to our normalised dict, or None with its problems added to `errors`,
+    each named by the key the client sent (`origins`: our field -> that key)."""
+    if not isinstance(raw, dict):
+        errors.add(path, "must be a JSON object")
+        return None
+    origins = camel_case_origins(raw) if origins is None else origins
+    # Refused before anything walks them: replace_nul would recurse as deep.
+    deep = [key for key, value in raw.items() if nests_deeper_than(value, MAX_JSON_DEPTH)]
+    for key in deep:
+        problem = f"must not nest lists or objects over {MAX_JSON_DEPTH} deep"
+        errors.add(f"{path}.{origins.get(key, key)}", problem)
+    if deep:
+        return None
+    source = replace_nul(from_camel_case(raw))
+    problems = {name: "is required" for name in REQUIRED_FIELDS if source.get(name) is None}
+    event: dict[str, Any] = dict.fromkeys(KNOWN_FIELDS)
+    checks = {**FIELD_CHECKS, "occurred_at": lambda value: parse_occurred_at(value, now)}
+    for name, check in checks.items():
+        if source.get(name) is not None:
+            try:
+                event[name] = check(source[name])
+            except ValueError as problem:
+                problems[name] = str(problem)
+    for name, problem in problems.items():
+        key = origins.get(name, name)
+        errors.add(f"{path}.{key}", CAMEL_CASE_PROBLEMS.get(key, problem))
+    if problems:
+        return None
+    outputs = source.get("outputs")
+    event["outputs"], event["outputs_truncated"] = cap_outputs(outputs, settings.max_outputs_bytes)
+    event["occurred_at"] = event["occurred_at"] or now
+    event["event_id"] = event["event_id"] or str(uuid.uuid4())
+    event["extra"] = {key: value for key, value in source.items() if key not in KNOWN_FIELDS}
+    return event
+
+
+# 80 bits: see docs/privacy.md for the odds that two students share a pseudonym.
 PSEUDONYM_HEX_CHARS = 20
-
-
 # What jupyterlab-pioneer's envelope may carry of a student's identity besides the mapped
 # fields: the exporter's params and the env entries (JUPYTERHUB_USER, ...).
 PIONEER_IDENTITY_PARAMS = frozenset(("student_id", "student_name"))

@@ -12,8 +12,6 @@ from telemetry.config import (
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (None, "sqlite:///telemetry.db"),
-        ("", "sqlite:///telemetry.db"),
         ("postgres://u:p@db.example:5432/d1", "postgresql://u:p@db.example:5432/d1"),
         ("postgresql://u@h/d", "postgresql://u@h/d"),
         ("postgresql+asyncpg://u@h/d", "postgresql://u@h/d"),
@@ -26,7 +24,7 @@ from telemetry.config import (
         ("sqlite+aiosqlite:///x.db", "sqlite:///x.db"),
     ],
 )
-def test_database_url_is_normalised_for_databases(raw: str | None, expected: str) -> None:
+def test_database_url_is_normalised_for_databases(raw: str, expected: str) -> None:
     assert normalise_database_url(raw) == expected
 
 
@@ -47,7 +45,6 @@ def test_bad_database_url_names_the_variable(raw: str, problem: str) -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (None, None),
         ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
         ("redis://:pw@h:6379/2", "redis://:pw@h:6379/2"),
         ("rediss://:pw@h:6380", "rediss://:pw@h:6380?ssl_cert_reqs=none"),
@@ -64,8 +61,9 @@ def test_bad_redis_url_names_the_variable(raw: str) -> None:
         normalise_redis_url(raw)
 
 
-def test_defaults_need_no_server() -> None:
-    settings = load_settings({})
+@pytest.mark.parametrize("environ", [{}, {"DATABASE_URL": " ", "REDIS_URL": ""}])
+def test_defaults_need_no_server(environ: dict) -> None:
+    settings = load_settings(environ)
     assert settings == Settings()
     assert settings.redis_url is None
     assert settings.database_url.startswith("sqlite")
@@ -120,6 +118,7 @@ def test_pioneer_defaults_keep_no_server_variable() -> None:
     [
         ({"PIONEER_STUDENT_ENV": " LMS_USER "}, "LMS_USER", frozenset()),
         ({"PIONEER_STUDENT_ENV": ""}, "JUPYTERHUB_USER", frozenset()),
+        ({"PIONEER_STUDENT_ENV": " , "}, "JUPYTERHUB_USER", frozenset()),
         ({"PIONEER_ENVIRON_ALLOW": "COURSE"}, "JUPYTERHUB_USER", {"COURSE"}),
         (
             {"PIONEER_ENVIRON_ALLOW": "COURSE, HOME,,LANG "},
