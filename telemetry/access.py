@@ -1,7 +1,5 @@
-"""Access: tokens and their course scopes, the session cookie, erasure, CORS, security headers
-and the access log. A check in one handler is no guarantee: every read resolves its Grant in
-authorize_read, and every query filters by its courses.
-"""
+"""Access: tokens and their courses, the session cookie, erasure, CORS, security headers, the
+access log. No read may bypass authorize_read: a check in one handler is no guarantee."""
 
 from __future__ import annotations
 
@@ -34,8 +32,7 @@ ACCESS_LOG = logging.getLogger("telemetry.access")
 TOKEN_COOKIE = "telemetry_token"
 OPEN_GRANT = Grant("open", "")  # who reads while DASHBOARD_TOKENS is unset: everything
 
-# Kept out of uvicorn's logs: query-string tokens, and the id an erasure names (in
-# pseudonymous mode it may be the student's raw id).
+# Kept out of uvicorn's logs: query tokens, and the id an erasure names (perhaps a raw id).
 TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*|(?<=/api/v1/students/)[^?\s\"]+")
 
 
@@ -287,8 +284,8 @@ class JsonCorsRefusals(CORSMiddleware):
         return JSONResponse(error_body(400, "cors_refused", message, []), 400, headers)
 
 
-# The middleware below return the next layer's coroutine rather than await it, so that an
-# idle stream holds no frame of theirs (the memory per stream: docs/performance.md).
+# These middleware return the next layer's coroutine, not await it: an idle stream then holds
+# no frame of theirs (docs/performance.md).
 class IngestCors:
     """Ingest answers any origin while it is open (no INGEST_TOKENS): anyone may post then
     anyway, and cell-monitor-extension posts from the JupyterLab page's origin. Everything

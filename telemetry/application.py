@@ -1,6 +1,5 @@
-"""The application: routes, middleware, and the lifespan that starts and stops the
-background tasks. create_app() builds it for tests; app_from_environment() for uvicorn.
-"""
+"""The application: routes, middleware, and the lifespan that starts and stops the background
+tasks. create_app() builds it for tests, app_from_environment() for uvicorn."""
 
 from __future__ import annotations
 

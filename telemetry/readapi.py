@@ -1,6 +1,5 @@
-"""The read API: events, students, help queue and hand actions, cells, activity and CSV
-export. Every endpoint goes through authorize_read, and reads only its Grant's courses.
-"""
+"""The read API: events, students, help queue and hand actions, cells, activity, CSV export.
+Every endpoint goes through authorize_read and reads only its Grant's courses."""
 
 from __future__ import annotations
 
@@ -37,8 +36,7 @@ from telemetry.storage import (
 
 logger = logging.getLogger(__name__)
 
-# Pages are keysets on the event id (or student id), never OFFSET: a page stays correct while
-# events keep arriving.
+# Pages are keysets, never OFFSET: a page stays correct while events keep arriving.
 PAGE_LIMIT_DEFAULT = 100
 PAGE_LIMIT_MAX = 1_000
 EXPORT_PAGE_SIZE = 1_000
@@ -216,8 +214,7 @@ async def list_activity(request: Request) -> Response:
     return JSONResponse(body)
 
 
-# A spreadsheet runs a cell that starts with one of these as a formula, and students write
-# the text we export.
+# A spreadsheet runs a cell that starts with one of these as a formula; students wrote it.
 CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 STUDENT_CSV_COLUMNS = (
     "student_id name course_id team first_seen last_seen event_count execution_count "
@@ -260,8 +257,7 @@ async def csv_download(
     read_after: Callable[[dict | None], Awaitable[list[dict]]],
     row: Callable[[dict], list[Any]],
 ) -> Response:
-    """The header, then page after page until one comes back empty: one page in memory. The
-    first page is read before answering, so that a failure to read it is a 503."""
+    # One page in memory at a time; the first is read before answering, so a failure is a 503.
     first = await read_storage(read_after(None))
 
     async def lines() -> AsyncIterator[bytes]:
