@@ -1,20 +1,14 @@
-"""Access: tokens and their course scopes, the session cookie, erasure, CORS, security
-headers and the access log. A check in one handler is no guarantee: every read resolves
-its Grant in authorize_read and every query filters by its courses.
-"""
+"""Access: tokens and their courses, the session cookie, erasure, CORS, security headers, the
+access log. No read may bypass authorize_read: a check in one handler is no guarantee."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import re
-from collections.abc import (
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-)
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,55 +27,34 @@ from telemetry.service import Service, service_of
 from telemetry.storage import CLASS_RULES, Storage, read_storage
 
 logger = logging.getLogger(__name__)
-
+ACCESS_LOG = logging.getLogger("telemetry.access")
 
 TOKEN_COOKIE = "telemetry_token"
+OPEN_GRANT = Grant("open", "")  # who reads while DASHBOARD_TOKENS is unset: everything
 
-
-# Query-string tokens would otherwise be written to the access log with the path; so would
-# the id an erasure names, which in pseudonymous mode may be the student's raw id.
+# Kept out of uvicorn's logs: query tokens, and the id an erasure names (perhaps a raw id).
 TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s]*|(?<=/api/v1/students/)[^?\s\"]+")
 
 
-# Every read by a dashboard token and every erasure: one line each, as JSON (see log_access).
-ACCESS_LOG = logging.getLogger("telemetry.access")
-
-
-# The reader of a service without DASHBOARD_TOKENS (the embedded default): everything.
-OPEN_GRANT = Grant("open", "")
-
-
 def matching_secret(candidate: str | None, secrets: Iterable[str]) -> int | None:
-    """The index of the secret `candidate` is, compared in constant time against every
-    configured one (several allow rotation)."""
+    """Which of the secrets (several allow rotation) `candidate` is, in constant time."""
     if not candidate:
         return None
     given = candidate.encode()
     found = None
-    for index, secret in enumerate(secrets):
+    for index, secret in enumerate(secrets):  # no early return: timing must not tell which
         if hmac.compare_digest(given, secret.encode()):
             found = index
     return found
 
 
-def find_grant(candidate: str | None, grants: tuple[Grant, ...]) -> Grant | None:
-    index = matching_secret(candidate, (grant.secret for grant in grants))
-    return None if index is None else grants[index]
-
-
-def token_is_valid(candidate: str | None, tokens: tuple[str, ...]) -> bool:
-    return matching_secret(candidate, tokens) is not None
-
-
 def bearer_token(headers: Mapping[str, str]) -> str | None:
     scheme, _, value = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return value.strip() or None
+    return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def presented_tokens(connection: HTTPConnection) -> list[str | None]:
-    """Where a token may come from, header first: EventSource can send only cookie or query."""
+    # Header first; EventSource can send only the cookie or the query.
     return [
         bearer_token(connection.headers),
         connection.cookies.get(TOKEN_COOKIE),
@@ -96,21 +69,21 @@ def unauthorized(realm: str) -> ApiError:
 
 def require_token(tokens: tuple[str, ...], candidates: Iterable[str | None], realm: str) -> None:
     """No tokens configured means open (the embedded default); otherwise one must match."""
-    if tokens and not any(token_is_valid(candidate, tokens) for candidate in candidates):
+    if tokens and all(matching_secret(candidate, tokens) is None for candidate in candidates):
         raise unauthorized(realm)
 
 
 def require_grant(grants: tuple[Grant, ...], candidates: Iterable[str | None], realm: str) -> Grant:
     """The grant of the first presented token that matches one of `grants`, else 401."""
+    secrets = [grant.secret for grant in grants]
     for candidate in candidates:
-        grant = find_grant(candidate, grants)
-        if grant is not None:
-            return grant
+        index = matching_secret(candidate, secrets)
+        if index is not None:
+            return grants[index]
     raise unauthorized(realm)
 
 
 def dashboard_grant(connection: HTTPConnection) -> Grant:
-    """Who reads: the presented dashboard token's grant, or OPEN_GRANT with no tokens set."""
     grants = service_of(connection).settings.dashboard_tokens
     if not grants:
         return OPEN_GRANT
@@ -124,8 +97,7 @@ def out_of_scope(grant: Grant, field_name: str, what: str) -> ApiError:
 
 
 async def check_scope(storage: Storage, grant: Grant, params: Mapping[str, Any]) -> None:
-    """A course, or a student, named explicitly outside the grant is a 403, never an empty
-    answer that would hide it."""
+    # Named outside the grant is a 403, never an empty answer that would hide it.
     if grant.courses is None:
         return
     course_id = params.get("course_id")
@@ -141,10 +113,9 @@ async def check_scope(storage: Storage, grant: Grant, params: Mapping[str, Any])
 def log_access(
     connection: HTTPConnection, grant: Grant, action: str, outcome: str, **what: Any
 ) -> None:
-    """One line per read, stream opening or erasure: the token's name (never its secret), the
-    courses it covers, the endpoint and what it named."""
+    """One JSON line per read, stream opened or erasure, as docs/privacy.md describes."""
     method = connection.scope.get("method", "WEBSOCKET")
-    route = getattr(connection.scope.get("route"), "path_format", connection.url.path)
+    route = connection.scope["route"].path_format
     params = {k: v for k, v in connection.query_params.items() if k != "token"}
     params.update(connection.path_params)
     if "last-event-id" in connection.headers:
@@ -164,17 +135,17 @@ def log_access(
 async def authorize_read(
     connection: HTTPConnection, parse: Callable[[Mapping[str, str]], dict[str, Any]]
 ) -> tuple[Grant, dict[str, Any]]:
-    """Every read's one gate: the token (401), the query (422), the courses and the student
-    it names (403), then the access log. The parameters come back with `courses`, the
-    grant's as in_scope takes them, so the SQL reads nothing outside it."""
+    """Every read's one gate: the token (401), the query (422), the course and student it
+    names (403), the access log. The parameters come back with the grant's `courses` as
+    in_scope takes them, so the SQL reads nothing outside them."""
     grant = dashboard_grant(connection)
     params = parse(connection.query_params)
     action = "read" if connection.scope.get("method", "GET") == "GET" else "act"  # a hand action
     try:
         await check_scope(service_of(connection).storage, grant, params)
-    except ApiError as refusal:
+    except ApiError:
         log_access(connection, grant, action, "refused")
-        raise refusal
+        raise
     log_access(connection, grant, action, "allowed")
     courses = grant.course_list()
     return grant, {**params, "courses": None if courses is None else orjson.dumps(courses).decode()}
@@ -190,14 +161,12 @@ def envelope_token(body: Any) -> str | None:
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
-    """Cross-site WebSocket hijacking guard: browsers always send Origin, others need not."""
-    if origin is None or origin in allowed:
-        return True
-    return urlsplit(origin).netloc == host
+    # Against cross-site WebSocket hijacking: browsers always send Origin, others need not.
+    return origin is None or origin in allowed or urlsplit(origin).netloc == host
 
 
 def client_key(connection: HTTPConnection) -> str:
-    """Whom to count connections against: the dashboard token, else the client address."""
+    # Whom to count connections against: the presented token, else the client address.
     token = next((candidate for candidate in presented_tokens(connection) if candidate), None)
     if token:
         return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
@@ -205,13 +174,8 @@ def client_key(connection: HTTPConnection) -> str:
 
 
 def session_body(grant: Grant) -> dict:
-    """What the dashboard may ask for: its token's name and courses (null: all)."""
-    return {
-        "status": "ok",
-        "token": grant.name,
-        "courses": grant.course_list(),
-        "rules": CLASS_RULES,
-    }
+    courses = grant.course_list()
+    return {"status": "ok", "token": grant.name, "courses": courses, "rules": CLASS_RULES}
 
 
 async def show_session(request: Request) -> Response:
@@ -220,8 +184,8 @@ async def show_session(request: Request) -> Response:
 
 async def create_session(request: Request) -> Response:
     """Trade a dashboard token (Authorization: Bearer) for the HttpOnly cookie that
-    EventSource, which cannot send headers, presents by itself. The cookie holds the token
-    itself, so it reads exactly what the token reads."""
+    EventSource, which cannot send headers, presents by itself. The cookie holds the token,
+    so it reads exactly what the token reads."""
     token = bearer_token(request.headers)
     grants = service_of(request).settings.dashboard_tokens
     grant = require_grant(grants, [token], "dashboard") if grants else OPEN_GRANT
@@ -233,20 +197,18 @@ async def create_session(request: Request) -> Response:
 
 
 def admin_grant(request: Request) -> Grant:
-    """An admin token (Bearer only); with none configured, erasure is never open."""
+    # Bearer only; with no admin token configured, erasure is never open.
     grants = service_of(request).settings.admin_tokens
     if not grants:
-        raise ApiError(
-            403, "no_admin_tokens", "erasure is refused: no admin tokens configured (ADMIN_TOKENS)"
-        )
+        message = "erasure is refused: no admin tokens configured (ADMIN_TOKENS)"
+        raise ApiError(403, "no_admin_tokens", message)
     return require_grant(grants, [bearer_token(request.headers)], "admin")
 
 
 async def stored_student(service: Service, given: str) -> dict[str, Any]:
-    """The student an erasure names, as stored, and their course. In pseudonymous mode the
-    admin may give the raw id or the pseudonym the dashboards show."""
+    # In pseudonymous mode the admin may give the raw id or the pseudonym; the pseudonym is
+    # tried last, so it is the one reported when neither is stored, never a raw id.
     salt = service.settings.pseudonymize_salt
-    # The pseudonym last: the one reported when neither is stored, never a raw id.
     for student_id in (given, pseudonym(salt, given)) if salt else (given,):
         seen, course_id = await read_storage(service.storage.student_course(student_id))
         if seen:
@@ -255,20 +217,19 @@ async def stored_student(service: Service, given: str) -> dict[str, Any]:
 
 
 async def erase(request: Request) -> Response:
-    """Erase a student, or a whole course: every row in every table, in one transaction;
-    then every process's open dashboards are told to drop them (Hub.announce_erasure)."""
+    """Erase a student, or a whole course, from every table in one transaction; then every
+    process's open dashboards are told to drop them (Hub.announce_erasure)."""
     service = service_of(request)
     grant = admin_grant(request)
-    storage: Storage = service.storage
+    storage = service.storage
     if "student_id" in request.path_params:
         erased = await stored_student(service, request.path_params["student_id"])
         courses = await read_storage(storage.student_courses(erased["student_id"]))
         deleted = await read_storage(storage.erase_student(erased["student_id"]))
         notice = {**erased, "courses": courses}
     else:
-        erased = {"student_id": None, "course_id": request.path_params["course_id"]}
+        erased = notice = {"student_id": None, "course_id": request.path_params["course_id"]}
         deleted = await read_storage(storage.erase_course(erased["course_id"]))
-        notice = erased
     found = any(deleted.values())
     outcome = "erased" if found else "nothing"
     log_access(request, grant, "erase", outcome, params=erased, deleted=deleted)
@@ -297,12 +258,10 @@ class RedactTokens(logging.Filter):
 
 # POST /api/v1/events and jupyterlab-pioneer's dated form of it; not /api/v1/events.csv.
 INGEST_PATH = re.compile(r"/api/v1/events(?:/\d+){0,4}/?")
-
-
 CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID"]
 
 
-def is_ingest_request(scope: Any) -> bool:
+def is_ingest_request(scope: Scope) -> bool:
     """A POST of events, or the browser's preflight asking to send one."""
     if scope["type"] != "http" or not INGEST_PATH.fullmatch(scope["path"]):
         return False
@@ -313,45 +272,37 @@ def is_ingest_request(scope: Any) -> bool:
 
 
 class JsonCorsRefusals(CORSMiddleware):
-    """Starlette's CORS, with its refused preflights in the error shape of every refusal."""
+    """Starlette's CORS, its refused preflights in the error shape of every refusal."""
 
     def preflight_response(self, request_headers: Any) -> Response:
         response = super().preflight_response(request_headers)
         if response.status_code != 400:
             return response
-        refused = bytes(response.body).decode()
         own = ("content-type", "content-length")  # Starlette's keys are lower case
         headers = {name: value for name, value in response.headers.items() if name not in own}
-        message = f"{refused}: this origin is not listed in CORS_ORIGINS"
+        message = f"{bytes(response.body).decode()}: this origin is not listed in CORS_ORIGINS"
         return JSONResponse(error_body(400, "cors_refused", message, []), 400, headers)
 
 
-# PASS_THROUGH: the middleware below hand back the next layer's coroutine instead of awaiting
-# it in one of their own. An open stream holds a frame of every layer that awaits, for as long
-# as it lasts: about 250 bytes each, and thousands of streams sit idle.
+# These middleware return the next layer's coroutine, not await it: an idle stream then holds
+# no frame of theirs (docs/performance.md).
 class IngestCors:
-    """CORS: ingest answers any origin while ingest is open (no INGEST_TOKENS), as anyone
-    may post then anyway and cell-monitor-extension posts from the JupyterLab page's
-    origin. Everything else, and ingest behind tokens, answers only CORS_ORIGINS."""
+    """Ingest answers any origin while it is open (no INGEST_TOKENS): anyone may post then
+    anyway, and cell-monitor-extension posts from the JupyterLab page's origin. Everything
+    else, and ingest behind tokens, answers only CORS_ORIGINS."""
 
-    def __init__(self, app: Any, settings: Settings) -> None:
-        self.listed = JsonCorsRefusals(
-            app,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=CORS_HEADERS,
-            max_age=600,
-        )
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        cors = functools.partial(JsonCorsRefusals, app, allow_headers=CORS_HEADERS)
+        origins = list(settings.cors_origins)
+        self.listed = cors(allow_origins=origins, allow_methods=["GET", "POST"], max_age=600)
         self.open = None
         if not settings.ingest_tokens:
-            self.open = JsonCorsRefusals(
-                app, allow_origins=["*"], allow_methods=["POST"], allow_headers=CORS_HEADERS
-            )
+            self.open = cors(allow_origins=["*"], allow_methods=["POST"])
 
-    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if self.open is not None and is_ingest_request(scope):
             return self.open(scope, receive, send)
-        return self.listed(scope, receive, send)  # see PASS_THROUGH
+        return self.listed(scope, receive, send)
 
 
 SECURITY_HEADERS = [
@@ -362,7 +313,7 @@ SECURITY_HEADERS = [
 
 
 class SecurityHeaders:
-    """Adds the headers browsers need to keep student-provided text inert, to every response."""
+    """Adds the headers that keep student-provided text inert to every HTTP response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -376,4 +327,4 @@ class SecurityHeaders:
                 message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
             await send(message)
 
-        return self.app(scope, receive, send_with_headers)  # see PASS_THROUGH
+        return self.app(scope, receive, send_with_headers)

@@ -1,6 +1,5 @@
-"""The read API: events, students, help queue, cells, activity and CSV export, each
-reading only the courses of its Grant.
-"""
+"""The read API: events, students, help queue and hand actions, cells, activity, CSV export.
+Every endpoint goes through authorize_read and reads only its Grant's courses."""
 
 from __future__ import annotations
 
@@ -9,13 +8,7 @@ import datetime as dt
 import functools
 import io
 import logging
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Mapping,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -43,27 +36,19 @@ from telemetry.storage import (
 
 logger = logging.getLogger(__name__)
 
-
-STREAM_FILTERS = ("student_id", "course_id", "event_type")
-
-
-# Keyset pages on the event id (or student id), never OFFSET: a page stays correct while
-# events keep arriving.
+# Pages are keysets, never OFFSET: a page stays correct while events keep arriving.
 PAGE_LIMIT_DEFAULT = 100
-
-
 PAGE_LIMIT_MAX = 1_000
-
+EXPORT_PAGE_SIZE = 1_000
+STREAM_FILTERS = ("student_id", "course_id", "event_type")
 
 # Reads one query parameter, adding to `errors` what is wrong with it.
 QueryReader = Callable[[Mapping[str, str], str, FieldErrors], Any]
 
 
 def text_param(max_chars: int, absent: str | None = None) -> QueryReader:
-    """An optional text filter; empty means absent, as an HTML form sends it."""
-
     def read(query: Mapping[str, str], name: str, errors: FieldErrors) -> str | None:
-        value = query.get(name) or absent
+        value = query.get(name) or absent  # empty means absent, as an HTML form sends it
         if value is not None and len(value) > max_chars:
             errors.add(name, f"must be at most {max_chars} characters")
             return absent
@@ -107,41 +92,20 @@ def query_parser(**readers: QueryReader) -> Callable[[Mapping[str, str]], dict[s
             if name not in readers and name != "token":
                 errors.add(name, "is not a parameter of this endpoint")
         if errors.details:
-            raise ApiError(
-                422, "invalid_query", "some query parameters are invalid", errors.details
-            )
+            message = "some query parameters are invalid"
+            raise ApiError(422, "invalid_query", message, errors.details)
         return params
 
     return parse
 
 
-TEXT_PARAM = text_param(TEXT_MAX_CHARS)
-
-
-IDENTIFIER_PARAM = text_param(IDENTIFIER_MAX_CHARS)
-
-
-EVENT_FILTERS = {
-    "student_id": IDENTIFIER_PARAM,
-    "course_id": TEXT_PARAM,
-    "event_type": IDENTIFIER_PARAM,
-    "notebook_path": TEXT_PARAM,
-}
-
-
+TEXT = text_param(TEXT_MAX_CHARS)
+IDENTIFIER = text_param(IDENTIFIER_MAX_CHARS)
 PAGE_LIMIT = int_param(PAGE_LIMIT_DEFAULT, 1, PAGE_LIMIT_MAX)
+EVENT_FILTERS = dict(
+    student_id=IDENTIFIER, course_id=TEXT, event_type=IDENTIFIER, notebook_path=TEXT
+)
 
-
-CELLS_LIMIT_DEFAULT = 200
-
-
-ACTIVITY_MINUTES_DEFAULT = 60
-
-
-ACTIVITY_MINUTES_MAX = 1_440
-
-
-# The parameters of SELECT_EVENT_PAGE and of SELECT_STUDENT_PAGE.
 parse_events_query = query_parser(
     **EVENT_FILTERS,
     since_id=int_param(0, 0, INT64_MAX),
@@ -149,36 +113,16 @@ parse_events_query = query_parser(
     limit=PAGE_LIMIT,
     collapse_beats=bool_param,
 )
-
-
 parse_students_query = query_parser(
-    course_id=TEXT_PARAM, after=text_param(IDENTIFIER_MAX_CHARS, absent=""), limit=PAGE_LIMIT
+    course_id=TEXT, after=text_param(IDENTIFIER_MAX_CHARS, absent=""), limit=PAGE_LIMIT
 )
-
-
-# GET /api/v1/help and GET /api/v1/students.csv.
-parse_course_query = query_parser(course_id=TEXT_PARAM)
-
-
+parse_course_query = query_parser(course_id=TEXT)
 parse_cells_query = query_parser(
-    course_id=TEXT_PARAM,
-    notebook_path=TEXT_PARAM,
-    limit=int_param(CELLS_LIMIT_DEFAULT, 1, PAGE_LIMIT_MAX),
+    course_id=TEXT, notebook_path=TEXT, limit=int_param(200, 1, PAGE_LIMIT_MAX)
 )
-
-
-parse_activity_query = query_parser(
-    course_id=TEXT_PARAM,
-    minutes=int_param(ACTIVITY_MINUTES_DEFAULT, 1, ACTIVITY_MINUTES_MAX),
-)
-
-
-# GET /api/v1/events.csv: the filters of GET /api/v1/events, without paging.
+parse_activity_query = query_parser(course_id=TEXT, minutes=int_param(60, 1, 1_440))
 parse_export_query = query_parser(**EVENT_FILTERS)
-
-
-# The streams' filters are free text: only a misspelt name can be refused. stream_events
-# reads last_event_id itself.
+# The streams' filters are free text: only a misspelt name can be refused.
 parse_stream_query = query_parser(
     **dict.fromkeys(STREAM_FILTERS, free_text), last_event_id=free_text
 )
@@ -187,7 +131,7 @@ parse_stream_query = query_parser(
 async def read_page(
     read: Callable[[dict[str, Any]], Awaitable[list[dict]]], params: dict[str, Any], key: str
 ) -> tuple[list[dict], Any]:
-    """A keyset page, and the `key` of its last row if another follows (read one row more)."""
+    # One row more than the page tells whether another follows.
     limit = params["limit"]
     rows = await read_storage(read({**params, "limit": limit + 1}))
     page = rows[:limit]
@@ -220,22 +164,15 @@ async def list_help(request: Request) -> Response:
     _, params = await authorize_read(request, parse_course_query)
     now = dt.datetime.now(dt.UTC)
     hands = await read_storage(service_of(request).storage.hands(params, now))
-    return JSONResponse(
-        {
-            "now": format_timestamp(now),
-            "queue": [hand for hand in hands if hand["state"] == "up"],
-            "hands": hands,
-        }
-    )
+    queue = [hand for hand in hands if hand["state"] == "up"]
+    return JSONResponse({"now": format_timestamp(now), "queue": queue, "hands": hands})
 
 
-# What an instructor can do about a raised hand, as the event type that records it.
 HAND_ACTIONS = {"on-my-way": "help_on_my_way", "dismiss": "help_dismissed"}
 
 
 async def answer_hand(request: Request) -> Response:
-    """Record "on my way" or a dismissal as an event: stored and published like any, so
-    every dashboard, and any reload, agrees."""
+    """Record "on my way" or a dismissal as an event, so every dashboard and reload agrees."""
     service = service_of(request)
     event_type = HAND_ACTIONS.get(request.path_params["action"])
     if event_type is None:
@@ -273,29 +210,20 @@ async def list_activity(request: Request) -> Response:
     _, params = await authorize_read(request, parse_activity_query)
     now = dt.datetime.now(dt.UTC)
     series = await read_storage(service_of(request).storage.activity(params, now))
-    return JSONResponse(
-        {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
-    )
+    body = {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
+    return JSONResponse(body)
 
 
-# A spreadsheet runs a cell that starts with one of these as a formula; students write
-# the text we export.
+# A spreadsheet runs a cell that starts with one of these as a formula; students wrote it.
 CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
 STUDENT_CSV_COLUMNS = (
     "student_id name course_id team first_seen last_seen event_count execution_count "
     "error_count last_notebook_path hand_raised stuck struggling"
 ).split()
-
-
 EVENT_CSV_COLUMNS = (
     "id received_at occurred_at student_id student_name team course_id event_type "
     "notebook_path cell_id cell_index execution_count status duration_ms error source"
 ).split()
-
-
-EXPORT_PAGE_SIZE = 1_000
 
 
 def csv_value(value: Any) -> Any:
@@ -315,8 +243,7 @@ def csv_line(values: Iterable[Any]) -> bytes:
 
 
 def event_csv_row(document: Mapping[str, Any]) -> list[Any]:
-    """An event as one CSV row of EVENT_CSV_COLUMNS; its error as `ename: evalue`."""
-    row = {**document, "error": error_text(document.get("error"))}
+    row = {**document, "error": error_text(document.get("error"))}  # `ename: evalue`
     return [row.get(column) for column in EVENT_CSV_COLUMNS]
 
 
@@ -324,14 +251,14 @@ def student_csv_row(document: Mapping[str, Any]) -> list[Any]:
     return [document.get(column) for column in STUDENT_CSV_COLUMNS]
 
 
-def csv_download(
+async def csv_download(
     name: str,
     header: list[str],
-    first: list[Any],
-    more: Callable[[Any], Awaitable[list[Any]]],
-    row: Callable,
+    read_after: Callable[[dict | None], Awaitable[list[dict]]],
+    row: Callable[[dict], list[Any]],
 ) -> Response:
-    """The header, then page after page until one comes back empty; one page in memory."""
+    # One page in memory at a time; the first is read before answering, so a failure is a 503.
+    first = await read_storage(read_after(None))
 
     async def lines() -> AsyncIterator[bytes]:
         yield csv_line(header)
@@ -339,7 +266,7 @@ def csv_download(
         while page:
             yield b"".join(csv_line(row(item)) for item in page)
             try:
-                page = await more(page[-1])
+                page = await read_after(page[-1])
             except Exception as error:  # the status is sent: end the download short
                 logger.warning("CSV export cut short: %r", error)
                 return
@@ -349,27 +276,25 @@ def csv_download(
 
 
 async def export_events(request: Request) -> Response:
-    """Events as CSV, oldest first, streamed in keyset pages: a term fits, memory does not grow."""
+    """Events as CSV, oldest first, in keyset pages: a term fits, memory does not grow."""
     storage = service_of(request).storage
     _, params = await authorize_read(request, parse_export_query)
     params["limit"] = EXPORT_PAGE_SIZE
 
-    def page_after(last: dict) -> Awaitable[list[dict]]:
-        return storage.events_export({**params, "since_id": last["id"]})
+    def read_after(last: dict | None) -> Awaitable[list[dict]]:
+        return storage.events_export({**params, "since_id": last["id"] if last else 0})
 
-    first = await read_storage(storage.events_export({**params, "since_id": 0}))
-    return csv_download("events.csv", EVENT_CSV_COLUMNS, first, page_after, event_csv_row)
+    return await csv_download("events.csv", EVENT_CSV_COLUMNS, read_after, event_csv_row)
 
 
 async def export_students(request: Request) -> Response:
-    """The students table as CSV, streamed in keyset pages."""
+    """The students table as CSV, in keyset pages."""
     storage = service_of(request).storage
     _, params = await authorize_read(request, parse_course_query)
     params["limit"] = EXPORT_PAGE_SIZE
     now = dt.datetime.now(dt.UTC)
 
-    def page_after(last: dict) -> Awaitable[list[dict]]:
-        return storage.students_page({**params, "after": last["student_id"]}, now)
+    def read_after(last: dict | None) -> Awaitable[list[dict]]:
+        return storage.students_page({**params, "after": last["student_id"] if last else ""}, now)
 
-    first = await read_storage(storage.students_page({**params, "after": ""}, now))
-    return csv_download("students.csv", STUDENT_CSV_COLUMNS, first, page_after, student_csv_row)
+    return await csv_download("students.csv", STUDENT_CSV_COLUMNS, read_after, student_csv_row)

@@ -1,8 +1,8 @@
-"""What the handlers reach through their request: built by the lifespan at start-up."""
+"""The running service that handlers reach through their request, built by the lifespan.
+It only holds the parts together: no logic lives here."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,16 +13,12 @@ from telemetry.config import Settings
 from telemetry.hub import Hub
 from telemetry.storage import Storage
 
-if TYPE_CHECKING:  # annotations only: that module imports this one
+if TYPE_CHECKING:  # ingest imports this module
     from telemetry.ingest import Committer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Service:
-    """What the handlers reach through their request: built by the lifespan at start-up."""
-
     settings: Settings
     storage: Storage
     bus: Bus

@@ -6,11 +6,12 @@ from telemetry.access import (
     RedactTokens,
     bearer_token,
     envelope_token,
-    find_grant,
+    matching_secret,
     origin_allowed,
-    token_is_valid,
+    require_grant,
 )
 from telemetry.config import ConfigError, Grant, load_settings, parse_tokens, token_fingerprint
+from telemetry.errors import ApiError
 
 TOKENS = ("old-token", "new-token")
 ENVELOPE = {"data": {"eventDetail": {}, "notebookState": {}}}
@@ -22,7 +23,7 @@ ENVELOPE = {"data": {"eventDetail": {}, "notebookState": {}}}
      ("new-token ", False), ("néw", False)],
 )  # fmt: skip
 def test_any_configured_token_is_accepted_and_nothing_else(candidate, valid) -> None:
-    assert token_is_valid(candidate, TOKENS) is valid
+    assert (matching_secret(candidate, TOKENS) is not None) is valid
 
 
 @pytest.mark.parametrize(
@@ -138,9 +139,12 @@ def test_an_unnamed_token_is_named_by_a_fingerprint_that_is_not_the_secret() -> 
 
 def test_the_presented_token_finds_its_own_grant() -> None:
     grants = (Grant("a", "one", frozenset({"cs101"})), Grant("b", "two"))
-    assert find_grant("two", grants) == grants[1]
-    assert find_grant("one", grants).courses == {"cs101"}
-    assert find_grant("three", grants) is None and find_grant(None, grants) is None
+    assert require_grant(grants, [None, "two"], "dashboard") == grants[1]
+    assert require_grant(grants, ["one"], "dashboard").courses == {"cs101"}
+    for candidates in (["three"], [None], []):
+        with pytest.raises(ApiError) as refused:
+            require_grant(grants, candidates, "dashboard")
+        assert refused.value.status == 401
 
 
 @pytest.mark.parametrize(
