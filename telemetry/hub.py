@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import Send
 
-from telemetry.bus import Bus, decode_erasure, decode_message
+from telemetry.bus import Bus, decode_message
 from telemetry.storage import Storage
 
 if TYPE_CHECKING:  # annotations only: that module imports this one
@@ -61,8 +61,8 @@ class Frame:
     def erasure(cls, erased: dict, after_id: int) -> Frame:
         """`event: erased`, with no SSE id (resuming stays where the events were). Numbered
         after the events delivered before it, so it keeps its place among them."""
-        document = {"type": "erased", "student_id": erased["student_id"]}
-        document["course_id"] = erased["course_id"]
+        document = {"type": "erased", "student_id": erased.get("student_id")}
+        document["course_id"] = erased.get("course_id")
         data = orjson.dumps(document)
         return cls(after_id, document, b"event: erased\ndata: %s\n\n" % data, data.decode(), True)
 
@@ -368,15 +368,16 @@ async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
 async def deliver_message(hub: Hub, storage: Storage, payload: bytes) -> None:
     """A batch from the bus, after any earlier events it follows that never came: those of
     a process that died between its commit and its publish, or whose publish failed."""
-    erased = decode_erasure(payload)
-    if erased is not None:
-        hub.announce_erasure(erased)
-    elif (message := decode_message(payload)) is not None:
-        follows, documents = message
-        async with hub.filling:
-            if follows > hub.last_id:
-                await catch_up(hub, storage)
-            hub.deliver(documents)
+    message = decode_message(payload)
+    if message is None:
+        return
+    if "erased" in message:
+        hub.announce_erasure(message["erased"])
+        return
+    async with hub.filling:
+        if message["follows"] > hub.last_id:
+            await catch_up(hub, storage)
+        hub.deliver(message["events"])
 
 
 RECONNECT_MIN_SECONDS = 0.25
