@@ -355,19 +355,13 @@ async def close_gaps(hub: Hub, storage: Storage) -> None:
     while True:
         await asyncio.sleep(GAP_CHECK_SECONDS)
         try:
-            committed_before = await finish_if_cancelled(
-                check_for_gap(hub, storage, committed_before)
-            )
+            latest = await finish_if_cancelled(storage.max_event_id())
+            if hub.last_id < committed_before:
+                async with hub.filling:
+                    await finish_if_cancelled(catch_up(hub, storage))
+            committed_before = latest
         except Exception as error:
             logger.warning("could not check for undelivered events: %r", error)
-
-
-async def check_for_gap(hub: Hub, storage: Storage, committed_before: int) -> int:
-    latest = await storage.max_event_id()
-    if hub.last_id < committed_before:
-        async with hub.filling:
-            await catch_up(hub, storage)
-    return latest
 
 
 async def finish_if_cancelled(work: Coroutine[Any, Any, Any]) -> Any:
