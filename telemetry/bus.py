@@ -1,5 +1,5 @@
-"""The bus between processes: Redis pub/sub in production, in-process without REDIS_URL.
-A message names the highest id committed before its batch, so a gap can be read back.
+"""The bus between processes: Redis pub/sub, or in-process without REDIS_URL. It carries each
+committed batch, naming the highest id committed before it, and erasures; it knows no client.
 """
 
 from __future__ import annotations
@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import (
-    AsyncIterator,
-)
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -30,8 +28,7 @@ class MemoryBus:
         self._queues: set[asyncio.Queue[bytes]] = set()
 
     async def publish(self, payload: bytes) -> None:
-        # The subscriber only parses and hands frames to client queues, never awaiting a
-        # client, so this queue drains every tick and needs no bound.
+        # Unbounded: the subscriber never awaits a client, so it drains the queue every tick.
         for queue in self._queues:
             queue.put_nowait(payload)
 
@@ -50,10 +47,10 @@ class MemoryBus:
             yield await queue.get()
 
     async def ping(self) -> None:
-        return None
+        pass
 
     async def aclose(self) -> None:
-        return None
+        pass
 
 
 class RedisBus:
@@ -63,12 +60,10 @@ class RedisBus:
     HEALTH_CHECK_SECONDS = 10
 
     def __init__(self, url: str, channel: str) -> None:
-        self.url = url
-        self.channel = channel
+        self.url, self.channel = url, channel
+        timeout = self.PUBLISH_TIMEOUT_SECONDS
         self._publisher = aioredis.from_url(
-            url,
-            socket_timeout=self.PUBLISH_TIMEOUT_SECONDS,
-            socket_connect_timeout=self.PUBLISH_TIMEOUT_SECONDS,
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
 
     async def publish(self, payload: bytes) -> None:
@@ -76,7 +71,7 @@ class RedisBus:
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[AsyncIterator[bytes]]:
-        # No retry: a silent reconnect would hide the messages lost meanwhile (module docstring).
+        # No retry: a silent reconnect would lose what was published meanwhile (see hub.py).
         client = aioredis.from_url(
             self.url,
             retry=Retry(NoBackoff(), 0),
@@ -121,34 +116,22 @@ def encode_batch(batch: StoredBatch) -> bytes | None:
     return orjson.dumps({"follows": batch.follows, "events": documents})
 
 
-# An erasure on the bus: {"erased": {"student_id": ..., "course_id": ..., "courses": [...]}}
-# or a course's (no "courses"): the dashboards of `courses` (else of `course_id`) hear it.
-ERASURE_PREFIX = b'{"erased":'
-
-
 def encode_erasure(erased: dict) -> bytes:
+    """An erasure: `student_id`, `course_id` and, for a student, the `courses` they were in."""
     return orjson.dumps({"erased": erased})
 
 
-def decode_erasure(payload: bytes) -> dict | None:
-    """The erasure a bus message announces; None for a batch of events."""
-    if not payload.startswith(ERASURE_PREFIX):
-        return None
-    try:
-        erased = orjson.loads(payload)["erased"]
-        found = {key: erased.get(key) for key in ("student_id", "course_id")}
-        if "courses" in erased:
-            found["courses"] = list(erased["courses"])
-        return found
-    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
-        return None  # decode_message warns about it
-
-
-def decode_message(payload: bytes) -> tuple[int, list[dict]] | None:
-    """A bus message's (follows, documents); None, and a warning, if it is not one."""
+def decode_message(payload: bytes) -> dict | None:
+    """A bus message, {"follows": id, "events": [...]} or {"erased": {...}}; None, and a
+    warning, if it is neither."""
     try:
         message = orjson.loads(payload)
-        return int(message["follows"]), list(message["events"])
-    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
-        logger.warning("ignored a malformed bus message of %d bytes", len(payload))
-        return None
+        if isinstance(message.get("erased"), dict):
+            return message
+        message["follows"] = int(message["follows"])
+        if isinstance(message["events"], list):
+            return message
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        pass
+    logger.warning("ignored a malformed bus message of %d bytes", len(payload))
+    return None

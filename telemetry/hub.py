@@ -1,6 +1,5 @@
-"""The hub: every connected dashboard in this process, each with its bounded queue of
-pre-encoded frames. It never awaits a client. Also the subscriber that feeds it from the
-bus and catches up from the database after every (re)subscription.
+"""The hub: this process's dashboards, each with a bounded queue of shared, pre-encoded
+frames; it never awaits a client. Fed by the subscriber, from the bus and from the database.
 """
 
 from __future__ import annotations
@@ -11,20 +10,14 @@ import logging
 import math
 import types
 from collections import Counter
-from collections.abc import (
-    Awaitable,
-    Coroutine,
-    Generator,
-    Iterable,
-    Mapping,
-)
+from collections.abc import Awaitable, Coroutine, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.types import Send
+from starlette.types import Message
 
-from telemetry.bus import Bus, decode_erasure, decode_message
+from telemetry.bus import Bus, decode_message
 from telemetry.storage import Storage
 
 if TYPE_CHECKING:  # annotations only: that module imports this one
@@ -33,16 +26,16 @@ if TYPE_CHECKING:  # annotations only: that module imports this one
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frame:
-    """One event, encoded once for every client and transport."""
+    """One event, or notice, encoded once for every client and transport: its ASGI messages
+    too, so that a client's one frame is written without building anything."""
 
     id: int
     document: dict
     sse: bytes
     ws: str
     notice: bool = False
-    # The server messages too: a client with nothing queued is sent exactly these.
     sse_message: dict = field(init=False, repr=False, compare=False)
     ws_message: dict = field(init=False, repr=False, compare=False)
 
@@ -58,41 +51,28 @@ class Frame:
         return cls(document["id"], document, sse, data.decode())
 
     @classmethod
-    def erasure(cls, erased: dict, after_id: int) -> Frame:
-        """`event: erased`, with no SSE id (resuming stays where the events were). Numbered
-        after the events delivered before it, so it keeps its place among them."""
-        document = {"type": "erased", "student_id": erased["student_id"]}
-        document["course_id"] = erased["course_id"]
+    def of_notice(cls, document: dict, after_id: int) -> Frame:
+        # No SSE id, so a resume stays where the events were; numbered after the events before
+        # it, so that the seam (Client.unsent) keeps it in its place.
         data = orjson.dumps(document)
-        return cls(after_id, document, b"event: erased\ndata: %s\n\n" % data, data.decode(), True)
+        sse = b"event: %s\ndata: %s\n\n" % (document["type"].encode(), data)
+        return cls(after_id, document, sse, data.decode(), notice=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamFilter:
     student_id: str | None = None
     course_id: str | None = None
     event_type: str | None = None
     courses: frozenset[str] | None = None  # the token's (Grant.courses): None for all
-    wanted: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # The hub asks every client about every event (7% of fan-out time went to a generic
-        # all() over the three); most dashboards watch everything, so keep only what is set.
-        constraints = (
-            ("student_id", self.student_id),
-            ("course_id", self.course_id),
-            ("event_type", self.event_type),
-        )
-        wanted = tuple((name, value) for name, value in constraints if value is not None)
-        object.__setattr__(self, "wanted", wanted)
 
     def matches(self, document: Mapping[str, Any]) -> bool:
-        if self.courses is not None and document.get("course_id") not in self.courses:
-            return False
-        for name, value in self.wanted:
-            if document.get(name) != value:
-                return False
-        return True
+        return (
+            (self.courses is None or document.get("course_id") in self.courses)
+            and (self.student_id is None or document.get("student_id") == self.student_id)
+            and (self.course_id is None or document.get("course_id") == self.course_id)
+            and (self.event_type is None or document.get("event_type") == self.event_type)
+        )
 
     def hears_erasure(self, erased: Mapping[str, Any]) -> bool:
         """A student's erasure reaches every course their events were shown in."""
@@ -102,21 +82,14 @@ class StreamFilter:
 
 # Why a client's stream ended.
 OVERFLOWED = "overflowed"  # its queue filled up: cut off at once, even mid-write
-
-
+TIMED_OUT = "timed out"  # a write blocked SEND_TIMEOUT_SECONDS: cut off too
 CLOSED = "closed"  # it left, or the server is shutting down
-
-
-TIMED_OUT = "timed out"  # a write blocked SEND_TIMEOUT_SECONDS
-
-
 FAILED = "failed"  # a write failed: the connection is gone
 
 
 def run_until_waiting(coroutine: Coroutine) -> Awaitable | None:
-    """Run `coroutine` up to its first wait, here and now: None if it finished without
-    waiting, else an awaitable that finishes it (what an eager task does on Python 3.12).
-    It raises what the coroutine raised before waiting."""
+    """Run `coroutine` here and now up to its first wait: None if it finished without waiting,
+    else an awaitable that finishes it."""
     try:
         waiting_for = coroutine.send(None)
     except StopIteration:
@@ -126,7 +99,6 @@ def run_until_waiting(coroutine: Coroutine) -> Awaitable | None:
 
 @types.coroutine
 def finish_coroutine(coroutine: Coroutine, waiting_for: Any) -> Generator[Any, Any, Any]:
-    """The rest of a coroutine stepped by hand, for the task that awaits this."""
     while True:
         try:
             try:
@@ -139,28 +111,11 @@ def finish_coroutine(coroutine: Coroutine, waiting_for: Any) -> Generator[Any, A
             return stop.value
 
 
-async def reraise(error: Exception) -> None:
-    raise error
-
-
-async def finish_writes(started: Awaitable, send: Send, messages: list[dict]) -> None:
-    await started
-    for message in messages:
-        await send(message)
-
-
-# Slots, and a list rather than a deque (760 bytes empty): 5,000 idle streams hold these.
 @dataclass(eq=False, slots=True)
 class Client:
-    """One connected dashboard: a bounded queue of shared frames, and the task writing them.
-
-    No timer per write or per wait: Hub.watch looks at every client a few times a second,
-    cuts off a write that blocks past its deadline and asks an idle stream for a ping. Two
-    timers per event per client were a tenth of fan-out time.
-
-    No task switch per event either: while the writer waits with nothing queued, the hub
-    writes for it (Hub.flush), and wakes it only for a write that would block.
-    """
+    """One dashboard: a bounded queue of shared frames and one writer (streams.write_stream).
+    While the writer waits, the hub writes for it (flush), waking it only to finish a write
+    that would block. Hub.watch, not a timer per write, keeps the send deadline (check)."""
 
     filter: StreamFilter
     limit: int
@@ -168,23 +123,22 @@ class Client:
     frames: list[Frame] = field(default_factory=list)
     ended: str | None = None
     writer: asyncio.Task | None = None
-    # Kept up to date by the writer (see write_stream), read by check().
+    # Kept by whoever writes, for check().
     writes: int = 0
     writing: bool = False
     deadline: float = math.inf
     ping_seconds: float | None = None
     ping_due: bool = False
-    # Set by the writer: how the hub writes for it, and the last id written.
+    # Set by the writer for flush(); a write flush() started that would block, for the writer.
     transport: Transport | None = None
     last_sent: int = 0
-    # A write the hub started that would block, or failed: the writer finishes it.
     started_write: Awaitable | None = None
-    _waiter: asyncio.Future | None = field(default=None, repr=False)
-    _seen_writes: int = field(default=-1, repr=False)
-    _seen_at: float = field(default=0.0, repr=False)
+    _waiter: asyncio.Future | None = None
+    _seen_writes: int = -1
+    _seen_at: float = 0.0
 
     def queue(self, frame: Frame) -> bool:
-        """Queue `frame`; True when the hub is to write it (see flush)."""
+        """Queue `frame`; True when the hub is to write it (flush)."""
         if len(self.frames) >= self.limit:
             self.end(OVERFLOWED)
             return False
@@ -197,17 +151,14 @@ class Client:
         return True
 
     def unsent(self, frames: list[Frame]) -> list[Frame]:
-        """The replay/live seam: what follows the last frame sent. An erasure notice is never
-        dropped, as the replay may hold the erased student's events."""
+        """The replay/live seam: what follows the last frame sent, and every notice (an erasure
+        may concern events the replay holds)."""
         return [frame for frame in frames if frame.id > self.last_sent or frame.notice]
 
     def flush(self) -> None:
-        """Write what is queued, for the waiting writer, without waking it; a write that
-        would block is handed to the writer, to finish under its send deadline."""
         if self._waiter is None or self.ended is not None or self.transport is None:
             return
-        frames = self.unsent(self.frames)
-        self.frames = []
+        frames, self.frames = self.unsent(self.frames), []
         if not frames:
             return
         self.last_sent = max(self.last_sent, frames[-1].id)
@@ -216,11 +167,13 @@ class Client:
             self.writes += 1
             try:
                 started = run_until_waiting(self.transport.send(message))
-            except Exception as error:
-                started = reraise(error)
+            except Exception as error:  # reset, closed or refused: the connection is gone
+                logger.info("dashboard dropped: %r", error)
+                self.end(FAILED)
+                return
             if started is not None:
                 self.writing = True
-                self.started_write = finish_writes(started, self.transport.send, messages[at + 1 :])
+                self.started_write = self.write(messages[at + 1 :], started)
                 self._wake()
                 return
 
@@ -230,8 +183,7 @@ class Client:
             waiter.set_result(None)
 
     def end(self, reason: str) -> None:
-        """Let the client go; when cut off (overflow, a blocked write) its writer is
-        cancelled, even mid-write."""
+        """Let the client go; a cut-off (OVERFLOWED, TIMED_OUT) cancels its writer mid-write."""
         if self.ended is not None:
             return
         self.ended = reason
@@ -240,9 +192,17 @@ class Client:
         if reason in (OVERFLOWED, TIMED_OUT) and self.writer is not None:
             self.writer.cancel()
 
+    async def write(self, messages: list[Message], started: Awaitable | None = None) -> None:
+        self.writes += 1
+        self.writing = True
+        if started is not None:
+            await started
+        for message in messages:
+            await self.transport.send(message)
+        self.writing = False
+
     def check(self, now: float) -> None:
-        """The watchdog's look: the same write in progress since `deadline` ago is cut off;
-        no write for ping_seconds makes a ping due."""
+        """The watchdog's look: cut off a write under way for `deadline`, or ask for a ping."""
         if self.writes != self._seen_writes:
             self._seen_writes, self._seen_at = self.writes, now
             return
@@ -255,8 +215,7 @@ class Client:
             self._wake()
 
     async def next_frames(self) -> list[Frame]:
-        """Everything queued since the last call; empty when a ping is due or once the
-        client has ended."""
+        """Everything queued since the last call: empty when a ping is due, or once ended."""
         if not self.frames and self.ended is None and not self.ping_due:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
@@ -274,27 +233,43 @@ class Hub:
         self.to_flush: list[Client] = []
         self.last_id = 0
         self.subscribed = asyncio.Event()
-        # Held while filling from the database, so deliveries stay in id order.
-        self.filling = asyncio.Lock()
+        self.filling = asyncio.Lock()  # held while reading the database, to keep id order
 
     @property
     def bus_connected(self) -> bool:
         return self.subscribed.is_set()
 
-    def subscribe(self, stream_filter: StreamFilter, owner: str = "") -> Subscription:
-        """A client receiving every delivered event that matches, for as long as it is held."""
-        return Subscription(self, Client(stream_filter, self.queue_limit, owner))
+    @contextlib.contextmanager
+    def subscribe(self, stream_filter: StreamFilter, owner: str = "") -> Iterator[Client]:
+        """A client receiving every delivered event that matches, while it is held."""
+        client = Client(stream_filter, self.queue_limit, owner)
+        self.clients.add(client)
+        self.per_owner[owner] += 1
+        try:
+            yield client
+        finally:
+            self.clients.discard(client)
+            self.per_owner[owner] -= 1
+            if not self.per_owner[owner]:
+                del self.per_owner[owner]
 
     def deliver(self, documents: Iterable[dict]) -> None:
-        # Events at or below last_id were already delivered (a replay after a reconnect).
         for document in documents:
             if document["id"] <= self.last_id:
-                continue
+                continue  # delivered already: a repeat, or caught up from the database
             self.last_id = document["id"]
             frame = Frame.of(document)
             for client in self.clients:
                 if client.ended is None and client.filter.matches(document) and client.queue(frame):
                     self.write_soon(client)
+
+    def announce_erasure(self, erased: dict) -> None:
+        """Tell the clients of the erased student's (or course's) course to drop them."""
+        notice = {"type": "erased", **{key: erased.get(key) for key in ("student_id", "course_id")}}
+        frame = Frame.of_notice(notice, self.last_id)
+        for client in self.clients:
+            if client.ended is None and client.filter.hears_erasure(erased) and client.queue(frame):
+                self.write_soon(client)
 
     def write_soon(self, client: Client) -> None:
         if not self.to_flush:
@@ -302,25 +277,17 @@ class Hub:
         self.to_flush.append(client)
 
     def flush(self) -> None:
-        """Write for the clients whose writers wait, once whatever was delivered in this
-        turn of the event loop is queued: one write per client for all of it."""
+        # Once this turn of the event loop has delivered all it will: one write per client.
         clients, self.to_flush = self.to_flush, []
         for client in clients:
             client.flush()
-
-    def announce_erasure(self, erased: dict) -> None:
-        """Tell the clients of the erased student's (or course's) course to drop them."""
-        frame = Frame.erasure(erased, self.last_id)
-        for client in self.clients:
-            if client.ended is None and client.filter.hears_erasure(erased) and client.queue(frame):
-                self.write_soon(client)
 
     def close_all(self) -> None:
         for client in list(self.clients):
             client.end(CLOSED)
 
     async def watch(self, interval: float) -> None:
-        """The streams' watchdog: send deadlines and pings (see Client.check), for ever."""
+        """The streams' watchdog: send deadlines and pings (Client.check)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
@@ -329,36 +296,12 @@ class Hub:
                 client.check(now)
 
 
-@dataclass(slots=True)
-class Subscription:
-    """Hub.subscribe's `with`: a class, as a generator's frame would be held by every open
-    stream (400 bytes each)."""
-
-    hub: Hub
-    client: Client
-
-    def __enter__(self) -> Client:
-        self.hub.clients.add(self.client)
-        self.hub.per_owner[self.client.owner] += 1
-        return self.client
-
-    def __exit__(self, *exc_info: object) -> None:
-        owner = self.client.owner
-        self.hub.clients.discard(self.client)
-        self.hub.per_owner[owner] -= 1
-        if not self.hub.per_owner[owner]:
-            del self.hub.per_owner[owner]
-
-
 async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
-    """Deliver from the database whatever was committed and not delivered yet.
-
-    Safe at any moment: ids commit in order under the commit order, so what is committed
-    is every id up to the highest, and what the bus brings later is skipped by id.
-    """
+    """Deliver whatever was committed and not delivered yet. Safe at any moment: ids commit in
+    order, and deliver() skips what it has seen."""
     while True:
-        # A task of its own: `databases` binds a connection to its task, and a long-lived
-        # task whose connection broke while being released could never read again.
+        # A task of its own: `databases` binds a connection to its task, and a long-lived task
+        # whose connection broke while being released could never read again.
         documents = await asyncio.create_task(storage.events_after(hub.last_id, page_size))
         hub.deliver(documents)
         if len(documents) < page_size:
@@ -366,27 +309,26 @@ async def catch_up(hub: Hub, storage: Storage, page_size: int = 1_000) -> None:
 
 
 async def deliver_message(hub: Hub, storage: Storage, payload: bytes) -> None:
-    """A batch from the bus, after any earlier events it follows that never came: those of
-    a process that died between its commit and its publish, or whose publish failed."""
-    erased = decode_erasure(payload)
-    if erased is not None:
-        hub.announce_erasure(erased)
-    elif (message := decode_message(payload)) is not None:
-        follows, documents = message
-        async with hub.filling:
-            if follows > hub.last_id:
-                await catch_up(hub, storage)
-            hub.deliver(documents)
+    """A bus message; a batch after the events it follows that never came (their process died
+    between its commit and its publish, or the publish failed)."""
+    message = decode_message(payload)
+    if message is None:
+        return
+    if "erased" in message:
+        hub.announce_erasure(message["erased"])
+        return
+    async with hub.filling:
+        if message["follows"] > hub.last_id:
+            await catch_up(hub, storage)
+        hub.deliver(message["events"])
 
 
-RECONNECT_MIN_SECONDS = 0.25
-
-
-RECONNECT_MAX_SECONDS = 8.0
+RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS = 0.25, 8.0
+GAP_CHECK_SECONDS = 1.0
 
 
 async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
-    """The background subscriber: bus -> hub, for ever, reconnecting with backoff."""
+    """The background subscriber: bus to hub, for ever, resubscribing with backoff."""
     delay = RECONNECT_MIN_SECONDS
     while True:
         try:
@@ -399,45 +341,32 @@ async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
                 delay = RECONNECT_MIN_SECONDS
                 async for payload in messages:
                     await deliver_message(hub, storage, payload)
-        except Exception as error:  # any failure means: reconnect
+        except Exception as error:  # any failure means: resubscribe
             logger.warning("bus subscription lost (%s); retrying in %.1f s", error, delay)
         hub.subscribed.clear()
         await asyncio.sleep(delay)
         delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
 
-GAP_CHECK_SECONDS = 1.0
-
-
 async def close_gaps(hub: Hub, storage: Storage) -> None:
-    """A gap no later message reveals (its process died and the others went quiet) closes
-    within two checks: events committed a whole check ago and still undelivered are read
-    from the database. Younger ones are left to their publish, normally a millisecond away."""
+    """Closes a gap no message reveals (its process died, the others went quiet) within two
+    checks: events committed a check ago and still undelivered are read from the database."""
     committed_before = 0
     while True:
         await asyncio.sleep(GAP_CHECK_SECONDS)
         try:
-            committed_before = await finish_if_cancelled(
-                check_for_gap(hub, storage, committed_before)
-            )
+            latest = await finish_if_cancelled(storage.max_event_id())
+            if hub.last_id < committed_before:
+                async with hub.filling:
+                    await finish_if_cancelled(catch_up(hub, storage))
+            committed_before = latest
         except Exception as error:
             logger.warning("could not check for undelivered events: %r", error)
 
 
-async def check_for_gap(hub: Hub, storage: Storage, committed_before: int) -> int:
-    """Fill the hub from the database if it is behind what was committed a check ago; the
-    highest id committed now, for the next check."""
-    latest = await storage.max_event_id()
-    if hub.last_id < committed_before:
-        async with hub.filling:
-            await catch_up(hub, storage)
-    return latest
-
-
 async def finish_if_cancelled(work: Coroutine[Any, Any, Any]) -> Any:
     """Run `work` to its end even if the caller is cancelled meanwhile, then let the
-    cancellation through. A database call cut off mid-way is no use, and on SQLite it leaves
-    aiosqlite's worker thread to answer later, into an event loop shutdown may have closed."""
+    cancellation through: aiosqlite's thread would otherwise answer into a closed loop."""
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
