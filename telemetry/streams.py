@@ -139,14 +139,23 @@ SERVER_SEND = "telemetry.server_send"
 # An SSE stream's body, left in the scope for TelemetryApp to run once Starlette's layers have
 # returned: an idle stream then holds none of their coroutine frames.
 STREAM_BODY = "telemetry.stream_body"
-# A stream cut off on purpose ends unfinished (its socket would hold a final write too): uvicorn
-# closes the connection, as wanted, but logs an error that QuietCutOffs drops.
+# A stream cut off on purpose ends unfinished and aborted (see abort): uvicorn logs that as an
+# error, which QuietCutOffs drops.
 CUT_OFF = contextvars.ContextVar("cut_off", default=False)
 UNFINISHED_RESPONSE = "ASGI callable returned without completing response."
 
 
 def server_send(scope: Scope, send: Send) -> Send:
     return scope.get(SERVER_SEND, send)
+
+
+def abort(send: Send) -> None:
+    """Drop a stream's connection now. ASGI has no abort, and uvicorn's close waits for the
+    write buffer to drain, which a client that stopped reading never lets happen: its socket,
+    descriptor and buffers would stay until the client closed. `send` is the server's own."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 class QuietCutOffs(logging.Filter):
@@ -195,10 +204,13 @@ class EventStream:
                 watcher.cancel()
         if ended in (OVERFLOWED, TIMED_OUT):
             CUT_OFF.set(True)
+            abort(send)
             return
-        with contextlib.suppress(Exception):
+        try:
             async with asyncio.timeout(FINAL_WRITE_SECONDS):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception:
+            abort(send)
 
 
 async def end_when_gone(receive: Receive, client: Client) -> None:
@@ -258,6 +270,8 @@ async def websocket_events(websocket: WebSocket) -> None:
     with contextlib.suppress(Exception):
         async with asyncio.timeout(FINAL_WRITE_SECONDS):
             await websocket.close(code=websocket_close_code(ended))
+    if ended != CLOSED:  # its close frame is queued; the client may never read it
+        abort(server_send(websocket.scope, websocket.send))
 
 
 def websocket_close_code(ended: str) -> int:
