@@ -423,6 +423,10 @@ WHERE e.id > :after_id
 ORDER BY e.id
 LIMIT :limit
 """
+# How many events follow an id, counting no further than :cap (an index range, no documents).
+COUNT_EVENTS_AFTER = """
+SELECT COUNT(*) FROM (SELECT 1 FROM events WHERE id > :after_id ORDER BY id LIMIT :cap) t
+"""
 
 
 # The read API's optional filters are `CAST(:x AS TEXT) IS NULL OR ...`: asyncpg cannot type
@@ -1464,6 +1468,10 @@ class Storage:
             SELECT_EVENTS_AFTER, {"after_id": after_id, "limit": limit}
         )
         return [row_document(row._mapping) for row in rows]
+
+    async def count_events_after(self, after_id: int, cap: int) -> int:
+        params = {"after_id": after_id, "cap": cap}
+        return int(await self.database.fetch_val(COUNT_EVENTS_AFTER, params))
 
     async def events_page(self, params: Mapping[str, Any]) -> list[dict]:
         """Events matching parse_events_query's params, newest first."""

@@ -22,7 +22,7 @@ from telemetry.events import INT64_MAX
 from telemetry.hub import CLOSED, FAILED, OVERFLOWED, TIMED_OUT, Client, Frame, StreamFilter
 from telemetry.readapi import STREAM_FILTERS, parse_stream_query
 from telemetry.service import Service, service_of
-from telemetry.storage import StorageUnavailable
+from telemetry.storage import Storage, StorageUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),  # nginx and similar proxies would buffer the stream
 ]
 FINAL_WRITE_SECONDS = 1.0
+REPLAY_PAGE_EVENTS = 50
 
 
 def parse_last_event_id(value: str | None) -> int | None:
@@ -43,38 +44,74 @@ def parse_last_event_id(value: str | None) -> int | None:
     return number if number <= INT64_MAX else None
 
 
-async def open_stream(service: Service, client: Client, after_id: int | None) -> list[Frame]:
-    """The replay after `after_id` (the client subscribed first, so nothing falls between),
-    or a resync notice when more than REPLAY_LIMIT events were missed."""
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """How a stream starts: a resync notice, or a replay after an id, or neither."""
+
+    notice: Frame | None = None
+    replay_after: int | None = None
+
+
+async def open_stream(service: Service, client: Client, after_id: int | None) -> Opening:
+    """A resync notice when more than REPLAY_LIMIT events were missed after `after_id` (the
+    client reloads from the read API instead), else the replay after it."""
     client.last_sent = after_id or 0
     if after_id is None:
-        return []
+        return Opening()
     limit = service.settings.replay_limit
     try:
-        documents = await service.storage.events_after(after_id, limit + 1)
+        missed = await service.storage.count_events_after(after_id, limit + 1)
     except Exception as error:
         raise StorageUnavailable(f"cannot replay right now: {error!r}") from error
-    if len(documents) > limit:
-        notice = {
-            "type": "resync",
-            "reason": "too_far_behind",
-            "message": f"more than {limit} events were missed; reload state from the read API",
-            "latest_id": service.hub.last_id,
-        }
-        return [Frame.of_notice(notice, after_id)]
-    return [Frame.of(document) for document in documents if client.filter.matches(document)]
+    if missed <= limit:
+        return Opening(replay_after=after_id)
+    notice = {
+        "type": "resync",
+        "reason": "too_far_behind",
+        "message": f"more than {limit} events were missed; reload state from the read API",
+        "latest_id": service.hub.last_id,
+    }
+    return Opening(notice=Frame.of_notice(notice, after_id))
+
+
+async def replay(storage: Storage, client: Client, transport: Transport, after_id: int) -> None:
+    """Send what the client missed, a page at a time: a stream far behind holds one page, and
+    a stream caught up holds none. Subscribed first, the live frames queued meanwhile repeat
+    at most what a page sent (Client.unsent)."""
+    while True:
+        try:
+            documents = await storage.events_after(after_id, REPLAY_PAGE_EVENTS)
+        except Exception as error:
+            raise StorageUnavailable(f"cannot replay right now: {error!r}") from error
+        last_page = len(documents) < REPLAY_PAGE_EVENTS
+        after_id = documents[-1]["id"] if documents else after_id
+        frames = [Frame.of(document) for document in documents if client.filter.matches(document)]
+        del documents  # while the write waits on a slow client, hold only what it sends
+        if frames:
+            client.last_sent = frames[-1].id
+            messages = transport.messages(frames)
+            del frames
+            await client.write(messages)
+        if last_page:
+            return
 
 
 async def write_stream(
-    client: Client, transport: Transport, frames: list[Frame], deadline: float
+    client: Client, transport: Transport, opening: Opening, storage: Storage, deadline: float
 ) -> str:
-    """The client's one writer: `frames` (its opening), then live frames, each id once and in
-    id order, whatever is queued in one write, each write within `deadline` seconds (Hub.watch).
-    Returns why it stopped; a cut-off (Client.end) cancels it wherever it waits."""
+    """The client's one writer: its opening, then live frames, each id once and in id order,
+    whatever is queued in one write, each write within `deadline` seconds (Hub.watch).
+    Returns why it stopped; a cut-off (Client.end) cancels it wherever it waits, and a replay
+    that cannot be read raises StorageUnavailable."""
     client.writer = asyncio.current_task()
     client.deadline, client.ping_seconds = deadline, transport.ping_seconds
+    client.transport = transport  # the hub writes for the writer only while it waits, not yet
     try:
-        client.transport = transport
+        if opening.notice is not None:
+            await client.write(transport.messages([opening.notice]))
+        elif opening.replay_after is not None:
+            await replay(storage, client, transport, opening.replay_after)
+        frames: list[Frame] = []
         while client.ended is None:
             if client.started_write is not None:  # by the hub, before these frames
                 started, client.started_write = client.started_write, None
@@ -93,6 +130,8 @@ async def write_stream(
             else:
                 logger.info("dashboard dropped: a write blocked for %s s", deadline)
             return client.ended
+        raise
+    except StorageUnavailable:
         raise
     except Exception as error:  # reset, closed or refused: the connection is gone
         logger.info("dashboard dropped: %r", error)
@@ -194,8 +233,10 @@ class EventStream:
             await send(sse_body(b"retry: %d\n\n" % settings.sse_retry_ms))
             watcher = asyncio.create_task(end_when_gone(receive, client))
             try:
-                frames = await open_stream(self.service, client, self.after_id)
-                ended = await write_stream(client, transport, frames, settings.send_timeout_seconds)
+                opening = await open_stream(self.service, client, self.after_id)
+                ended = await write_stream(
+                    client, transport, opening, self.service.storage, settings.send_timeout_seconds
+                )
             except StorageUnavailable as error:
                 # Ending the stream makes EventSource reconnect after the retry hint.
                 logger.warning("SSE replay failed: %s", error)
@@ -254,17 +295,16 @@ async def websocket_events(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     with service.hub.subscribe(stream_filter, owner) as client:
+        watcher = asyncio.create_task(end_when_gone(websocket.receive, client))
         try:
-            frames = await open_stream(service, client, after_id)
+            opening = await open_stream(service, client, after_id)
+            transport = WebSocketTransport(server_send(websocket.scope, websocket.send))
+            ended = await write_stream(
+                client, transport, opening, service.storage, service.settings.send_timeout_seconds
+            )
         except StorageUnavailable:
             await websocket.close(code=1011, reason="storage_unavailable")
             return
-        watcher = asyncio.create_task(end_when_gone(websocket.receive, client))
-        try:
-            transport = WebSocketTransport(server_send(websocket.scope, websocket.send))
-            ended = await write_stream(
-                client, transport, frames, service.settings.send_timeout_seconds
-            )
         finally:
             watcher.cancel()
     with contextlib.suppress(Exception):

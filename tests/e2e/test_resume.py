@@ -77,3 +77,25 @@ async def test_no_gap_or_duplicate_at_the_seam_while_events_keep_coming(
         received.extend(client.ids)
     await poster
     assert received == posted
+
+
+@pytest.mark.parametrize("client_class", [SseClient, WebSocketClient])
+async def test_a_replay_of_many_pages_while_events_keep_coming_is_exact(
+    client_class, postgres_database_url, channel, start_server, connect_dashboard
+) -> None:
+    """A dashboard 900 events behind is replayed in pages, live events arriving meanwhile."""
+    server = start_server(
+        DATABASE_URL=postgres_database_url, REDIS_URL=REDIS_URL, NOTIFICATION_CHANNEL=channel
+    )
+    missed: list[int] = []
+    for start in range(0, 900, 300):
+        missed += ids_of(
+            await post_events(server.url, *(event(n) for n in range(start, start + 300)))
+        )
+    url = server.url if client_class is SseClient else server.ws_url
+    client = await connect_dashboard(client_class(url, last_event_id=missed[0] - 1))
+    live: list[int] = []
+    for number in range(900, 920):
+        live += ids_of(await post_events(server.url, event(number)))
+    await client.wait_for_ids(missed + live)
+    assert client.ids == missed + live
