@@ -39,6 +39,7 @@ from telemetry.access import (
 from telemetry.bus import build_bus
 from telemetry.config import ConfigError, Settings, load_settings
 from telemetry.errors import ApiError, error_body
+from telemetry.forgetting import keep_retention
 from telemetry.hub import Hub, close_gaps, relay_bus_to_hub
 from telemetry.ingest import Committer, post_events
 from telemetry.readapi import (
@@ -52,7 +53,7 @@ from telemetry.readapi import (
     list_students,
 )
 from telemetry.service import Service, service_of
-from telemetry.storage import Storage, keep_retention
+from telemetry.storage import Storage
 from telemetry.streams import (
     SERVER_SEND,
     STREAM_BODY,
