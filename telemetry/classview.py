@@ -98,8 +98,8 @@ RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
 
 
 # Correlated subqueries, each an index range on events (student_id, id): the cost follows
-# the page's students, not the whole table. recent_from is where their latest executions
-# (STREAK_LOOKBACK_EXECUTIONS) start.
+# the page's students, not the whole table. `recent`: their latest executions, as
+# [id, cell_id, status] (aggregates keep no order in SQLite).
 SELECT_STUDENT_PAGE = f"""
 SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
        notebook.cell_id AS last_cell_id, notebook.cell_index AS last_cell_index,
@@ -115,9 +115,10 @@ FROM (
            AND {EVENT_IN_SCOPE}) AS last_notebook_id,
         (SELECT MAX(h.raise_id) FROM hand_raises h
          WHERE h.student_id = s.student_id AND {RAISED_IN_SCOPE}) AS last_raise_id,
-        (SELECT e.id FROM events e
-         WHERE e.student_id = s.student_id AND e.status IS NOT NULL AND {EVENT_IN_SCOPE}
-         ORDER BY e.id DESC LIMIT 1 OFFSET {STREAK_LOOKBACK_EXECUTIONS - 1}) AS recent_from
+        (SELECT json_agg(json_build_array(r.id, r.cell_id, r.status)) FROM (
+            SELECT e.id, e.cell_id, e.status FROM events e
+            WHERE e.student_id = s.student_id AND e.status IS NOT NULL AND {EVENT_IN_SCOPE}
+            ORDER BY e.id DESC LIMIT {STREAK_LOOKBACK_EXECUTIONS}) r) AS recent
     FROM students s LEFT JOIN student_counts c ON c.student_id = s.student_id
     WHERE s.student_id > :after AND {in_course("s.course_id")}
     ORDER BY s.student_id
@@ -127,18 +128,6 @@ LEFT JOIN events last ON last.id = page.last_event_id
 LEFT JOIN events notebook ON notebook.id = page.last_notebook_id
 LEFT JOIN hand_raises hand ON hand.raise_id = page.last_raise_id
 ORDER BY page.student_id
-"""
-
-
-# The page's students' latest executions, oldest first: from each one's recent_from.
-SELECT_RECENT_EXECUTIONS = f"""
-SELECT s.student_id, e.cell_id, e.status
-FROM jsonb_array_elements(CAST(:page AS JSONB)) page
-JOIN students s ON s.student_id = page.value ->> 'student_id'
-JOIN events e ON e.student_id = s.student_id
-    AND e.id >= CAST(page.value ->> 'recent_from' AS BIGINT)
-WHERE e.status IS NOT NULL AND {EVENT_IN_SCOPE}
-ORDER BY s.student_id, e.id
 """
 
 
@@ -187,17 +176,11 @@ async def students_page(
 ) -> list[dict]:
     """Students matching parse_students_query's params, by student_id, with their counts
     and their hands as they are at `now`."""
-    rows = await storage.rows(SELECT_STUDENT_PAGE, params)
-    page = [
-        {"student_id": row["student_id"], "recent_from": row["recent_from"] or 0} for row in rows
-    ]
-    recent = await storage.rows(
-        SELECT_RECENT_EXECUTIONS, {**params, "page": orjson.dumps(page).decode()}
-    )
-    executions: dict[str, list[tuple[str | None, str]]] = {}
-    for row in recent:
-        executions.setdefault(row["student_id"], []).append((row["cell_id"], row["status"]))
-    return [student_document(row, executions.get(row["student_id"], []), now) for row in rows]
+    documents = []
+    for row in await storage.rows(SELECT_STUDENT_PAGE, params):
+        recent = sorted(orjson.loads(row["recent"] or "[]"))
+        documents.append(student_document(row, [(cell, status) for _, cell, status in recent], now))
+    return documents
 
 
 # Beating raises only: an index range on last_beat_at, whatever the table's history.

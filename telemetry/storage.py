@@ -40,6 +40,7 @@ SQLITE_WORDS = {
     "jsonb_array_elements_text(": "json_each(",
     "jsonb_array_elements(": "json_each(",
     "json_agg(": "json_group_array(",
+    "json_build_array(": "json_array(",
     "nextval(pg_get_serial_sequence('events', 'id'))": (
         "(SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events')"
         " + ROW_NUMBER() OVER (PARTITION BY b.stored_id IS NULL ORDER BY b.position)"
