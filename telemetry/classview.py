@@ -25,22 +25,13 @@ from telemetry.storage import (
 # A student is stuck after this many errors in a row on one cell; the dashboard uses the
 # same rule (static/dashboard.js) for live updates.
 STUCK_ERROR_STREAK = 3
-
-
 STREAK_LOOKBACK_EXECUTIONS = 20
-
-
 # Struggling, unlike stuck, survives moving between cells: this many errors among the
 # last STREAK_LOOKBACK_EXECUTIONS executions, any cells.
 STRUGGLING_ERRORS = 6
-
-
 # Presence, as the dashboard shows it: active within ACTIVE, idle within IDLE, then away.
 ACTIVE = dt.timedelta(minutes=2)
-
-
 IDLE = dt.timedelta(minutes=10)
-
 
 # The rules above as the page reads them (in the session answer), so it never copies them.
 CLASS_RULES = {
@@ -51,7 +42,6 @@ CLASS_RULES = {
     "active_seconds": ACTIVE.total_seconds(),
     "idle_seconds": IDLE.total_seconds(),
 }
-
 
 TOP_ERRORS = 5
 
@@ -96,10 +86,10 @@ def hand_document(hand: Mapping[str, Any] | None, now: dt.datetime) -> dict | No
 RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
     SELECT 1 FROM events e WHERE e.id = h.raise_id AND {EVENT_IN_SCOPE}))"""
 
-
-# Correlated subqueries, each an index range on events (student_id, id): the cost follows
-# the page's students, not the whole table. `recent`: their latest executions, as
-# [id, cell_id, status] (aggregates keep no order in SQLite).
+# Correlated subqueries, each an index range on events (student_id, id): the cost follows the
+# page's students, not the whole table (a join on the events of a page of them hashed every
+# event). `recent`: their latest executions as [id, cell_id, status]; aggregates keep no
+# order in SQLite.
 SELECT_STUDENT_PAGE = f"""
 SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
        notebook.cell_id AS last_cell_id, notebook.cell_index AS last_cell_index,
@@ -130,6 +120,11 @@ LEFT JOIN hand_raises hand ON hand.raise_id = page.last_raise_id
 ORDER BY page.student_id
 """
 
+STUDENT_COLUMNS = (
+    "student_id name course_id team first_seen last_seen event_count execution_count "
+    "error_count last_event_id last_event_type last_notebook_path last_cell_id last_cell_index"
+).split()
+
 
 def student_document(
     row: Mapping[str, Any], executions: list[tuple[str | None, str]], now: dt.datetime
@@ -139,36 +134,27 @@ def student_document(
     cell, count = error_streak(executions)
     statuses = [status for _, status in executions]
     latest = None
-    if row["hand_state"] is not None:
+    if row["hand_state"] is not None:  # most students have no hand
         latest = {column: row[f"hand_{column}"] for column in HAND_TYPES}
     hand = hand_document(latest, now)
     raised = hand is not None and hand["state"] == "up"
-    return {
-        "student_id": row["student_id"],
-        "name": row["name"],
-        "course_id": row["course_id"],
-        "team": row["team"],
-        "first_seen": format_timestamp(row["first_seen"]),
-        "last_seen": format_timestamp(row["last_seen"]),
-        "event_count": row["event_count"],
-        "execution_count": row["execution_count"],
-        "error_count": row["error_count"],
-        "last_event_id": row["last_event_id"],
-        "last_event_type": row["last_event_type"],
-        "last_notebook_path": row["last_notebook_path"],
-        "last_cell_id": row["last_cell_id"],
-        "last_cell_index": row["last_cell_index"],
-        "last_status": statuses[-1] if statuses else None,
-        "hand_raised": raised,
-        "hand_raised_at": hand["raised_at"] if raised else None,
-        "hand_last_beat_at": hand["last_beat_at"] if raised else None,
-        "hand_on_my_way": hand["on_my_way"] if raised else None,
-        "error_streak": count,
-        "streak_cell_id": cell,
-        "stuck": count >= STUCK_ERROR_STREAK,
-        "recent_statuses": statuses,
-        "struggling": is_struggling(statuses),
-    }
+    document = {column: row[column] for column in STUDENT_COLUMNS}
+    document.update(
+        first_seen=format_timestamp(row["first_seen"]),
+        last_seen=format_timestamp(row["last_seen"]),
+        last_status=statuses[-1] if statuses else None,
+        hand_raised=raised,
+        **{
+            f"hand_{key}": hand[key] if raised else None
+            for key in ("raised_at", "last_beat_at", "on_my_way")
+        },  # fmt: skip
+        error_streak=count,
+        streak_cell_id=cell,
+        stuck=count >= STUCK_ERROR_STREAK,
+        recent_statuses=statuses,
+        struggling=is_struggling(statuses),
+    )
+    return document
 
 
 async def students_page(
@@ -199,15 +185,15 @@ WHERE h.last_beat_at >= :cutoff AND h.state <> 'stopped'
 ORDER BY h.raised_at, h.raise_id
 """
 
-
 HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "cell_index")
 
 
 async def hands(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
     """Raises still beating at `now`, oldest first, with where their student last was."""
-    filters = {"cutoff": storage.db_time(now - HAND_TIMEOUT), **params}
     found = []
-    for row in await storage.rows(SELECT_BEATING_HANDS, filters):
+    for row in await storage.rows(
+        SELECT_BEATING_HANDS, {**params, "cutoff": storage.db_time(now - HAND_TIMEOUT)}
+    ):
         hand = hand_document(row, now)
         if hand is not None:
             found.append(hand | {column: row[column] for column in HAND_PLACE_COLUMNS})
@@ -216,8 +202,7 @@ async def hands(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -
 
 SELECT_LATEST_HAND = f"""
 SELECT {", ".join(HAND_TYPES)} FROM hand_raises WHERE student_id = :student_id
-ORDER BY raise_id DESC LIMIT 1
-"""
+ORDER BY raise_id DESC LIMIT 1"""
 
 
 async def latest_hand(storage: Storage, student_id: str) -> dict | None:
@@ -225,30 +210,23 @@ async def latest_hand(storage: Storage, student_id: str) -> dict | None:
     return dict(rows[0]) if rows else None
 
 
-CELL_RUN_FILTERS = f"""
-    {in_course("course_id")}
-    AND (CAST(:notebook_path AS TEXT) IS NULL OR notebook_path = :notebook_path)
-"""
+CELL_RUN_FILTERS = f"""{in_course("course_id")}
+    AND (CAST(:notebook_path AS TEXT) IS NULL OR notebook_path = :notebook_path)"""
 
-
-# Per cell, over its students' run summaries.
+# Per cell, over its students' run summaries (students × cells rows: thousands).
 SELECT_CELL_TOTALS = f"""
 SELECT notebook_path, cell_key, MAX(cell_id) AS cell_id, MAX(cell_index) AS cell_index,
        COUNT(*) AS students_ran, CAST(SUM(runs) AS BIGINT) AS runs,
        CAST(SUM(errors) AS BIGINT) AS errors
-FROM cell_runs
-WHERE {CELL_RUN_FILTERS}
-GROUP BY notebook_path, cell_key
-"""
-
+FROM cell_runs WHERE {CELL_RUN_FILTERS}
+GROUP BY notebook_path, cell_key"""
 
 # The students whose latest run of a cell failed, per cell and error text, through the
 # partial index cell_runs_failing_idx: the class view reads the failing, not every run.
 SELECT_FAILING_GROUPS = f"""
 SELECT notebook_path, cell_key, last_error, json_agg(student_id) AS students FROM cell_runs
 WHERE last_status = 'error' AND {CELL_RUN_FILTERS}
-GROUP BY notebook_path, cell_key, last_error
-"""
+GROUP BY notebook_path, cell_key, last_error"""
 
 
 def notebook_name(path: str | None) -> str | None:
@@ -315,10 +293,8 @@ async def cells(storage: Storage, params: Mapping[str, Any]) -> list[dict]:
 SELECT_ACTIVITY = f"""
 SELECT minute, CAST(SUM(executions) AS BIGINT) AS executions,
        CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(help) AS BIGINT) AS help
-FROM activity
-WHERE minute >= :first AND {in_course("course_id")}
-GROUP BY minute
-"""
+FROM activity WHERE minute >= :first AND {in_course("course_id")}
+GROUP BY minute"""
 
 
 def activity_series(
