@@ -1,26 +1,141 @@
 """The class view: the rules behind the dashboard (raised hands, error streaks, stuck,
-struggling, presence) and the reads that apply them: students, the help queue, cells, activity.
+struggling, presence, the courses a token reads) and the reads that apply them: students, the
+help queue, cells, activity. The rules need no database: storage applies next_hand as it
+stores, and the reads here are given the Storage.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from telemetry.storage import (
-    EVENT_IN_SCOPE,
-    HAND_TIMEOUT,
-    HAND_TYPES,
-    Storage,
-    format_timestamp,
-    hand_is_live,
-    in_course,
-    minute_of,
-)
+if TYPE_CHECKING:
+    from telemetry.storage import Storage
+
+
+# One text form for every timestamp emitted, sortable as text, as SQLite stores it; a batch's
+# events share received_at and often occurred_at, so the cache saves most strftime calls.
+@functools.lru_cache(maxsize=1024)
+def format_timestamp(value: dt.datetime | str) -> str:
+    if isinstance(value, str):
+        return value
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def as_datetime(value: dt.datetime | str) -> dt.datetime:  # SQLite keeps our UTC text
+    moment = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
+    return moment.astimezone(dt.UTC)
+
+
+def minute_of(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+# A scoped token's courses travel as one JSON array parameter, `:courses`, NULL for all.
+def in_scope(course: str) -> str:
+    """The read API's one course guard: a row is read only if its course is the token's."""
+    return (
+        f"(CAST(:courses AS TEXT) IS NULL OR {course} IN "
+        "(SELECT value FROM jsonb_array_elements_text(CAST(:courses AS JSONB))))"
+    )
+
+
+def in_course(course: str) -> str:
+    """The rows of the course asked for, if any (`:course_id`), that the token may read."""
+    return f"(CAST(:course_id AS TEXT) IS NULL OR {course} = :course_id) AND {in_scope(course)}"
+
+
+# An event `e` of student `s` is in scope by its own course, else the student's, as its
+# document shows it. A student's counts (student_counts) are over every course.
+EVENT_COURSE = "COALESCE(e.course_id, s.course_id)"
+EVENT_IN_SCOPE = in_scope(EVENT_COURSE)
+
+# A raised hand is a heartbeat: cell-monitor-extension repeats `help` every 10 s (its older
+# release every 5 s, and never sends help_stop). Three missed 10 s beats lower the hand.
+HAND_TIMEOUT = dt.timedelta(seconds=30)
+HAND_EVENTS = ("help", "help_stop", "help_dismissed", "help_on_my_way")
+
+
+def hand_is_live(hand: Mapping[str, Any] | None, moment: dt.datetime) -> bool:
+    """Still beating at `moment`: not lowered by help_stop, last beat within HAND_TIMEOUT."""
+    return (
+        hand is not None
+        and hand["state"] != "stopped"
+        and moment - as_datetime(hand["last_beat_at"]) <= HAND_TIMEOUT
+    )
+
+
+def next_hand(hand: Mapping[str, Any] | None, document: Mapping[str, Any], at: dt.datetime) -> Any:
+    """A student's latest raise (or None) after one of their HAND_EVENTS, received at `at`.
+
+    A `help` raises a hand unless a raise is still beating, in which case it is one more
+    beat; beats after a dismissal keep the hand down, as the extension beats on until the
+    student lowers it. help_stop ends a raise; the next `help` raises anew.
+    """
+    kind = document["event_type"]
+    if hand is None or not hand_is_live(hand, at):
+        if kind != "help":
+            return hand
+        return {"raise_id": document["id"], "student_id": document["student_id"],
+                "raised_at": at, "last_beat_at": at, "state": "up", "on_my_way_by": None,
+                "on_my_way_at": None}  # fmt: skip
+    hand = dict(hand)
+    if kind == "help":
+        hand["last_beat_at"] = at
+    elif kind == "help_stop":
+        hand["state"] = "stopped"
+    elif hand["state"] == "up" and kind == "help_dismissed":
+        hand["state"] = "dismissed"
+    elif hand["state"] == "up" and kind == "help_on_my_way":
+        extra = document.get("extra")
+        by = extra.get("by") if isinstance(extra, Mapping) else None
+        hand.update(on_my_way_by=by, on_my_way_at=at)
+    return hand
+
+
+HAND_TYPES = {
+    "raise_id": "BIGINT", "student_id": "TEXT", "raised_at": "TIMESTAMPTZ",
+    "last_beat_at": "TIMESTAMPTZ", "state": "TEXT", "on_my_way_by": "TEXT",
+    "on_my_way_at": "TIMESTAMPTZ",
+}  # fmt: skip
+
+# The latest raise of each of `:students`: the state next_hand starts from.
+SELECT_LATEST_HANDS = f"""
+SELECT {", ".join(HAND_TYPES)} FROM hand_raises WHERE raise_id IN (
+    SELECT (SELECT MAX(h.raise_id) FROM hand_raises h WHERE h.student_id = value)
+    FROM jsonb_array_elements_text(CAST(:students AS JSONB)))"""
+
+UPSERT_HANDS = f"""
+INSERT INTO hand_raises ({", ".join(HAND_TYPES)})
+SELECT {", ".join(f"CAST(value ->> '{name}' AS {kind})" for name, kind in HAND_TYPES.items())}
+FROM jsonb_array_elements(CAST(:hands AS JSONB)) WHERE true
+ON CONFLICT (raise_id) DO UPDATE SET last_beat_at = excluded.last_beat_at,
+    state = excluded.state, on_my_way_by = excluded.on_my_way_by,
+    on_my_way_at = excluded.on_my_way_at"""
+
+
+async def record_hands(
+    storage: Storage, connection: Any, events: list[dict], at: dt.datetime
+) -> None:
+    """Apply a batch's new HAND_EVENTS, with their ids, in id order, to their students' latest
+    raises, in the batch's transaction on `connection`."""
+    students = orjson.dumps(sorted({event["student_id"] for event in events})).decode()
+    latest = await storage.rows(SELECT_LATEST_HANDS, {"students": students}, connection)
+    hands = {row["student_id"]: dict(row) for row in latest}
+    for event in events:
+        hands[event["student_id"]] = next_hand(hands.get(event["student_id"]), event, at)
+    rows = [
+        {name: format_timestamp(value) if name.endswith("_at") and value else value
+         for name, value in hand.items()}
+        for hand in hands.values() if hand is not None
+    ]  # fmt: skip
+    await storage.execute(UPSERT_HANDS, {"hands": orjson.dumps(rows).decode()}, connection)
+
 
 # A student is stuck after this many errors in a row on one cell; the dashboard uses the
 # same rule (static/dashboard.js) for live updates.

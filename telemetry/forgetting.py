@@ -12,8 +12,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from telemetry.classview import format_timestamp
 from telemetry.events import EARLIEST_OCCURRED_AT
-from telemetry.storage import CELL_KEY, RECEIPT_MINUTE, UNLOCK, Storage, format_timestamp
+from telemetry.storage import CELL_KEY, RECEIPT_MINUTE, UNLOCK, Storage
 
 logger = logging.getLogger(__name__)
 

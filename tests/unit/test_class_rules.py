@@ -12,12 +12,13 @@ from telemetry.classview import (
     cell_label,
     hand_document,
     is_struggling,
+    next_hand,
 )
 from telemetry.config import ConfigError
 from telemetry.errors import ApiError
 from telemetry.events import camel_case_origins, error_text, parse_instructor, strip_ansi
 from telemetry.readapi import csv_line, event_csv_row, parse_activity_query, parse_cells_query
-from telemetry.storage import check_sqlite_version, next_hand
+from telemetry.storage import check_sqlite_version
 
 T0 = dt.datetime(2026, 11, 27, 9, 0, tzinfo=dt.UTC)
 
