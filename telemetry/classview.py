@@ -98,11 +98,9 @@ def next_hand(hand: Mapping[str, Any] | None, document: Mapping[str, Any], at: d
     return hand
 
 
-HAND_TYPES = {
-    "raise_id": "BIGINT", "student_id": "TEXT", "raised_at": "TIMESTAMPTZ",
-    "last_beat_at": "TIMESTAMPTZ", "state": "TEXT", "on_my_way_by": "TEXT",
-    "on_my_way_at": "TIMESTAMPTZ",
-}  # fmt: skip
+HAND_COLUMNS = """raise_id BIGINT, student_id TEXT, raised_at TIMESTAMPTZ, last_beat_at TIMESTAMPTZ,
+    state TEXT, on_my_way_by TEXT, on_my_way_at TIMESTAMPTZ"""
+HAND_TYPES = dict(column.split() for column in HAND_COLUMNS.split(","))
 
 # The latest raise of each of `:students`: the state next_hand starts from.
 SELECT_LATEST_HANDS = f"""
@@ -305,10 +303,8 @@ HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "
 
 async def hands(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
     """Raises still beating at `now`, oldest first, with where their student last was."""
-    found = []
-    for row in await storage.rows(
-        SELECT_BEATING_HANDS, {**params, "cutoff": storage.db_time(now - HAND_TIMEOUT)}
-    ):
+    found, cutoff = [], storage.db_time(now - HAND_TIMEOUT)
+    for row in await storage.rows(SELECT_BEATING_HANDS, {**params, "cutoff": cutoff}):
         hand = hand_document(row, now)
         if hand is not None:
             found.append(hand | {column: row[column] for column in HAND_PLACE_COLUMNS})
