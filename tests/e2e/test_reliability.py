@@ -228,10 +228,13 @@ async def test_healthz_is_down_while_events_cannot_be_stored(
 @pytest.mark.parametrize(
     ("settings", "line"),
     [
-        ({"SEND_TIMEOUT_SECONDS": "1"}, "INFO telemetry: dashboard dropped: a write blocked"),
+        (
+            {"SEND_TIMEOUT_SECONDS": "1"},
+            "INFO telemetry.streams: dashboard dropped: a write blocked",
+        ),
         (
             {"CLIENT_QUEUE_LIMIT": "5", "SEND_TIMEOUT_SECONDS": "30"},
-            "WARNING telemetry: slow dashboard cut off",
+            "WARNING telemetry.streams: slow dashboard cut off",
         ),
     ],
 )
