@@ -47,9 +47,8 @@ DOOMED = {
         ORDER BY e.received_at, e.id LIMIT :batch_size""",
 }
 
-# The summaries lose what the doomed events added to them, by the same keys. Counting them
-# anew from the events left would read every event of their students: seconds a retention
-# batch at a million events, against milliseconds.
+# The summaries lose what the doomed events added to them, by the same keys: counting them
+# anew would read every event left of their students, in every retention batch.
 SUBTRACT_DOOMED = [
     """UPDATE student_counts SET events = student_counts.events - d.events,
         executions = student_counts.executions - d.executions,

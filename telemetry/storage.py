@@ -244,8 +244,8 @@ ON CONFLICT (course_id, minute) DO UPDATE SET
     executions = activity.executions + excluded.executions,
     errors = activity.errors + excluded.errors, help = activity.help + excluded.help"""
 
-# The rest of a batch takes no parameter: on PostgreSQL the committer's connection prepares it
-# and sends it in one round trip (one more round trip a batch: a sixth fewer POSTs answered).
+# The rest of a batch takes no parameter, so that on PostgreSQL the committer's connection
+# prepares it once and sends it in one round trip: round trips are what a commit waits on.
 PREPARED = {
     sql: f"store_{n}"
     for n, sql in enumerate((UPSERT_STUDENTS, INSERT_EVENTS, UPSERT_CELL_RUNS,
