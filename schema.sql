@@ -1,6 +1,6 @@
 -- Classroom telemetry schema, written for PostgreSQL and applied on every start-up.
--- Every statement is idempotent. The SQLite default rewrites the few PostgreSQL-only
--- type names (see SQLITE_REWRITES in telemetry.py), so keep to the ones listed there.
+-- Every statement is idempotent. The SQLite default replaces the few PostgreSQL-only
+-- words (SQLITE_WORDS in telemetry/storage.py), so keep to the ones listed there.
 -- Statements are split on semicolons: keep them out of comments.
 
 CREATE TABLE IF NOT EXISTS students (
@@ -66,18 +66,8 @@ CREATE TABLE IF NOT EXISTS cell_runs (
 CREATE INDEX IF NOT EXISTS cell_runs_failing_idx ON cell_runs (course_id, notebook_path)
     WHERE last_status = 'error';
 
--- cell_runs added up per course ('' for none) and cell.
-CREATE TABLE IF NOT EXISTS cell_totals (
-    course_id     TEXT NOT NULL,
-    notebook_path TEXT NOT NULL,
-    cell_key      TEXT NOT NULL,
-    cell_id       TEXT,
-    cell_index    INTEGER,
-    students_ran  BIGINT NOT NULL,
-    runs          BIGINT NOT NULL,
-    errors        BIGINT NOT NULL,
-    PRIMARY KEY (course_id, notebook_path, cell_key)
-);
+-- The class view adds up cell_runs per cell when read: a second summary of them is not kept.
+DROP TABLE IF EXISTS cell_totals;
 
 -- Per course ('' for none) and UTC minute of receipt ('2026-11-27T17:40Z').
 CREATE TABLE IF NOT EXISTS activity (
@@ -105,8 +95,7 @@ CREATE INDEX IF NOT EXISTS hand_raises_student_idx ON hand_raises (student_id, r
 CREATE INDEX IF NOT EXISTS hand_raises_beat_idx ON hand_raises (last_beat_at);
 CREATE INDEX IF NOT EXISTS activity_minute_idx ON activity (minute);
 
--- Per student: their events, executions and errors. When this table is created on a
--- database that already holds events, start-up fills it from them once.
+-- Per student: their events, executions and errors.
 CREATE TABLE IF NOT EXISTS student_counts (
     student_id  TEXT PRIMARY KEY,
     events      BIGINT NOT NULL,

@@ -19,12 +19,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from telemetry.bus import encode_erasure
+from telemetry.classview import CLASS_RULES
 from telemetry.config import Grant, Settings
 from telemetry.errors import ApiError, error_body
 from telemetry.events import pseudonym
+from telemetry.forgetting import erase_course, erase_student
 from telemetry.pioneer import is_pioneer_envelope
 from telemetry.service import Service, service_of
-from telemetry.storage import CLASS_RULES, Storage, read_storage
+from telemetry.storage import Storage, read_storage
 
 logger = logging.getLogger(__name__)
 ACCESS_LOG = logging.getLogger("telemetry.access")
@@ -225,11 +227,11 @@ async def erase(request: Request) -> Response:
     if "student_id" in request.path_params:
         erased = await stored_student(service, request.path_params["student_id"])
         courses = await read_storage(storage.student_courses(erased["student_id"]))
-        deleted = await read_storage(storage.erase_student(erased["student_id"]))
+        deleted = await read_storage(erase_student(storage, erased["student_id"]))
         notice = {**erased, "courses": courses}
     else:
         erased = notice = {"student_id": None, "course_id": request.path_params["course_id"]}
-        deleted = await read_storage(storage.erase_course(erased["course_id"]))
+        deleted = await read_storage(erase_course(storage, erased["course_id"]))
     found = any(deleted.values())
     outcome = "erased" if found else "nothing"
     log_access(request, grant, "erase", outcome, params=erased, deleted=deleted)

@@ -28,10 +28,11 @@ from telemetry import access, readapi, streams
 from telemetry.bus import build_bus
 from telemetry.config import ConfigError, Settings, load_settings
 from telemetry.errors import ApiError, error_body
+from telemetry.forgetting import keep_retention
 from telemetry.hub import Hub, close_gaps, relay_bus_to_hub
 from telemetry.ingest import Committer, post_events
 from telemetry.service import Service, service_of
-from telemetry.storage import Storage, keep_retention
+from telemetry.storage import Storage
 
 logger = logging.getLogger(__name__)
 

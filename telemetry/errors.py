@@ -37,3 +37,16 @@ class FieldErrors:
 
     def add(self, field_path: str, problem: str) -> None:
         self.details.append({"field": field_path, "problem": problem})
+
+
+class StorageUnavailable(Exception):
+    """The database could not store or read right now; the client should retry."""
+
+
+RETRY_AFTER_SECONDS = 2
+
+
+def storage_unavailable(what_failed: str) -> ApiError:
+    # 503, not 4xx: the JupyterLab clients retry 5xx and drop an event on any 4xx.
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    return ApiError(503, "storage_unavailable", f"{what_failed}; retry shortly", headers=headers)

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from telemetry.access import bearer_token, envelope_token, require_token
 from telemetry.bus import Bus, encode_batch
 from telemetry.config import Settings
-from telemetry.errors import ApiError, FieldErrors
+from telemetry.errors import ApiError, FieldErrors, StorageUnavailable, storage_unavailable
 from telemetry.events import (
     is_json_content_type,
     normalise_event,
@@ -35,12 +35,8 @@ from telemetry.pioneer import is_pioneer_envelope, normalise_pioneer
 from telemetry.service import service_of
 from telemetry.storage import (
     Storage,
-    StorageUnavailable,
     StoredBatch,
     StoredEvent,
-    joined_rows,
-    statement_rows,
-    storage_unavailable,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,7 +69,6 @@ def normalise_batch(body: Any, now: dt.datetime, settings: Settings) -> list[dic
 @dataclass
 class PendingWrite:
     events: list[dict]
-    rows: str | None  # statement_rows(events) on PostgreSQL, encoded by the POST's own task
     done: asyncio.Future[list[StoredEvent]]
 
 
@@ -81,7 +76,7 @@ class PendingWrite:
 POST_DEADLINE_SECONDS = 8.0
 
 
-# One batch: the commit order, the statement and the publish. A POST may wait for the batch
+# One batch: the commit order, the transaction and the publish. A POST may wait for the batch
 # before its own, so twice this stays within POST_DEADLINE_SECONDS.
 COMMIT_DEADLINE_SECONDS = 4.0
 
@@ -119,8 +114,7 @@ class Committer:
         self._carried: list[PendingWrite] = []
 
     async def submit(self, events: list[dict]) -> list[StoredEvent]:
-        rows = statement_rows(events) if self.storage.is_postgres else None
-        pending = PendingWrite(events, rows, asyncio.get_running_loop().create_future())
+        pending = PendingWrite(events, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         try:
             async with asyncio.timeout(POST_DEADLINE_SECONDS):
@@ -216,18 +210,9 @@ class Committer:
         events = [
             {**event, "received_at": received_at} for pending in batch for event in pending.events
         ]
-        rows = joined_rows(pending.rows for pending in batch) if self.storage.is_postgres else None
-        return await self.storage.store(events, rows)
+        return await self.storage.store(events)
 
     async def _publish_and_answer(self, batch: list[PendingWrite], stored: StoredBatch) -> None:
-        try:
-            results = stored.results
-        except Exception as error:  # stored, but with no receipts to give: a retry dedupes
-            logger.exception("could not read back a stored batch")
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(StorageUnavailable(repr(error)))
-            return
         try:
             payload = encode_batch(stored)
             if payload is not None:
@@ -240,7 +225,7 @@ class Committer:
         for pending in batch:
             end = start + len(pending.events)
             if not pending.done.done():
-                pending.done.set_result(results[start:end])
+                pending.done.set_result(stored.results[start:end])
             start = end
 
 

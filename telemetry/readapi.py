@@ -14,8 +14,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from telemetry import classview
 from telemetry.access import authorize_read
-from telemetry.errors import ApiError, FieldErrors
+from telemetry.classview import hand_document, latest_hand
+from telemetry.errors import ApiError, FieldErrors, StorageUnavailable, storage_unavailable
 from telemetry.events import (
     IDENTIFIER_MAX_CHARS,
     INT64_MAX,
@@ -27,11 +29,8 @@ from telemetry.events import (
 from telemetry.ingest import normalise_batch
 from telemetry.service import service_of
 from telemetry.storage import (
-    StorageUnavailable,
     format_timestamp,
-    hand_document,
     read_storage,
-    storage_unavailable,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,7 +153,7 @@ async def list_students(request: Request) -> Response:
     storage = service_of(request).storage
     _, params = await authorize_read(request, parse_students_query)
     now = dt.datetime.now(dt.UTC)
-    read = functools.partial(storage.students_page, now=now)
+    read = functools.partial(classview.students_page, storage, now=now)
     page, next_after = await read_page(read, params, "student_id")
     return JSONResponse({"now": format_timestamp(now), "students": page, "next_after": next_after})
 
@@ -163,7 +162,7 @@ async def list_help(request: Request) -> Response:
     """The help queue, first come first served, and every raise still beating."""
     _, params = await authorize_read(request, parse_course_query)
     now = dt.datetime.now(dt.UTC)
-    hands = await read_storage(service_of(request).storage.hands(params, now))
+    hands = await read_storage(classview.hands(service_of(request).storage, params, now))
     queue = [hand for hand in hands if hand["state"] == "up"]
     return JSONResponse({"now": format_timestamp(now), "queue": queue, "hands": hands})
 
@@ -184,7 +183,7 @@ async def answer_hand(request: Request) -> Response:
     if not seen:
         raise ApiError(404, "no_such_student", f"no student {student_id!r} has been seen")
     now = dt.datetime.now(dt.UTC)
-    hand = hand_document(await read_storage(service.storage.latest_hand(student_id)), now)
+    hand = hand_document(await read_storage(latest_hand(service.storage, student_id)), now)
     if hand is None or hand["state"] != "up":
         raise ApiError(409, "no_raised_hand", f"{student_id!r} has no raised hand now")
     raw = {"student_id": student_id, "event_type": event_type, "course_id": course_id, "by": by}
@@ -193,7 +192,7 @@ async def answer_hand(request: Request) -> Response:
         [stored] = await service.committer.submit([event])
     except StorageUnavailable:
         raise storage_unavailable("the action could not be stored") from None
-    hand = hand_document(await read_storage(service.storage.latest_hand(student_id)), now)
+    hand = hand_document(await read_storage(latest_hand(service.storage, student_id)), now)
     body = {"id": stored.document["id"], "event_type": event_type, "hand": hand}
     return JSONResponse(body, status_code=201)
 
@@ -201,7 +200,7 @@ async def answer_hand(request: Request) -> Response:
 async def list_cells(request: Request) -> Response:
     """Where the class is stuck: per notebook and cell, who ran it and who fails there now."""
     _, params = await authorize_read(request, parse_cells_query)
-    cells = await read_storage(service_of(request).storage.cells(params))
+    cells = await read_storage(classview.cells(service_of(request).storage, params))
     return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), "cells": cells})
 
 
@@ -209,7 +208,7 @@ async def list_activity(request: Request) -> Response:
     """Executions, errors and raised hands per minute over the last `minutes`."""
     _, params = await authorize_read(request, parse_activity_query)
     now = dt.datetime.now(dt.UTC)
-    series = await read_storage(service_of(request).storage.activity(params, now))
+    series = await read_storage(classview.activity(service_of(request).storage, params, now))
     body = {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
     return JSONResponse(body)
 
@@ -295,6 +294,7 @@ async def export_students(request: Request) -> Response:
     now = dt.datetime.now(dt.UTC)
 
     def read_after(last: dict | None) -> Awaitable[list[dict]]:
-        return storage.students_page({**params, "after": last["student_id"] if last else ""}, now)
+        after = last["student_id"] if last else ""
+        return classview.students_page(storage, {**params, "after": after}, now)
 
     return await csv_download("students.csv", STUDENT_CSV_COLUMNS, read_after, student_csv_row)

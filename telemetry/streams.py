@@ -17,12 +17,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from telemetry.access import authorize_read, client_key, origin_allowed
-from telemetry.errors import ApiError
+from telemetry.errors import ApiError, StorageUnavailable
 from telemetry.events import INT64_MAX
 from telemetry.hub import CLOSED, FAILED, OVERFLOWED, TIMED_OUT, Client, Frame, StreamFilter
 from telemetry.readapi import STREAM_FILTERS, parse_stream_query
 from telemetry.service import Service, service_of
-from telemetry.storage import Storage, StorageUnavailable
+from telemetry.storage import Storage
 
 logger = logging.getLogger(__name__)
 

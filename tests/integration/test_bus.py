@@ -133,5 +133,5 @@ async def test_a_message_following_an_undelivered_id_brings_the_missing_events_f
 
 
 def test_bus_message_is_the_batch_of_documents_and_the_id_it_follows() -> None:
-    batch = StoredBatch.of([StoredEvent({"id": 8}, False), StoredEvent({"id": 3}, True)], follows=7)
+    batch = StoredBatch([StoredEvent({"id": 8}, False), StoredEvent({"id": 3}, True)], follows=7)
     assert orjson.loads(encode_batch(batch)) == {"follows": 7, "events": [{"id": 8}]}

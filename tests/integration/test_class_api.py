@@ -369,15 +369,3 @@ async def test_camel_case_problems_name_the_clients_own_keys(api) -> None:
     assert_422(response, "events[0].emailAddress", "events[1].hasError", "events[2].cellIndex")
     assert response.json()["error"]["details"][1]["problem"] == "must be true or false"
     assert (await api.get("/api/v1/events")).json()["events"] == []
-
-
-async def test_counts_of_a_database_from_before_student_counts_are_filled_at_start(api) -> None:
-    await post(api, run("ada", "c1", "error"), run("ada", "c1", "ok"), help_event("ada"))
-    storage = api.service.storage
-    await storage.database.execute("DROP TABLE student_counts")
-    await storage.apply_schema()  # as a start-up of this version on an older database does
-    ada = (await students(api))["ada"]
-    assert (ada["event_count"], ada["execution_count"], ada["error_count"]) == (3, 2, 1)
-    await post(api, run("ada", "c2", "error"))
-    ada = (await students(api))["ada"]
-    assert (ada["event_count"], ada["execution_count"], ada["error_count"]) == (4, 3, 2)

@@ -14,9 +14,11 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from telemetry.application import create_app
+from telemetry.classview import activity, cells, students_page
 from telemetry.config import Settings
+from telemetry.forgetting import FORGOTTEN_TABLES, erase_course, erase_student, retain
 from telemetry.ingest import normalise_batch
-from telemetry.storage import FORGOTTEN_TABLES, Storage
+from telemetry.storage import Storage
 from tests.conftest import fresh_postgres_database, wait_for
 
 T0 = dt.datetime(2026, 11, 26, 9, 0, 30, tzinfo=dt.UTC)
@@ -136,15 +138,17 @@ async def class_view(storage: Storage) -> dict:
         for table in FORGOTTEN_TABLES
         if table != "events"
     }
-    cells = await storage.cells(
-        {"course_id": None, "notebook_path": None, "limit": 200, "courses": None}
+    view["cells"] = await cells(
+        storage, {"course_id": None, "notebook_path": None, "limit": 200, "courses": None}
     )
-    view["cells"] = cells
     for course in (None, C1, C2):
-        view[f"activity {course}"] = await storage.activity(
-            {"course_id": course, "minutes": 10, "courses": None}, T0 + dt.timedelta(minutes=5)
+        view[f"activity {course}"] = await activity(
+            storage,
+            {"course_id": course, "minutes": 10, "courses": None},
+            T0 + dt.timedelta(minutes=5),
         )
-    students = await storage.students_page(
+    students = await students_page(
+        storage,
         {"after": "", "course_id": None, "limit": 100, "courses": None},
         T0 + dt.timedelta(minutes=3),
     )
@@ -158,21 +162,21 @@ async def test_an_erased_student_is_in_no_table_and_the_class_view_forgets_them(
     storage, twin
 ) -> None:
     await store(storage, CLASS, T0)
-    deleted = await storage.erase_student(ADA)
+    deleted = await erase_student(storage, ADA)
     assert deleted == {
         "events": 4, "students": 1, "cell_runs": 2, "hand_raises": 1, "student_counts": 1,
-        "cell_totals": 0, "activity": 0,
+        "activity": 0,
     }  # fmt: skip
     assert await mentions(storage, ADA, NAMES[ADA]) == []
     await store(twin, only(lambda raw: raw["student_id"] != ADA, CLASS), T0)
     assert await class_view(storage) == await class_view(twin)
 
 
-async def test_erasing_the_only_student_of_a_cell_removes_its_totals(storage, twin) -> None:
+async def test_erasing_the_only_student_of_a_cell_and_course_removes_them(storage, twin) -> None:
     lonely = [[run(ADA, "course-nine", "alone.ipynb", "cell1", "error")], *CLASS]
     await store(storage, lonely, T0)
-    deleted = await storage.erase_student(ADA)
-    assert deleted["cell_totals"] == 1 and deleted["activity"] == 1
+    deleted = await erase_student(storage, ADA)
+    assert (deleted["cell_runs"], deleted["activity"]) == (3, 1)
     assert await mentions(storage, ADA, NAMES[ADA], "course-nine", "alone.ipynb") == []
     await store(twin, only(lambda raw: raw["student_id"] != ADA, lonely), T0)
     assert await class_view(storage) == await class_view(twin)
@@ -181,17 +185,18 @@ async def test_erasing_the_only_student_of_a_cell_removes_its_totals(storage, tw
 async def test_erasing_an_unknown_student_deletes_nothing(storage) -> None:
     await store(storage, CLASS, T0)
     before = await every_row(storage)
-    assert set((await storage.erase_student("nobody")).values()) == {0}
+    assert set((await erase_student(storage, "nobody")).values()) == {0}
     assert await every_row(storage) == before
 
 
 async def test_an_erased_student_seen_again_is_a_new_sighting(storage) -> None:
     await store(storage, CLASS, T0)
-    await storage.erase_student(ADA)
+    await erase_student(storage, ADA)
     await store(storage, [[run(ADA, C1, "lists.ipynb", "cell1", "ok")]], T0 + dt.timedelta(hours=1))
     (ada,) = [
         student
-        for student in await storage.students_page(
+        for student in await students_page(
+            storage,
             {"after": "", "course_id": None, "limit": 100, "courses": None},
             T0 + dt.timedelta(hours=1),
         )
@@ -202,7 +207,7 @@ async def test_an_erased_student_seen_again_is_a_new_sighting(storage) -> None:
 
 async def test_an_erased_course_keeps_only_its_students_other_courses(storage, twin) -> None:
     await store(storage, CLASS, T0)
-    deleted = await storage.erase_course(C1)
+    deleted = await erase_course(storage, C1)
     assert (deleted["events"], deleted["students"], deleted["student_counts"]) == (9, 2, 2)
     assert await mentions(storage, ADA, BOB, NAMES[ADA], NAMES[BOB], C1, "lists.ipynb") == []
     # Cy stays, with the C2 run alone, and C2 as course.
@@ -226,14 +231,14 @@ async def test_retention_deletes_what_was_received_before_the_cutoff_in_bounded_
         ]
     ]
     await store(storage, new, cutoff + dt.timedelta(seconds=1))
-    totals = await storage.retain(cutoff, batch_size=3)
+    totals = await retain(storage, cutoff, batch_size=3)
     assert totals is not None
     assert (totals["events"], totals["batches"]) == (10, 4)  # 3 + 3 + 3 + 1
     assert (totals["students"], totals["hand_raises"]) == (1, 1)  # Ada had nothing newer
     assert await mentions(storage, ADA, NAMES[ADA]) == []
     await store(twin, new, cutoff + dt.timedelta(seconds=1))
     assert await class_view(storage) == await class_view(twin)
-    again = await storage.retain(cutoff, batch_size=3)
+    again = await retain(storage, cutoff, batch_size=3)
     assert again is not None and (again["events"], again["batches"]) == (0, 1)
 
 
@@ -243,7 +248,7 @@ async def test_events_received_exactly_at_the_cutoff_are_kept(storage) -> None:
         storage, [[run(ADA, C1, "a.ipynb", "cell1", "ok")]], cutoff - dt.timedelta(microseconds=1)
     )
     await store(storage, [[run(BOB, C1, "a.ipynb", "cell1", "ok")]], cutoff)
-    totals = await storage.retain(cutoff, batch_size=1_000)
+    totals = await retain(storage, cutoff, batch_size=1_000)
     assert totals is not None and totals["events"] == 1
     rows = await storage.database.fetch_all("SELECT student_id FROM events")
     assert [row._mapping["student_id"] for row in rows] == [BOB]
@@ -256,9 +261,9 @@ async def test_one_retention_pass_at_a_time_across_processes(postgres_database_u
     try:
         async with first.database.connection() as connection:
             await connection.execute("SELECT pg_advisory_lock(:key)", {"key": 0x7E1E_DE1E})
-            assert await second.retain(T0, batch_size=10) is None
+            assert await retain(second, T0, batch_size=10) is None
             await connection.execute("SELECT pg_advisory_unlock(:key)", {"key": 0x7E1E_DE1E})
-        assert await second.retain(T0, batch_size=10) is not None
+        assert await retain(second, T0, batch_size=10) is not None
     finally:
         await first.disconnect()
         await second.disconnect()
@@ -311,14 +316,6 @@ INCONSISTENCIES = {
             ON e.student_id = c.student_id AND e.notebook_path = c.notebook_path
             AND e.cell_id = c.cell_key
         WHERE COALESCE(e.n, 0) <> c.runs""",
-    "cell_totals": """
-        SELECT t.cell_key FROM cell_totals t
-        LEFT JOIN (SELECT COALESCE(course_id, '') AS course_id, notebook_path, cell_key,
-                          COUNT(*) AS n, SUM(runs) AS runs FROM cell_runs
-                   GROUP BY COALESCE(course_id, ''), notebook_path, cell_key) r
-            ON r.course_id = t.course_id AND r.notebook_path = t.notebook_path
-            AND r.cell_key = t.cell_key
-        WHERE COALESCE(r.n, 0) <> t.students_ran OR COALESCE(r.runs, 0) <> t.runs""",
 }
 
 
@@ -333,7 +330,7 @@ async def test_erasure_racing_ingest_of_the_same_student_leaves_every_summary_tr
 
     async def keep_erasing() -> None:
         for _ in range(15):
-            await storage.erase_student(ADA)
+            await erase_student(storage, ADA)
 
     await asyncio.gather(keep_posting(), keep_erasing(), keep_erasing())
     for summary, sql in INCONSISTENCIES.items():

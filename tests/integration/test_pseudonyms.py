@@ -13,7 +13,7 @@ from asgi_lifespan import LifespanManager
 from telemetry.application import create_app
 from telemetry.config import Settings
 from telemetry.events import pseudonym
-from telemetry.storage import FORGOTTEN_TABLES
+from telemetry.forgetting import FORGOTTEN_TABLES
 from tests.pseudonym_samples import CAMEL, OURS, PIONEER, RAW_IDS, SALT, leaks
 
 

@@ -1,4 +1,4 @@
-"""The rules behind the dashboard: raised hands, struggling, error texts, summaries, CSV."""
+"""The rules behind the dashboard: raised hands, struggling, error texts, cells, CSV."""
 
 import datetime as dt
 
@@ -6,21 +6,19 @@ import pytest
 
 from telemetry.access import is_ingest_request
 from telemetry.application import redact_url
-from telemetry.errors import ApiError
-from telemetry.events import camel_case_origins, error_text, parse_instructor, strip_ansi
-from telemetry.readapi import csv_line, event_csv_row, parse_activity_query, parse_cells_query
-from telemetry.storage import (
-    activity_rows,
+from telemetry.classview import (
     activity_series,
     cell_documents,
     cell_label,
-    cell_run_rows,
-    cell_total_rows,
     hand_document,
     is_struggling,
     next_hand,
-    student_count_rows,
 )
+from telemetry.config import ConfigError
+from telemetry.errors import ApiError
+from telemetry.events import camel_case_origins, error_text, parse_instructor, strip_ansi
+from telemetry.readapi import csv_line, event_csv_row, parse_activity_query, parse_cells_query
+from telemetry.storage import check_sqlite_version
 
 T0 = dt.datetime(2026, 11, 27, 9, 0, tzinfo=dt.UTC)
 
@@ -122,38 +120,6 @@ def test_strip_ansi_keeps_ordinary_brackets() -> None:
     assert strip_ansi("a[0] = \x1b[1;32mok\x1b[0m [x]") == "a[0] = ok [x]"
 
 
-def test_cell_runs_aggregate_a_batch_per_student_and_cell() -> None:
-    documents = [
-        {"id": 1, "student_id": "ada", "notebook_path": "n", "cell_id": "c", "cell_index": 2,
-         "status": "error", "error": {"ename": "E", "evalue": "v"}, "course_id": "cs"},
-        {"id": 2, "student_id": "ada", "notebook_path": "n", "cell_id": "c", "cell_index": None,
-         "status": "ok", "error": None, "course_id": None},
-        {"id": 3, "student_id": "ada", "notebook_path": None, "cell_id": None, "cell_index": 4,
-         "status": "error", "error": None, "course_id": None},
-        {"id": 4, "student_id": "ada", "event_type": "help", "status": None},
-    ]  # fmt: skip
-    first, second = cell_run_rows(documents)
-    assert first == {
-        "student_id": "ada", "notebook_path": "n", "cell_key": "c", "course_id": "cs",
-        "cell_id": "c", "cell_index": 2, "runs": 2, "errors": 1, "last_status": "ok",
-        "last_error": None, "last_event_id": 2,
-    }  # fmt: skip
-    assert (second["notebook_path"], second["cell_key"], second["last_error"]) == ("", "#4", None)
-
-
-def test_activity_counts_a_batch_per_course_and_only_new_hands() -> None:
-    documents = [
-        {"course_id": "cs", "status": "ok"},
-        {"course_id": "cs", "status": "error"},
-        {"course_id": None, "status": None},
-    ]
-    rows = activity_rows(documents, [{"course_id": None}], "2026-11-27T09:00Z")
-    assert rows == [
-        {"course_id": "cs", "minute": "2026-11-27T09:00Z", "executions": 2, "errors": 1, "help": 0},
-        {"course_id": "", "minute": "2026-11-27T09:00Z", "executions": 0, "errors": 0, "help": 1},
-    ]
-
-
 def test_activity_series_fills_quiet_minutes_with_zeros() -> None:
     rows = [{"minute": "2026-11-27T09:01Z", "executions": 4, "errors": 1, "help": 0}]
     series = activity_series(rows, T0, 3)
@@ -202,20 +168,6 @@ def test_cell_documents_rank_errors_by_failing_students() -> None:
         0,
         [],
     )
-
-
-def test_cell_totals_count_a_student_once_per_cell() -> None:
-    runs = [
-        {"student_id": "ada", "notebook_path": "n", "cell_key": "c", "course_id": None,
-         "cell_id": "c", "cell_index": 3, "runs": 2, "errors": 1},
-        {"student_id": "bob", "notebook_path": "n", "cell_key": "c", "course_id": "cs",
-         "cell_id": "c", "cell_index": None, "runs": 1, "errors": 0},
-    ]  # fmt: skip
-    priors = {("ada", "n", "c"): {"course_id": "cs"}}  # ada ran it before, bob is new
-    assert cell_total_rows(runs, priors) == [
-        {"course_id": "cs", "notebook_path": "n", "cell_key": "c", "cell_id": "c",
-         "cell_index": 3, "students_ran": 1, "runs": 3, "errors": 1},
-    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -313,13 +265,14 @@ def test_database_url_passwords_never_reach_the_log() -> None:
     assert redact_url("sqlite:///telemetry.db") == "sqlite:///telemetry.db"
 
 
-def test_student_counts_add_a_batch_per_student() -> None:
-    documents = [
-        {"student_id": "ada", "status": "error"},
-        {"student_id": "ada", "status": None},
-        {"student_id": "bob", "status": "ok"},
-    ]
-    assert student_count_rows(documents) == [
-        {"student_id": "ada", "events": 2, "executions": 1, "errors": 1},
-        {"student_id": "bob", "events": 1, "executions": 1, "errors": 0},
-    ]
+@pytest.mark.parametrize("version", ["3.31.1", "3.37.2", "2.8.17"])
+def test_a_sqlite_too_old_for_our_sql_is_refused_in_one_line(version) -> None:
+    with pytest.raises(ConfigError) as refused:
+        check_sqlite_version(version)
+    assert str(refused.value).startswith(f"SQLite {version} is older than 3.38, which telemetry")
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("version", ["3.38.0", "3.40.1", "3.45.3", "4.0"])
+def test_a_recent_sqlite_is_accepted(version) -> None:
+    check_sqlite_version(version)

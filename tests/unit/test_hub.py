@@ -89,14 +89,14 @@ def test_malformed_bus_messages_are_ignored(payload: bytes) -> None:
 
 
 def test_a_bus_message_round_trips() -> None:
-    stored = StoredBatch.of([StoredEvent(document(5), False)], follows=4)
+    stored = StoredBatch([StoredEvent(document(5), False)], follows=4)
     assert decode_message(encode_batch(stored)) == {"follows": 4, "events": [document(5)]}
 
 
 def test_duplicates_are_not_published() -> None:
     stored = [StoredEvent(document(1), False), StoredEvent({"id": 1, "event_id": "e"}, True)]
-    assert orjson.loads(encode_batch(StoredBatch.of(stored, 0)))["events"] == [document(1)]
-    assert encode_batch(StoredBatch.of(stored[1:], 0)) is None
+    assert orjson.loads(encode_batch(StoredBatch(stored, 0)))["events"] == [document(1)]
+    assert encode_batch(StoredBatch(stored[1:], 0)) is None
 
 
 def test_a_scoped_client_gets_its_courses_only_never_events_without_one() -> None:
@@ -150,7 +150,7 @@ def test_a_course_erasure_reaches_every_client_of_that_course() -> None:
 def test_an_erasure_round_trips_on_the_bus_and_is_no_batch() -> None:
     payload = encode_erasure({"student_id": "s1", "course_id": None})
     assert decode_message(payload) == {"erased": {"student_id": "s1", "course_id": None}}
-    stored = StoredBatch.of([StoredEvent(document(5), False)], follows=4)
+    stored = StoredBatch([StoredEvent(document(5), False)], follows=4)
     assert "erased" not in decode_message(encode_batch(stored))
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 
+from telemetry.classview import error_streak
 from telemetry.errors import ApiError
 from telemetry.events import INT64_MAX
 from telemetry.readapi import PAGE_LIMIT_DEFAULT, parse_events_query, parse_students_query
-from telemetry.storage import error_streak
 
 
 def test_events_query_defaults_select_the_newest_page() -> None:

@@ -1,0 +1,429 @@
+"""The class view: the rules behind the dashboard (raised hands, error streaks, stuck,
+struggling, presence, the courses a token reads) and the reads that apply them: students, the
+help queue, cells, activity. The rules need no database: storage applies next_hand as it
+stores, and the reads here are given the Storage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from telemetry.storage import Storage
+
+
+# One text form for every timestamp emitted, sortable as text, as SQLite stores it; a batch's
+# events share received_at and often occurred_at, so the cache saves most strftime calls.
+@functools.lru_cache(maxsize=1024)
+def format_timestamp(value: dt.datetime | str) -> str:
+    if isinstance(value, str):
+        return value
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def as_datetime(value: dt.datetime | str) -> dt.datetime:  # SQLite keeps our UTC text
+    moment = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
+    return moment.astimezone(dt.UTC)
+
+
+def minute_of(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+# A scoped token's courses travel as one JSON array parameter, `:courses`, NULL for all.
+def in_scope(course: str) -> str:
+    """The read API's one course guard: a row is read only if its course is the token's."""
+    return (
+        f"(CAST(:courses AS TEXT) IS NULL OR {course} IN "
+        "(SELECT value FROM jsonb_array_elements_text(CAST(:courses AS JSONB))))"
+    )
+
+
+def in_course(course: str) -> str:
+    """The rows of the course asked for, if any (`:course_id`), that the token may read."""
+    return f"(CAST(:course_id AS TEXT) IS NULL OR {course} = :course_id) AND {in_scope(course)}"
+
+
+# An event `e` of student `s` is in scope by its own course, else the student's, as its
+# document shows it. A student's counts (student_counts) are over every course.
+EVENT_COURSE = "COALESCE(e.course_id, s.course_id)"
+EVENT_IN_SCOPE = in_scope(EVENT_COURSE)
+
+# A raised hand is a heartbeat: cell-monitor-extension repeats `help` every 10 s (its older
+# release every 5 s, and never sends help_stop). Three missed 10 s beats lower the hand.
+HAND_TIMEOUT = dt.timedelta(seconds=30)
+HAND_EVENTS = ("help", "help_stop", "help_dismissed", "help_on_my_way")
+
+
+def hand_is_live(hand: Mapping[str, Any] | None, moment: dt.datetime) -> bool:
+    """Still beating at `moment`: not lowered by help_stop, last beat within HAND_TIMEOUT."""
+    return (
+        hand is not None
+        and hand["state"] != "stopped"
+        and moment - as_datetime(hand["last_beat_at"]) <= HAND_TIMEOUT
+    )
+
+
+def next_hand(hand: Mapping[str, Any] | None, document: Mapping[str, Any], at: dt.datetime) -> Any:
+    """A student's latest raise (or None) after one of their HAND_EVENTS, received at `at`.
+
+    A `help` raises a hand unless a raise is still beating, in which case it is one more
+    beat; beats after a dismissal keep the hand down, as the extension beats on until the
+    student lowers it. help_stop ends a raise; the next `help` raises anew.
+    """
+    kind = document["event_type"]
+    if hand is None or not hand_is_live(hand, at):
+        if kind != "help":
+            return hand
+        return {"raise_id": document["id"], "student_id": document["student_id"],
+                "raised_at": at, "last_beat_at": at, "state": "up", "on_my_way_by": None,
+                "on_my_way_at": None}  # fmt: skip
+    hand = dict(hand)
+    if kind == "help":
+        hand["last_beat_at"] = at
+    elif kind == "help_stop":
+        hand["state"] = "stopped"
+    elif hand["state"] == "up" and kind == "help_dismissed":
+        hand["state"] = "dismissed"
+    elif hand["state"] == "up" and kind == "help_on_my_way":
+        extra = document.get("extra")
+        by = extra.get("by") if isinstance(extra, Mapping) else None
+        hand.update(on_my_way_by=by, on_my_way_at=at)
+    return hand
+
+
+HAND_COLUMNS = """raise_id BIGINT, student_id TEXT, raised_at TIMESTAMPTZ, last_beat_at TIMESTAMPTZ,
+    state TEXT, on_my_way_by TEXT, on_my_way_at TIMESTAMPTZ"""
+HAND_TYPES = dict(column.split() for column in HAND_COLUMNS.split(","))
+
+# The latest raise of each of `:students`: the state next_hand starts from.
+SELECT_LATEST_HANDS = f"""
+SELECT {", ".join(HAND_TYPES)} FROM hand_raises WHERE raise_id IN (
+    SELECT (SELECT MAX(h.raise_id) FROM hand_raises h WHERE h.student_id = value)
+    FROM jsonb_array_elements_text(CAST(:students AS JSONB)))"""
+
+UPSERT_HANDS = f"""
+INSERT INTO hand_raises ({", ".join(HAND_TYPES)})
+SELECT {", ".join(f"CAST(value ->> '{name}' AS {kind})" for name, kind in HAND_TYPES.items())}
+FROM jsonb_array_elements(CAST(:hands AS JSONB)) WHERE true
+ON CONFLICT (raise_id) DO UPDATE SET last_beat_at = excluded.last_beat_at,
+    state = excluded.state, on_my_way_by = excluded.on_my_way_by,
+    on_my_way_at = excluded.on_my_way_at"""
+
+
+async def record_hands(
+    storage: Storage, connection: Any, events: list[dict], at: dt.datetime
+) -> None:
+    """Apply a batch's new HAND_EVENTS, with their ids, in id order, to their students' latest
+    raises, in the batch's transaction on `connection`."""
+    students = orjson.dumps(sorted({event["student_id"] for event in events})).decode()
+    latest = await storage.rows(SELECT_LATEST_HANDS, {"students": students}, connection)
+    hands = {row["student_id"]: dict(row) for row in latest}
+    for event in events:
+        hands[event["student_id"]] = next_hand(hands.get(event["student_id"]), event, at)
+    rows = [
+        {name: format_timestamp(value) if name.endswith("_at") and value else value
+         for name, value in hand.items()}
+        for hand in hands.values() if hand is not None
+    ]  # fmt: skip
+    await storage.execute(UPSERT_HANDS, {"hands": orjson.dumps(rows).decode()}, connection)
+
+
+# A student is stuck after this many errors in a row on one cell; the dashboard uses the
+# same rule (static/dashboard.js) for live updates.
+STUCK_ERROR_STREAK = 3
+STREAK_LOOKBACK_EXECUTIONS = 20
+# Struggling, unlike stuck, survives moving between cells: this many errors among the
+# last STREAK_LOOKBACK_EXECUTIONS executions, any cells.
+STRUGGLING_ERRORS = 6
+# Presence, as the dashboard shows it: active within ACTIVE, idle within IDLE, then away.
+ACTIVE = dt.timedelta(minutes=2)
+IDLE = dt.timedelta(minutes=10)
+
+# The rules above as the page reads them (in the session answer), so it never copies them.
+CLASS_RULES = {
+    "hand_timeout_seconds": HAND_TIMEOUT.total_seconds(),
+    "stuck_error_streak": STUCK_ERROR_STREAK,
+    "recent_executions": STREAK_LOOKBACK_EXECUTIONS,
+    "struggling_errors": STRUGGLING_ERRORS,
+    "active_seconds": ACTIVE.total_seconds(),
+    "idle_seconds": IDLE.total_seconds(),
+}
+
+TOP_ERRORS = 5
+
+
+def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | None, int]:
+    """(cell_id, errors in a row) over (cell_id, status) executions, oldest first.
+
+    An error on another cell starts a new streak; a success on the streak's cell ends it;
+    successes elsewhere leave it alone (a student often re-runs earlier cells to fix one).
+    """
+    cell, count = None, 0
+    for cell_id, status in executions:
+        if status == "error":
+            cell, count = cell_id, (count + 1 if count and cell_id == cell else 1)
+        elif count and cell_id == cell:
+            cell, count = None, 0
+    return cell, count
+
+
+def is_struggling(statuses: list[str]) -> bool:
+    """STRUGGLING_ERRORS among the last STREAK_LOOKBACK_EXECUTIONS statuses (oldest first)."""
+    return statuses[-STREAK_LOOKBACK_EXECUTIONS:].count("error") >= STRUGGLING_ERRORS
+
+
+def hand_document(hand: Mapping[str, Any] | None, now: dt.datetime) -> dict | None:
+    """A raise still beating at `now`, as the read API shows it; None for none."""
+    if hand is None or not hand_is_live(hand, now):
+        return None
+    on_my_way = None
+    if hand["on_my_way_at"] is not None:
+        on_my_way = {"by": hand["on_my_way_by"], "at": format_timestamp(hand["on_my_way_at"])}
+    return {
+        "student_id": hand["student_id"],
+        "state": hand["state"],
+        "raised_at": format_timestamp(hand["raised_at"]),
+        "last_beat_at": format_timestamp(hand["last_beat_at"]),
+        "on_my_way": on_my_way,
+    }
+
+
+# A hand `h` is in scope by the help event that raised it.
+RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
+    SELECT 1 FROM events e WHERE e.id = h.raise_id AND {EVENT_IN_SCOPE}))"""
+
+# Correlated subqueries, each an index range on events (student_id, id): the cost follows the
+# page's students, not the whole table (a join on the events of a page of them hashed every
+# event). `recent`: their latest executions as [id, cell_id, status]; aggregates keep no
+# order in SQLite.
+SELECT_STUDENT_PAGE = f"""
+SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
+       notebook.cell_id AS last_cell_id, notebook.cell_index AS last_cell_index,
+       {", ".join(f"hand.{column} AS hand_{column}" for column in HAND_TYPES)}
+FROM (
+    SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
+        COALESCE(c.events, 0) AS event_count, COALESCE(c.executions, 0) AS execution_count,
+        COALESCE(c.errors, 0) AS error_count,
+        (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND {EVENT_IN_SCOPE}) AS last_event_id,
+        (SELECT MAX(e.id) FROM events e
+         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL
+           AND {EVENT_IN_SCOPE}) AS last_notebook_id,
+        (SELECT MAX(h.raise_id) FROM hand_raises h
+         WHERE h.student_id = s.student_id AND {RAISED_IN_SCOPE}) AS last_raise_id,
+        (SELECT json_agg(json_build_array(r.id, r.cell_id, r.status)) FROM (
+            SELECT e.id, e.cell_id, e.status FROM events e
+            WHERE e.student_id = s.student_id AND e.status IS NOT NULL AND {EVENT_IN_SCOPE}
+            ORDER BY e.id DESC LIMIT {STREAK_LOOKBACK_EXECUTIONS}) r) AS recent
+    FROM students s LEFT JOIN student_counts c ON c.student_id = s.student_id
+    WHERE s.student_id > :after AND {in_course("s.course_id")}
+    ORDER BY s.student_id
+    LIMIT :limit
+) page
+LEFT JOIN events last ON last.id = page.last_event_id
+LEFT JOIN events notebook ON notebook.id = page.last_notebook_id
+LEFT JOIN hand_raises hand ON hand.raise_id = page.last_raise_id
+ORDER BY page.student_id
+"""
+
+STUDENT_COLUMNS = (
+    "student_id name course_id team first_seen last_seen event_count execution_count "
+    "error_count last_event_id last_event_type last_notebook_path last_cell_id last_cell_index"
+).split()
+
+
+def student_document(
+    row: Mapping[str, Any], executions: list[tuple[str | None, str]], now: dt.datetime
+) -> dict:
+    """One student as the read API and the dashboard's table see them; `executions` are
+    their latest (cell_id, status), oldest first."""
+    cell, count = error_streak(executions)
+    statuses = [status for _, status in executions]
+    latest = None
+    if row["hand_state"] is not None:  # most students have no hand
+        latest = {column: row[f"hand_{column}"] for column in HAND_TYPES}
+    hand = hand_document(latest, now)
+    raised = hand is not None and hand["state"] == "up"
+    document = {column: row[column] for column in STUDENT_COLUMNS}
+    document.update(
+        first_seen=format_timestamp(row["first_seen"]),
+        last_seen=format_timestamp(row["last_seen"]),
+        last_status=statuses[-1] if statuses else None,
+        hand_raised=raised,
+        **{
+            f"hand_{key}": hand[key] if raised else None
+            for key in ("raised_at", "last_beat_at", "on_my_way")
+        },  # fmt: skip
+        error_streak=count,
+        streak_cell_id=cell,
+        stuck=count >= STUCK_ERROR_STREAK,
+        recent_statuses=statuses,
+        struggling=is_struggling(statuses),
+    )
+    return document
+
+
+async def students_page(
+    storage: Storage, params: Mapping[str, Any], now: dt.datetime
+) -> list[dict]:
+    """Students matching parse_students_query's params, by student_id, with their counts
+    and their hands as they are at `now`."""
+    documents = []
+    for row in await storage.rows(SELECT_STUDENT_PAGE, params):
+        recent = sorted(orjson.loads(row["recent"] or "[]"))
+        documents.append(student_document(row, [(cell, status) for _, cell, status in recent], now))
+    return documents
+
+
+# Beating raises only: an index range on last_beat_at, whatever the table's history.
+SELECT_BEATING_HANDS = f"""
+SELECT h.raise_id, h.student_id, h.raised_at, h.last_beat_at, h.state, h.on_my_way_by,
+       h.on_my_way_at, s.name, s.team, s.course_id,
+       place.notebook_path, place.cell_id, place.cell_index
+FROM hand_raises h
+JOIN students s ON s.student_id = h.student_id
+LEFT JOIN events place ON place.id = (
+    SELECT MAX(e.id) FROM events e
+    WHERE e.student_id = h.student_id AND e.notebook_path IS NOT NULL AND {EVENT_IN_SCOPE}
+)
+WHERE h.last_beat_at >= :cutoff AND h.state <> 'stopped'
+  AND {in_course("s.course_id")} AND {RAISED_IN_SCOPE}
+ORDER BY h.raised_at, h.raise_id
+"""
+
+HAND_PLACE_COLUMNS = ("name", "team", "course_id", "notebook_path", "cell_id", "cell_index")
+
+
+async def hands(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
+    """Raises still beating at `now`, oldest first, with where their student last was."""
+    found, cutoff = [], storage.db_time(now - HAND_TIMEOUT)
+    for row in await storage.rows(SELECT_BEATING_HANDS, {**params, "cutoff": cutoff}):
+        hand = hand_document(row, now)
+        if hand is not None:
+            found.append(hand | {column: row[column] for column in HAND_PLACE_COLUMNS})
+    return found
+
+
+SELECT_LATEST_HAND = f"""
+SELECT {", ".join(HAND_TYPES)} FROM hand_raises WHERE student_id = :student_id
+ORDER BY raise_id DESC LIMIT 1"""
+
+
+async def latest_hand(storage: Storage, student_id: str) -> dict | None:
+    rows = await storage.rows(SELECT_LATEST_HAND, {"student_id": student_id})
+    return dict(rows[0]) if rows else None
+
+
+CELL_RUN_FILTERS = f"""{in_course("course_id")}
+    AND (CAST(:notebook_path AS TEXT) IS NULL OR notebook_path = :notebook_path)"""
+
+# Per cell, over its students' run summaries (students × cells rows: thousands).
+SELECT_CELL_TOTALS = f"""
+SELECT notebook_path, cell_key, MAX(cell_id) AS cell_id, MAX(cell_index) AS cell_index,
+       COUNT(*) AS students_ran, CAST(SUM(runs) AS BIGINT) AS runs,
+       CAST(SUM(errors) AS BIGINT) AS errors
+FROM cell_runs WHERE {CELL_RUN_FILTERS}
+GROUP BY notebook_path, cell_key"""
+
+# The students whose latest run of a cell failed, per cell and error text, through the
+# partial index cell_runs_failing_idx: the class view reads the failing, not every run.
+SELECT_FAILING_GROUPS = f"""
+SELECT notebook_path, cell_key, last_error, json_agg(student_id) AS students FROM cell_runs
+WHERE last_status = 'error' AND {CELL_RUN_FILTERS}
+GROUP BY notebook_path, cell_key, last_error"""
+
+
+def notebook_name(path: str | None) -> str | None:
+    return path.replace("\\", "/").rsplit("/", 1)[-1] if path else None
+
+
+def cell_label(path: str | None, index: int | None) -> str:
+    """How the dashboard names a cell: `[4] lists.ipynb`, never by its id."""
+    return f"[{'?' if index is None else index}] {notebook_name(path) or '(no notebook)'}"
+
+
+def cell_documents(
+    totals: Iterable[Mapping[str, Any]], failing: Iterable[Mapping[str, Any]]
+) -> list[dict]:
+    """SELECT_CELL_TOTALS rows with their SELECT_FAILING_GROUPS rows (one per cell and error
+    text), most failing students first."""
+    students: dict[tuple[str, str], list[str]] = {}
+    texts: dict[tuple[str, str], Counter[str]] = {}
+    for row in failing:
+        key = (row["notebook_path"], row["cell_key"])
+        ids = orjson.loads(row["students"])
+        students.setdefault(key, []).extend(ids)
+        texts.setdefault(key, Counter())[row["last_error"] or "(no message)"] += len(ids)
+    documents = []
+    for row in totals:
+        key = (row["notebook_path"], row["cell_key"])
+        documents.append(cell_document(row, students.get(key, []), texts.get(key, Counter())))
+    documents.sort(
+        key=lambda document: (
+            -document["students_failing"],
+            -document["errors"],
+            document["notebook_path"] or "",
+            -1 if document["cell_index"] is None else document["cell_index"],
+        )
+    )
+    return documents
+
+
+def cell_document(row: Mapping[str, Any], failing: list[str], texts: Counter[str]) -> dict:
+    path = row["notebook_path"] or None
+    ranked = sorted(texts.items(), key=lambda item: (-item[1], item[0]))
+    return {
+        "notebook_path": path,
+        "notebook_name": notebook_name(path),
+        "cell_id": row["cell_id"],
+        "cell_index": row["cell_index"],
+        "label": cell_label(path, row["cell_index"]),
+        "students_ran": row["students_ran"],
+        "runs": row["runs"],
+        "errors": row["errors"],
+        "students_failing": len(failing),
+        "failing_student_ids": sorted(failing),
+        "top_errors": [{"error": text, "students": count} for text, count in ranked[:TOP_ERRORS]],
+    }
+
+
+async def cells(storage: Storage, params: Mapping[str, Any]) -> list[dict]:
+    """Per notebook and cell, who ran it and who is failing there now (see cell_documents)."""
+    totals = await storage.rows(SELECT_CELL_TOTALS, params)
+    failing = await storage.rows(SELECT_FAILING_GROUPS, params)
+    return cell_documents(totals, failing)[: params["limit"]]
+
+
+SELECT_ACTIVITY = f"""
+SELECT minute, CAST(SUM(executions) AS BIGINT) AS executions,
+       CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(help) AS BIGINT) AS help
+FROM activity WHERE minute >= :first AND {in_course("course_id")}
+GROUP BY minute"""
+
+
+def activity_series(
+    rows: Iterable[Mapping[str, Any]], first: dt.datetime, minutes: int
+) -> list[dict]:
+    """One entry per minute from `first`, zeros where nothing happened."""
+    counts = {row["minute"]: dict(row) for row in rows}
+    series = []
+    for step in range(minutes):
+        minute = minute_of(first + dt.timedelta(minutes=step))
+        row = counts.get(minute, {})
+        totals = {name: row.get(name, 0) for name in ("executions", "errors", "help")}
+        series.append({"minute": minute.removesuffix("Z") + ":00Z", **totals})
+    return series
+
+
+async def activity(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
+    """Executions, errors and raised hands per minute, the last `minutes`, oldest first."""
+    first = now - dt.timedelta(minutes=params["minutes"] - 1)
+    rows = await storage.rows(SELECT_ACTIVITY, {**params, "first": minute_of(first)})
+    return activity_series(rows, first, params["minutes"])
