@@ -5,7 +5,7 @@
 
 Recreates the database `telemetry_bench_retention` (admin DSN BENCH_PG_ADMIN), applies
 schema.sql, and fills it with generate_series: `--events` events received 10 days ago from 300
-students, with their summaries (student_counts, cell_runs, cell_totals, activity) as ingest
+students, with their summaries (student_counts, cell_runs, activity) as ingest
 would have left them. Then single-event POSTs from wrk (post.lua, 32 connections, as
 bench/run.py, with its cell-monitor-extension events) against a real uvicorn, for the same
 duration each run, in turn:
@@ -85,13 +85,6 @@ FILL = [
     SELECT student_id, notebook_path, cell_id, 'course-1', cell_id, MAX(cell_index), COUNT(*),
            COUNT(*) FILTER (WHERE status = 'error'), 'ok', NULL, MAX(id)
     FROM events GROUP BY student_id, notebook_path, cell_id
-    """,
-    """
-    INSERT INTO cell_totals (course_id, notebook_path, cell_key, cell_id, cell_index,
-                             students_ran, runs, errors)
-    SELECT course_id, notebook_path, cell_key, cell_id, MAX(cell_index), COUNT(*), SUM(runs),
-           SUM(errors)
-    FROM cell_runs GROUP BY course_id, notebook_path, cell_key, cell_id
     """,
     """
     INSERT INTO activity (course_id, minute, executions, errors, help)

@@ -1,7 +1,7 @@
 """Classroom telemetry: what students do in JupyterLab, live on instructors' dashboards.
 
-The modules follow the data path: config, events and pioneer (validation), storage,
-classview and forgetting, bus, hub, ingest, readapi and streams, access, app.
+The modules follow the data path: config, errors, events and pioneer (validation), classview,
+storage and forgetting, bus, hub, service, access, ingest, readapi, streams, application.
 docs/design.md lists the guarantees and the module that holds each.
 """
 
