@@ -105,24 +105,22 @@ async def settle(pid: int) -> int:
     return last
 
 
-async def storm(pid: int, clients: int, behind: int) -> dict:
-    newest = await post_events(behind, 500)
+async def watch_memory(pid: int, connect, scenario: str) -> dict:
+    """Resident memory idle, at its peak, with the dashboards `connect` opened caught up, and
+    after they left. `connect(leave)` opens them and returns their tasks once caught up."""
     idle = await settle(pid)
     leave, stop = asyncio.Event(), asyncio.Event()
-    flags = [asyncio.Event() for _ in range(clients)]
     peak_task = asyncio.create_task(sample_peak(pid, stop))
     started = time.monotonic()
-    tasks = [asyncio.create_task(dashboard(newest - behind, newest, flag, leave)) for flag in flags]
-    await asyncio.gather(*(flag.wait() for flag in flags))
+    tasks = await connect(leave)
     caught_up_s = time.monotonic() - started
     open_rss = await settle(pid)
     leave.set()
     await asyncio.gather(*tasks)
     stop.set()
-    peak = await peak_task
-    after = await settle(pid)
+    peak, after = await peak_task, await settle(pid)
     return {
-        "scenario": f"storm: {clients} SSE resume {behind} behind at once",
+        "scenario": scenario,
         "idle_mib": idle / MIB,
         "peak_mib": peak / MIB,
         "open_caught_up_mib": open_rss / MIB,
@@ -131,30 +129,34 @@ async def storm(pid: int, clients: int, behind: int) -> dict:
     }
 
 
+async def storm(pid: int, clients: int, behind: int) -> dict:
+    newest = await post_events(behind, 500)
+
+    async def connect(leave: asyncio.Event) -> list[asyncio.Task]:
+        flags = [asyncio.Event() for _ in range(clients)]
+        tasks = [
+            asyncio.create_task(dashboard(newest - behind, newest, flag, leave)) for flag in flags
+        ]
+        await asyncio.gather(*(flag.wait() for flag in flags))
+        return tasks
+
+    return await watch_memory(pid, connect, f"storm: {clients} SSE resume {behind} behind at once")
+
+
 async def deep(pid: int, clients: int, behind: int) -> dict:
     first = await post_events(1, 2_000) - 1
     newest = await post_events(behind - 1, 2_000)
-    idle = await settle(pid)
-    leave, stop = asyncio.Event(), asyncio.Event()
-    peak_task = asyncio.create_task(sample_peak(pid, stop))
-    tasks = []
-    for _ in range(clients):
-        flag = asyncio.Event()
-        tasks.append(asyncio.create_task(dashboard(first, newest, flag, leave)))
-        await flag.wait()
-    open_rss = await settle(pid)
-    leave.set()
-    await asyncio.gather(*tasks)
-    stop.set()
-    peak = await peak_task
-    after = await settle(pid)
-    return {
-        "scenario": f"deep: {clients} SSE resume {behind} behind, 2 KB cells, one by one",
-        "idle_mib": idle / MIB,
-        "peak_mib": peak / MIB,
-        "open_caught_up_mib": open_rss / MIB,
-        "after_leaving_mib": after / MIB,
-    }
+
+    async def connect(leave: asyncio.Event) -> list[asyncio.Task]:
+        tasks = []
+        for _ in range(clients):
+            flag = asyncio.Event()
+            tasks.append(asyncio.create_task(dashboard(first, newest, flag, leave)))
+            await flag.wait()
+        return tasks
+
+    scenario = f"deep: {clients} SSE resume {behind} behind, 2 KB cells, one by one"
+    return await watch_memory(pid, connect, scenario)
 
 
 async def measure(scenario: str, args: argparse.Namespace, log: Path) -> dict:
