@@ -169,6 +169,8 @@ CREATE_INCOMING = f"""CREATE TEMP TABLE IF NOT EXISTS incoming ({INCOMING_COLUMN
     stored_id BIGINT, id BIGINT, shown_name TEXT, shown_course TEXT, shown_team TEXT,
     PRIMARY KEY (position))"""
 CLEAR_INCOMING = "DELETE FROM incoming"
+# Autovacuum skips temporary tables: without this, every batch scans all the dead rows before it.
+VACUUM_INCOMING, VACUUM_INCOMING_ROWS = "VACUUM incoming", 2000
 
 # A student takes the latest name, course and team of the batch's new events; a null field
 # leaves theirs alone. Answers what the documents need, and the highest id committed.
@@ -311,6 +313,7 @@ class Storage:
         options = {"min_size": 1, "max_size": max(pool_size - 1, 1)} if self.is_postgres else {}
         self.database = Database(url, **options)
         self._writer: asyncpg.Connection | None = None
+        self._dead_incoming_rows = 0
         self._writes = asyncio.Lock()  # SQLite's commit order, forgetting included
 
     async def connect(self) -> None:
@@ -437,6 +440,7 @@ class Storage:
                 await record_hands(self, connection, raising, received_at)
                 script = script[1:]
             await self._script(connection, script)
+            await self._vacuum_incoming(connection, len(staged))
         results = []
         for position, event in enumerate(events):
             row = stored[firsts[event["event_id"]]]
@@ -456,6 +460,12 @@ class Storage:
         else:
             for sql in statements:
                 await self.execute(sql, {}, connection)
+
+    async def _vacuum_incoming(self, connection: Any, rows: int) -> None:
+        self._dead_incoming_rows += rows
+        if self.is_postgres and self._dead_incoming_rows >= VACUUM_INCOMING_ROWS:
+            await connection.execute(VACUUM_INCOMING)
+            self._dead_incoming_rows = 0
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[Any]:

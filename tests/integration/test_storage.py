@@ -166,6 +166,29 @@ async def test_a_batch_is_committed_when_store_returns_inside_the_commit_order(s
         await other.disconnect()
 
 
+STAGING_TABLE_SIZE = """SELECT SUM(pg_relation_size(oid)) FROM pg_class
+WHERE relname = 'incoming' AND relpersistence = 't'"""
+
+
+async def test_the_staging_table_does_not_grow_with_the_events_stored(
+    postgres_database_url,
+) -> None:
+    # Autovacuum never visits temporary tables: unvacuumed, each batch scans all before it.
+    storage = Storage(postgres_database_url, pool_size=2)
+    await storage.connect()
+    try:
+        sizes = []
+        for number in range(12):
+            batch = [{"student_id": f"s{n % 40}", "event_type": "a", "cell_index": n % 9,
+                      "status": "ok", "event_id": f"{number}-{n}"} for n in range(500)]  # fmt: skip
+            async with storage.commit_order():
+                await storage.store(events(*batch))
+            sizes.append(await storage.database.fetch_val(STAGING_TABLE_SIZE))
+        assert max(sizes[4:]) <= 2 * max(sizes[:4]), sizes
+    finally:
+        await storage.disconnect()
+
+
 async def test_schema_applies_again_safely(storage) -> None:
     await storage.apply_schema()
     assert await storage.max_event_id() == 0
