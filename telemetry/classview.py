@@ -199,6 +199,19 @@ def hand_document(hand: Mapping[str, Any] | None, now: dt.datetime) -> dict | No
 RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
     SELECT 1 FROM events e WHERE e.id = h.raise_id AND {EVENT_IN_SCOPE}))"""
 
+
+def last_place(student_id: str) -> str:
+    """The id of the student's latest event with a cell, else with a notebook: help beats and
+    saves carry a notebook but no cell, and must not lose the student's place."""
+
+    def latest(condition: str) -> str:
+        return f"""(SELECT MAX(e.id) FROM events e
+            WHERE e.student_id = {student_id} AND {condition} AND {EVENT_IN_SCOPE})"""
+
+    has_cell = "(e.cell_id IS NOT NULL OR e.cell_index IS NOT NULL)"
+    return f"COALESCE({latest(has_cell)}, {latest('e.notebook_path IS NOT NULL')})"
+
+
 # Correlated subqueries, each an index range on events (student_id, id): the cost follows the
 # page's students, not the whole table (a join on the events of a page of them hashed every
 # event). `recent`: their latest executions as [id, cell_id, status]; aggregates keep no
@@ -213,9 +226,7 @@ FROM (
         COALESCE(c.errors, 0) AS error_count,
         (SELECT MAX(e.id) FROM events e
          WHERE e.student_id = s.student_id AND {EVENT_IN_SCOPE}) AS last_event_id,
-        (SELECT MAX(e.id) FROM events e
-         WHERE e.student_id = s.student_id AND e.notebook_path IS NOT NULL
-           AND {EVENT_IN_SCOPE}) AS last_notebook_id,
+        {last_place("s.student_id")} AS last_place_id,
         (SELECT MAX(h.raise_id) FROM hand_raises h
          WHERE h.student_id = s.student_id AND {RAISED_IN_SCOPE}) AS last_raise_id,
         (SELECT json_agg(json_build_array(r.id, r.cell_id, r.status)) FROM (
@@ -228,7 +239,7 @@ FROM (
     LIMIT :limit
 ) page
 LEFT JOIN events last ON last.id = page.last_event_id
-LEFT JOIN events notebook ON notebook.id = page.last_notebook_id
+LEFT JOIN events notebook ON notebook.id = page.last_place_id
 LEFT JOIN hand_raises hand ON hand.raise_id = page.last_raise_id
 ORDER BY page.student_id
 """
@@ -289,10 +300,7 @@ SELECT h.raise_id, h.student_id, h.raised_at, h.last_beat_at, h.state, h.on_my_w
        place.notebook_path, place.cell_id, place.cell_index
 FROM hand_raises h
 JOIN students s ON s.student_id = h.student_id
-LEFT JOIN events place ON place.id = (
-    SELECT MAX(e.id) FROM events e
-    WHERE e.student_id = h.student_id AND e.notebook_path IS NOT NULL AND {EVENT_IN_SCOPE}
-)
+LEFT JOIN events place ON place.id = {last_place("h.student_id")}
 WHERE h.last_beat_at >= :cutoff AND h.state <> 'stopped'
   AND {in_course("s.course_id")} AND {RAISED_IN_SCOPE}
 ORDER BY h.raised_at, h.raise_id

@@ -147,6 +147,7 @@ KNOWN_FIELDS = frozenset((*FIELD_CHECKS, "occurred_at", "outputs"))
 
 # Jupyter tracebacks and cell-monitor-extension's errorMessage carry terminal colours;
 # some clients lose the ESC and leave "[0;31m" behind.
+TRACEBACK_HEADER = "Traceback (most recent call last)"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\[\d+(?:;\d+)*m")
 
 
@@ -155,11 +156,15 @@ def strip_ansi(text: str) -> str:
 
 
 def error_text(error: Mapping[str, Any] | None) -> str | None:
-    """`ename: evalue` without colour codes: an error as the dashboard's aggregates show it."""
+    """`ename: evalue` without colour codes: an error as the dashboard's aggregates show it.
+    A whole traceback in its place is reduced to its last line, IPython's `ename: evalue`,
+    so that its frames (`Cell In[11]`) do not split one error into many."""
     if not isinstance(error, Mapping):
         return None
     parts = [str(error[key]) for key in ("ename", "evalue") if error.get(key) not in (None, "")]
-    text = strip_ansi(": ".join(parts)).strip()
+    text = strip_ansi(": ".join(parts) or "\n".join(error.get("traceback") or ())).strip()
+    if not error.get("ename") and ("\n" in text and TRACEBACK_HEADER in text or not parts):
+        text = text.rsplit("\n", 1)[-1].strip()
     return text[:ERROR_TEXT_MAX_CHARS] or None
 
 

@@ -91,7 +91,10 @@ function applyToStudent(event, beat) {
   student.last_seen = event.received_at;
   student.last_event_type = event.event_type;
   student.event_count += 1;
-  if (event.notebook_path) {
+  // Help beats and saves carry a notebook but no cell: the place is the last cell run.
+  const hasCell = event.cell_id != null || event.cell_index != null;
+  const hadCell = student.last_cell_id != null || student.last_cell_index != null;
+  if (event.notebook_path && (hasCell || !hadCell)) {
     student.last_notebook_path = event.notebook_path;
     student.last_cell_id = event.cell_id ?? null;
     student.last_cell_index = event.cell_index ?? null;

@@ -274,6 +274,17 @@ def camel_case_run(
     return event | ({"errorMessage": error} if error else {})
 
 
+def test_a_hand_shows_the_cell_last_run_though_beats_carry_none(dashboard) -> None:
+    dashboard.open()
+    dashboard.post(hand("ada", "Ada", event_type="cell_executed", cell_index=4, status="error"))
+    dashboard.post(hand("ada", "Ada", cell_index=None))  # a beat: a notebook, no cell
+    where = lambda: dashboard.element('#queue li[data-student-id="ada"] .where').text  # noqa: E731
+    assert dashboard.wait(lambda: where() == "[4] lists.ipynb")
+    dashboard.post(hand("ada", "Ada", event_type="notebook_saved", cell_index=None))
+    dashboard.open()  # a reload agrees
+    assert dashboard.wait(lambda: where() == "[4] lists.ipynb")
+
+
 def test_where_the_class_is_stuck_names_the_cell_and_its_students(either_storage) -> None:
     dashboard = either_storage
     name_error = "\x1b[0;31mNameError\x1b[0m: name 'x' is not defined"

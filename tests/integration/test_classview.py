@@ -78,6 +78,16 @@ async def test_students_show_team_current_cell_hand_and_struggling(api) -> None:
     assert bob["struggling"] is False
 
 
+async def test_a_students_place_survives_events_without_a_cell(api) -> None:
+    await post(api, run("ada", "c3", "error"))
+    await post(api, help_event("ada"), help_event("ada", "notebook_saved"))
+    ada = (await students(api))["ada"]
+    [hand] = (await help_queue(api))["queue"]
+    assert (ada["last_cell_index"], ada["last_notebook_path"]) == (3, "week1/lists.ipynb")
+    assert (hand["cell_id"], hand["cell_index"]) == ("c3", 3)
+    assert ada["last_event_type"] == "notebook_saved"
+
+
 async def test_students_answer_carries_the_server_clock(api) -> None:
     response = await api.get("/api/v1/students")
     now = dt.datetime.fromisoformat(response.json()["now"])
@@ -258,6 +268,23 @@ async def test_camel_case_error_message_is_shown_without_colour_codes(api) -> No
     await post(api, camel)
     [cell] = (await api.get("/api/v1/cells")).json()["cells"]
     assert cell["top_errors"] == [{"error": "ZeroDivisionError: division by zero", "students": 1}]
+
+
+async def test_one_error_sent_as_whole_tracebacks_is_one_group(api) -> None:
+    red, reset = "\x1b[0;31m", "\x1b[0m"
+
+    def traceback(count: int) -> str:
+        return (
+            f"{red}{'-' * 75}{reset}\n{red}KeyError{reset}   Traceback (most recent call last)\n"
+            f"Cell In[{count}], line 1\n----> 1 df['price']\n\n{red}KeyError{reset}: 'price'"
+        )
+
+    await post(api, run("ada", "c2", "error", error=traceback(11)))
+    await post(api, run("bob", "c2", "error", error=traceback(14)))
+    [cell] = (await api.get("/api/v1/cells")).json()["cells"]
+    assert cell["top_errors"] == [{"error": "KeyError: 'price'", "students": 2}]
+    [story] = (await api.get("/api/v1/events", params={"student_id": "ada"})).json()["events"]
+    assert story["error_text"] == "KeyError: 'price'"
 
 
 # Activity

@@ -116,6 +116,31 @@ def test_error_text_is_ename_evalue_without_colour_codes(error, text) -> None:
     assert error_text(error) == text
 
 
+# An IPython traceback as some clients send it in place of the message: colours, frames, In[N].
+TRACEBACK = (
+    "\x1b[0;31m" + "-" * 75 + "\x1b[0m\n"
+    "\x1b[0;31mKeyError\x1b[0m" + " " * 30 + "Traceback (most recent call last)\n"
+    "Cell \x1b[0;32mIn[11], line 2\x1b[0m\n----> 2 df['price']\n\n"
+    "\x1b[0;31mKeyError\x1b[0m: 'price'\n"
+)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"ename": None, "evalue": TRACEBACK},  # a string `error`, or camelCase errorMessage
+        {"traceback": TRACEBACK.splitlines()},  # only the traceback's lines
+        {"ename": "KeyError", "evalue": "'price'", "traceback": TRACEBACK.splitlines()},
+    ],
+)
+def test_a_whole_traceback_is_reduced_to_ename_evalue(error) -> None:
+    assert error_text(error) == "KeyError: 'price'"
+
+
+def test_a_message_over_several_lines_is_kept_whole() -> None:
+    assert error_text({"ename": None, "evalue": "ValueError: a\nb"}) == "ValueError: a\nb"
+
+
 def test_strip_ansi_keeps_ordinary_brackets() -> None:
     assert strip_ansi("a[0] = \x1b[1;32mok\x1b[0m [x]") == "a[0] = ok [x]"
 
