@@ -69,12 +69,6 @@ def unauthorized(realm: str) -> ApiError:
     return ApiError(401, "unauthorized", f"a valid {realm} token is required", headers=headers)
 
 
-def require_token(tokens: tuple[str, ...], candidates: Iterable[str | None], realm: str) -> None:
-    """No tokens configured means open (the embedded default); otherwise one must match."""
-    if tokens and all(matching_secret(candidate, tokens) is None for candidate in candidates):
-        raise unauthorized(realm)
-
-
 def require_grant(grants: tuple[Grant, ...], candidates: Iterable[str | None], realm: str) -> Grant:
     """The grant of the first presented token that matches one of `grants`, else 401."""
     secrets = [grant.secret for grant in grants]

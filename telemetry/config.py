@@ -120,6 +120,15 @@ def parse_tokens(name: str, raw: str, scoped: bool = True) -> tuple[Grant, ...]:
     return grants
 
 
+def ingest_grants(name: str, raw: str) -> tuple[Grant, ...]:
+    """Ingest tokens: a course on one is the course of the events posted with it."""
+    grants = parse_tokens(name, raw)
+    for grant in grants:
+        if grant.courses is not None and len(grant.courses) > 1:
+            raise ConfigError(f"{name} gives {grant.name!r} several courses: at most one")
+    return grants
+
+
 def retention_days(name: str, raw: str) -> int:
     days = whole_number(name, raw)
     # Much further back and `now - RETENTION_DAYS` leaves the calendar, stopping retention.
@@ -191,7 +200,7 @@ class Settings:
     sse_retry_ms: int = variable(2_000, whole_number)
     sse_ping_seconds: float = variable(15.0, seconds)
     send_timeout_seconds: float = variable(10.0, seconds)
-    ingest_tokens: tuple[str, ...] = variable((), comma_list)
+    ingest_tokens: tuple[Grant, ...] = variable((), ingest_grants)
     dashboard_tokens: tuple[Grant, ...] = variable((), parse_tokens)
     admin_tokens: tuple[Grant, ...] = variable((), lambda n, v: parse_tokens(n, v, scoped=False))
     cors_origins: tuple[str, ...] = variable((), comma_list)

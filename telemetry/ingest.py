@@ -8,10 +8,7 @@ import asyncio
 import datetime as dt
 import logging
 import sqlite3
-from collections.abc import (
-    Awaitable,
-    Callable,
-)
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +16,7 @@ import asyncpg
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from telemetry.access import bearer_token, envelope_token, require_token
+from telemetry.access import bearer_token, envelope_token, require_grant
 from telemetry.bus import Bus, encode_batch
 from telemetry.config import Settings
 from telemetry.errors import ApiError, FieldErrors, StorageUnavailable, storage_unavailable
@@ -229,10 +226,21 @@ class Committer:
             start = end
 
 
+def refuse_unknown_parameters(query: Mapping[str, str]) -> None:
+    """A typo in the extension's serverUrl (`?course_id=`, `?tokn=`) shows at once."""
+    errors = FieldErrors()
+    for name in query:
+        if name != "token":
+            errors.add(name, "is not a parameter of this endpoint")
+    if errors.details:
+        raise ApiError(422, "invalid_query", "some query parameters are invalid", errors.details)
+
+
 async def post_events(request: Request) -> Response:
     """Store one event or a batch; 201 with each event's id once all are committed."""
     service = service_of(request)
     settings = service.settings
+    refuse_unknown_parameters(request.query_params)
     if not is_json_content_type(request.headers.get("content-type")):
         raise ApiError(415, "unsupported_media_type", "send the events as application/json")
     try:
@@ -244,8 +252,13 @@ async def post_events(request: Request) -> Response:
         request.query_params.get("token"),
         envelope_token(body),
     ]
-    require_token(settings.ingest_tokens, tokens, "ingest")
+    grant = (
+        require_grant(settings.ingest_tokens, tokens, "ingest") if settings.ingest_tokens else None
+    )
     events = normalise_batch(body, dt.datetime.now(dt.UTC), settings)
+    if grant is not None and grant.courses:  # the token's course, for events naming none
+        [course] = grant.courses
+        events = [event | {"course_id": event["course_id"] or course} for event in events]
     if settings.pseudonymize_salt:  # the one place: nothing after this sees a raw id or name
         events = [pseudonymized(event, settings.pseudonymize_salt) for event in events]
     try:

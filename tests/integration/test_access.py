@@ -250,3 +250,37 @@ async def test_a_student_of_two_courses_shows_each_token_only_its_courses_part(s
     assert mo["stuck"] and mo["hand_raised"]
     queue = await get_json(scoped_api, "all", "/api/v1/help")
     assert "mo" in {hand["student_id"] for hand in queue["queue"]}
+
+
+@pytest.fixture
+async def course_ingest_api(database_url: str) -> AsyncIterator[ApiClient]:
+    """The app whose ingest token `lab` carries the course cs101, and `any` none."""
+    tokens = load_settings({"INGEST_TOKENS": "lab=lab-secret:cs101,any=any-secret"})
+    app = create_app(Settings(database_url=database_url, ingest_tokens=tokens.ingest_tokens))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with ApiClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+async def test_events_posted_with_a_course_token_belong_to_its_course(course_ingest_api) -> None:
+    api = course_ingest_api
+    camel = [{"eventType": "cell_executed", "emailAddress": "ada@uni.edu", "cellIndex": 1}]
+    for token, body in (("lab-secret", camel), ("lab-secret", {"student_id": "bo",
+                        "event_type": "run", "course_id": "ds200"}),  # names its own
+                        ("any-secret", {"student_id": "cy", "event_type": "run"})):  # fmt: skip
+        response = await api.post("/api/v1/events", params={"token": token}, json=body)
+        assert response.status_code == 201, response.text
+    students = (await api.get("/api/v1/students")).json()["students"]
+    courses = {student["student_id"]: student["course_id"] for student in students}
+    assert courses == {"ada@uni.edu": "cs101", "bo": "ds200", "cy": None}
+
+
+async def test_an_unknown_query_parameter_on_ingest_is_a_422_naming_it(api) -> None:
+    body = {"student_id": "ada", "event_type": "run"}
+    response = await api.post("/api/v1/events?course_id=cs101&tokn=x", json=body)
+    error = assert_error(response, 422, "invalid_query")
+    assert {detail["field"] for detail in error["details"]} == {"course_id", "tokn"}
+    assert (await api.get("/api/v1/students")).json()["students"] == []
+    response = await api.post("/api/v1/events?token=anything", json=body)
+    assert response.status_code == 201, response.text  # open ingest: a token is never unknown

@@ -74,7 +74,7 @@ def test_token_lists_come_from_the_environment() -> None:
     settings = load_settings(
         {"INGEST_TOKENS": " a, b ,", "DASHBOARD_TOKENS": "d", "CORS_ORIGINS": "https://x.edu"}
     )
-    assert settings.ingest_tokens == ("a", "b")
+    assert [grant.secret for grant in settings.ingest_tokens] == ["a", "b"]
     assert settings.dashboard_tokens == (Grant(token_fingerprint("d"), "d"),)
     assert settings.cors_origins == ("https://x.edu",)
 
@@ -155,3 +155,13 @@ def test_the_presented_token_finds_its_own_grant() -> None:
 def test_a_scoped_grant_covers_its_courses_only(courses, course_id, covered) -> None:
     grant = Grant("x", "s", None if courses is None else frozenset(courses))
     assert grant.covers(course_id) is covered
+
+
+def test_an_ingest_token_may_carry_one_course() -> None:
+    settings = load_settings({"INGEST_TOKENS": "lab=s3cret:cs101,other"})
+    assert [(grant.name, grant.courses) for grant in settings.ingest_tokens] == [
+        ("lab", frozenset({"cs101"})),
+        (token_fingerprint("other"), None),
+    ]
+    with pytest.raises(ConfigError, match="INGEST_TOKENS gives 'lab' several courses"):
+        load_settings({"INGEST_TOKENS": "lab=s3cret:cs101+ds200"})

@@ -35,4 +35,4 @@ def test_the_values_app_json_sets_are_valid_settings() -> None:
     addons = {"DATABASE_URL": "postgres://u:p@db.example:5432/d", "REDIS_URL": "rediss://r:6379"}
     settings = load_settings({**given, **secrets, **addons})
     assert settings.web_concurrency == int(given["WEB_CONCURRENCY"])
-    assert len(settings.dashboard_tokens) == 1 and settings.ingest_tokens == ("f" * 64,)
+    assert len(settings.dashboard_tokens) == 1 and settings.ingest_tokens[0].secret == "f" * 64
