@@ -201,15 +201,16 @@ RAISED_IN_SCOPE = f"""(CAST(:courses AS TEXT) IS NULL OR EXISTS (
 
 
 def last_place(student_id: str) -> str:
-    """The id of the student's latest event with a cell, else with a notebook: help beats and
-    saves carry a notebook but no cell, and must not lose the student's place."""
+    """The id of the student's latest event in a notebook with a cell, else in a notebook:
+    help beats and saves carry a notebook but no cell, and must not lose the student's place."""
 
     def latest(condition: str) -> str:
         return f"""(SELECT MAX(e.id) FROM events e
             WHERE e.student_id = {student_id} AND {condition} AND {EVENT_IN_SCOPE})"""
 
-    has_cell = "(e.cell_id IS NOT NULL OR e.cell_index IS NOT NULL)"
-    return f"COALESCE({latest(has_cell)}, {latest('e.notebook_path IS NOT NULL')})"
+    in_notebook = "e.notebook_path IS NOT NULL"
+    has_cell = f"{in_notebook} AND (e.cell_id IS NOT NULL OR e.cell_index IS NOT NULL)"
+    return f"COALESCE({latest(has_cell)}, {latest(in_notebook)})"
 
 
 # Correlated subqueries, each an index range on events (student_id, id): the cost follows the
