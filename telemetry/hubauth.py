@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -167,15 +168,8 @@ class HubSignIn:
                 outcome = course_grant(response.json(), self.group_prefix)
             except ApiError as refusal:
                 outcome = refusal
-        self.forget_stale()
         self.checks[hub_owner(token)] = check = Check(token, outcome, time.monotonic())
         return check
-
-    def forget_stale(self) -> None:
-        now = time.monotonic()
-        for owner, check in list(self.checks.items()):
-            if now - check.at >= self.check_seconds:
-                del self.checks[owner]
 
     async def grant(self, token: str) -> Grant | None:
         """The session's grant, asked of the hub again once HUB_CHECK_SECONDS old; None once
@@ -189,23 +183,34 @@ class HubSignIn:
 
     async def end_lapsed_streams(self, hub: Hub) -> None:
         """Every HUB_CHECK_SECONDS, the sessions with a stream open are asked of the hub
-        again; a changed grant ends their streams. While the hub does not answer they go on."""
+        again, and the others' old answers forgotten. While the hub does not answer, the
+        streams go on (and new requests get 503)."""
         while True:
             await asyncio.sleep(self.check_seconds)
-            owners = {client.owner for client in hub.clients}
-            for owner, before in list(self.checks.items()):
-                if owner not in owners:
-                    continue
-                try:
-                    after = await self.check(before.token)
-                except ApiError:
-                    continue
-                if after.outcome != before.outcome:
-                    who = getattr(before.outcome, "name", owner)
-                    logger.info("the hub session of %s changed: its streams end", who)
-                    for client in list(hub.clients):
-                        if client.owner == owner:
-                            client.end(CLOSED)
+            streaming = {client.owner for client in hub.clients}
+            now = time.monotonic()
+            for owner, check in list(self.checks.items()):
+                if owner in streaming:
+                    with contextlib.suppress(ApiError):
+                        end_lapsed(hub, owner, await self.check(check.token))
+                elif now - check.at >= self.check_seconds:
+                    del self.checks[owner]
+
+
+def end_lapsed(hub: Hub, owner: str, check: Check) -> None:
+    """Ends the session's streams that its grant no longer admits as they are: revoked,
+    out of every course group, or now of other courses. They reconnect under the new one."""
+    grant = check.outcome
+    lapsed = [
+        client
+        for client in hub.clients
+        if client.owner == owner
+        and not (isinstance(grant, Grant) and grant.courses == client.filter.courses)
+    ]
+    if lapsed:
+        logger.info("a hub session changed (%s): %d stream(s) end", owner, len(lapsed))
+    for client in lapsed:
+        client.end(CLOSED)
 
 
 def sign_in_of(request: Request) -> HubSignIn:
