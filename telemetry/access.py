@@ -101,11 +101,15 @@ async def dashboard_grant(connection: HTTPConnection) -> Grant:
     grant = matching_grant(grants, presented_tokens(connection))
     if grant is not None:
         return grant
-    hub_token = connection.cookies.get(HUB_COOKIE)
-    if sign_in is not None and hub_token and (grant := await sign_in.grant(hub_token)):
-        return grant
     refusal = unauthorized("dashboard")
-    if sign_in is not None:  # the page offers "Sign in with JupyterHub" where this points
+    hub_token = connection.cookies.get(HUB_COOKIE)
+    if sign_in is not None:
+        try:
+            if hub_token and (grant := await sign_in.grant(hub_token)):
+                return grant
+        except ApiError as hub_refusal:
+            refusal = hub_refusal
+        # The page offers "Sign in with JupyterHub" where this points.
         login = connection.scope.get("root_path", "") + "/oauth_login"
         refusal.headers["Link"] = f'<{login}>; rel="login"'
     raise refusal

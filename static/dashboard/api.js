@@ -72,7 +72,8 @@ export async function fetchSession() {
   const response = await request("api/v1/session", { headers: { Accept: "application/json" } });
   const answer = await response.json();
   if (response.status === 403) {
-    throw new Unauthorized("api/v1/session", { problem: answer.error.message });
+    const problem = answer.error.message;
+    throw new Unauthorized("api/v1/session", { problem, hubSignIn: hubSignIn(response) });
   }
   if (!response.ok) throw new Error(`api/v1/session answered ${response.status}`);
   return answer;

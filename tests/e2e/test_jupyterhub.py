@@ -314,7 +314,9 @@ async def test_leaving_the_group_or_a_revoked_token_ends_the_session_and_its_str
         finally:
             for stream in streams:
                 await stream.close()
-        assert bob.get("/api/v1/students").json()["error"]["code"] == "no_course"
+        out_of_every_course = bob.get("/api/v1/students")
+        assert out_of_every_course.json()["error"]["code"] == "no_course"
+        assert out_of_every_course.headers["link"] == f'<{PREFIX}/oauth_login>; rel="login"'
         assert dee.get("/api/v1/students").status_code == 401
     assert hub.api("POST", "/groups/telemetry-ds200/users", json=removal).is_success
 
