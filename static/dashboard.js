@@ -51,15 +51,15 @@ async function load() {
     state.rules = session.rules;
     applyScope(session.courses);
     const course = state.filters.course;
-    const history = await fetchJson("/api/v1/events", {
+    const history = await fetchJson("api/v1/events", {
       course_id: course, limit: HISTORY_LIMIT, collapse_beats: "true",
     });
     const students = await fetchStudents(course);
     // The queue and the chart are also in the students' answer and the stream: a failure
     // here must not keep the table and the feed from showing.
     const [help, activity] = await Promise.all([
-      fetchJson("/api/v1/help", { course_id: course }).catch(() => null),
-      fetchJson("/api/v1/activity", { course_id: course, minutes: ACTIVITY_MINUTES }).catch(() => null),
+      fetchJson("api/v1/help", { course_id: course }).catch(() => null),
+      fetchJson("api/v1/activity", { course_id: course, minutes: ACTIVITY_MINUTES }).catch(() => null),
     ]);
     if (generation !== state.generation) return;
     reset(history, students, help, activity);
@@ -74,7 +74,7 @@ async function load() {
     refreshCells();
   } catch (error) {
     if (generation !== state.generation) return;
-    if (error instanceof Unauthorized) return askForToken("");
+    if (error instanceof Unauthorized) return askForToken(error.problem, error.hubSignIn);
     setConnection("reconnecting");
     setTimeout(again, RETRY_MS);
   }

@@ -24,6 +24,7 @@ from telemetry.config import Grant, Settings
 from telemetry.errors import ApiError, error_body
 from telemetry.events import pseudonym
 from telemetry.forgetting import erase_course, erase_student
+from telemetry.hubauth import HUB_COOKIE, HubSignIn, hub_owner, set_private_cookie
 from telemetry.pioneer import is_pioneer_envelope
 from telemetry.service import Service, service_of
 from telemetry.storage import Storage, read_storage
@@ -69,21 +70,49 @@ def unauthorized(realm: str) -> ApiError:
     return ApiError(401, "unauthorized", f"a valid {realm} token is required", headers=headers)
 
 
-def require_grant(grants: tuple[Grant, ...], candidates: Iterable[str | None], realm: str) -> Grant:
-    """The grant of the first presented token that matches one of `grants`, else 401."""
+def matching_grant(grants: tuple[Grant, ...], candidates: Iterable[str | None]) -> Grant | None:
+    """The grant of the first presented token that matches one of `grants`."""
     secrets = [grant.secret for grant in grants]
     for candidate in candidates:
         index = matching_secret(candidate, secrets)
         if index is not None:
             return grants[index]
-    raise unauthorized(realm)
+    return None
 
 
-def dashboard_grant(connection: HTTPConnection) -> Grant:
+def require_grant(grants: tuple[Grant, ...], candidates: Iterable[str | None], realm: str) -> Grant:
+    grant = matching_grant(grants, candidates)
+    if grant is None:
+        raise unauthorized(realm)
+    return grant
+
+
+def hub_sign_in(connection: HTTPConnection) -> HubSignIn | None:
+    return connection.app.state.hub_sign_in
+
+
+async def dashboard_grant(connection: HTTPConnection) -> Grant:
+    """A dashboard token's grant, else a JupyterHub session's (hubauth.py), else 401; open
+    while neither is configured."""
     grants = service_of(connection).settings.dashboard_tokens
-    if not grants:
+    sign_in = hub_sign_in(connection)
+    if not grants and sign_in is None:
         return OPEN_GRANT
-    return require_grant(grants, presented_tokens(connection), "dashboard")
+    grant = matching_grant(grants, presented_tokens(connection))
+    if grant is not None:
+        return grant
+    refusal = unauthorized("dashboard")
+    hub_token = connection.cookies.get(HUB_COOKIE)
+    if sign_in is not None:
+        try:
+            if hub_token and (grant := await sign_in.grant(hub_token)):
+                return grant
+        except ApiError as hub_refusal:
+            refusal = hub_refusal
+        # The page offers "Sign in with JupyterHub" where this points.
+        login = connection.scope.get("root_path", "") + "/oauth_login"
+        refusal.headers["Link"] = f'<{login}>; rel="login"'
+    raise refusal
 
 
 def out_of_scope(grant: Grant, field_name: str, what: str) -> ApiError:
@@ -134,7 +163,7 @@ async def authorize_read(
     """Every read's one gate: the token (401), the query (422), the course and student it
     names (403), the access log. The parameters come back with the grant's `courses` as
     in_scope takes them, so the SQL reads nothing outside them."""
-    grant = dashboard_grant(connection)
+    grant = await dashboard_grant(connection)
     params = parse(connection.query_params)
     action = "read" if connection.scope.get("method", "GET") == "GET" else "act"  # a hand action
     try:
@@ -166,6 +195,8 @@ def client_key(connection: HTTPConnection) -> str:
     token = next((candidate for candidate in presented_tokens(connection) if candidate), None)
     if token:
         return "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    if hub_token := connection.cookies.get(HUB_COOKIE):
+        return hub_owner(hub_token)
     return "address:" + (connection.client.host if connection.client else "unknown")
 
 
@@ -175,7 +206,7 @@ def session_body(grant: Grant) -> dict:
 
 
 async def show_session(request: Request) -> Response:
-    return JSONResponse(session_body(dashboard_grant(request)))
+    return JSONResponse(session_body(await dashboard_grant(request)))
 
 
 async def create_session(request: Request) -> Response:
@@ -184,11 +215,11 @@ async def create_session(request: Request) -> Response:
     so it reads exactly what the token reads."""
     token = bearer_token(request.headers)
     grants = service_of(request).settings.dashboard_tokens
-    grant = require_grant(grants, [token], "dashboard") if grants else OPEN_GRANT
+    closed = grants or hub_sign_in(request) is not None
+    grant = require_grant(grants, [token], "dashboard") if closed else OPEN_GRANT
     response = JSONResponse(session_body(grant))
     if token:
-        secure = request.url.scheme == "https"
-        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", secure=secure)
+        set_private_cookie(response, request, TOKEN_COOKIE, token, samesite="strict")
     return response
 
 
@@ -259,7 +290,9 @@ CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID"]
 
 def is_ingest_request(scope: Scope) -> bool:
     """A POST of events, or the browser's preflight asking to send one."""
-    if scope["type"] != "http" or not INGEST_PATH.fullmatch(scope["path"]):
+    if scope["type"] != "http":
+        return False
+    if not INGEST_PATH.fullmatch(scope["path"].removeprefix(scope.get("root_path", ""))):
         return False
     if scope["method"] == "OPTIONS":
         headers = dict(scope["headers"])

@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
-from telemetry import access, readapi, streams
+from telemetry import access, hubauth, readapi, streams
 from telemetry.bus import build_bus
 from telemetry.config import ConfigError, Settings, load_settings
 from telemetry.errors import ApiError, error_body
@@ -135,7 +135,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if settings.retention_days:
         retention = keep_retention(storage, settings.retention_days)
         tasks.append(asyncio.create_task(retention, name="retention"))
-    if not (settings.ingest_tokens and settings.dashboard_tokens):
+    if app.state.hub_sign_in is not None:
+        lapsed = app.state.hub_sign_in.end_lapsed_streams(hub)
+        tasks.append(asyncio.create_task(lapsed, name="hub-sessions"))
+    if not (settings.ingest_tokens and (settings.dashboard_tokens or settings.hub_sign_in)):
         logger.warning(
             "running open: set INGEST_TOKENS and DASHBOARD_TOKENS before exposing this service"
         )
@@ -207,13 +210,23 @@ def create_app(settings: Settings) -> Starlette:
             Route("/api/v1/courses/{course_id:path}", access.erase, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+            *(hubauth.ROUTES if settings.hub_sign_in else []),
         ],
         exception_handlers=handlers,
-        middleware=[Middleware(access.SecurityHeaders), Middleware(access.IngestCors, settings)],
+        middleware=[
+            Middleware(access.SecurityHeaders),
+            *under_prefix(settings.jupyterhub_service_prefix),
+            Middleware(access.IngestCors, settings),
+        ],
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.hub_sign_in = hubauth.HubSignIn(settings) if settings.hub_sign_in else None
     return app
+
+
+def under_prefix(prefix: str | None) -> list[Middleware]:
+    return [Middleware(hubauth.UnderPrefix, prefix)] if prefix else []
 
 
 @functools.cache

@@ -144,6 +144,26 @@ def secret_salt(name: str, raw: str) -> str:
     return raw
 
 
+def path_prefix(name: str, raw: str) -> str | None:
+    """JUPYTERHUB_SERVICE_PREFIX as `/services/telemetry`: no trailing slash; `/` is none."""
+    if not raw.startswith("/") or "//" in raw or any(c in raw for c in "?#\\ "):
+        raise ConfigError(f"{name}={raw!r} must be a URL path such as /services/telemetry/")
+    return raw.rstrip("/") or None
+
+
+def http_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}={raw!r} must be an http:// or https:// URL")
+    return raw.rstrip("/")
+
+
+def group_prefix(name: str, raw: str) -> str:
+    if not TOKEN_COURSE.fullmatch(raw):
+        raise ConfigError(f"{name}={raw!r} must be letters, digits, '_', '.', '@' or '-'")
+    return raw
+
+
 def normalise_database_url(raw: str) -> str:
     """DATABASE_URL as `databases` understands it."""
     parts = urlsplit(raw)
@@ -210,6 +230,21 @@ class Settings:
     retention_days: int | None = variable(None, retention_days)
     pseudonymize_salt: str | None = variable(None, secret_salt)
     web_concurrency: int = variable(1, whole_number)  # uvicorn's workers
+    # Running as a JupyterHub service: the hub sets these (docs/deploy.md#jupyterhub).
+    jupyterhub_service_prefix: str | None = variable(None, path_prefix)
+    jupyterhub_api_url: str | None = variable(None, http_url)
+    jupyterhub_api_token: str | None = variable(None, lambda _, raw: raw)
+    jupyterhub_client_id: str | None = variable(None, lambda _, raw: raw)
+    jupyterhub_oauth_callback_url: str | None = variable(None, lambda _, raw: raw)
+    jupyterhub_base_url: str = variable("/", lambda n, raw: (path_prefix(n, raw) or "") + "/")
+    jupyterhub_host: str = variable("", http_url)
+    hub_course_group_prefix: str = variable("telemetry-", group_prefix)
+    hub_check_seconds: float = variable(60.0, seconds)
+
+    @property
+    def hub_sign_in(self) -> bool:
+        """Instructors may sign in with the hub: dashboards are then never open."""
+        return self.jupyterhub_api_url is not None
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -230,5 +265,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if settings.redis_url is None and settings.web_concurrency > 1:
         raise ConfigError(
             "WEB_CONCURRENCY > 1 needs REDIS_URL: the in-process bus cannot reach other workers"
+        )
+    if settings.hub_sign_in and not settings.jupyterhub_api_token:
+        raise ConfigError("JUPYTERHUB_API_URL is set without JUPYTERHUB_API_TOKEN, its secret")
+    if settings.hub_sign_in and not settings.jupyterhub_service_prefix:
+        raise ConfigError(
+            "JUPYTERHUB_API_URL is set without JUPYTERHUB_SERVICE_PREFIX: the hub sign-in "
+            "runs under the service's prefix, such as /services/telemetry/"
         )
     return settings

@@ -21,7 +21,7 @@ export async function refreshCells() {
   dirty = false;
   const generation = state.generation;
   try {
-    const answer = await fetchJson("/api/v1/cells", { course_id: state.filters.course });
+    const answer = await fetchJson("api/v1/cells", { course_id: state.filters.course });
     if (generation !== state.generation) return;
     cells = answer.cells;
     drawCells();

@@ -7,10 +7,10 @@ const csv = (path, params) => {
 };
 
 export function drawExportLinks(course) {
-  $("#export-students").href = csv("/api/v1/students.csv", { course_id: course });
-  $("#export-events").href = csv("/api/v1/events.csv", { course_id: course });
+  $("#export-students").href = csv("api/v1/students.csv", { course_id: course });
+  $("#export-events").href = csv("api/v1/events.csv", { course_id: course });
 }
 
 export function drawStudentExportLink(studentId) {
-  $("#student-export").href = csv("/api/v1/events.csv", { student_id: studentId });
+  $("#student-export").href = csv("api/v1/events.csv", { student_id: studentId });
 }

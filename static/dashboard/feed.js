@@ -153,7 +153,7 @@ async function loadOlder() {
   const older = $("#feed-older");
   older.disabled = true;
   try {
-    const page = await fetchJson("/api/v1/events", {
+    const page = await fetchJson("api/v1/events", {
       course_id: state.filters.course, notebook_path: state.filters.notebook,
       event_type: state.filters.type, before_id: oldest, limit: PAGE_LIMIT, collapse_beats: "true",
     });

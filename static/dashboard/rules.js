@@ -192,7 +192,7 @@ function scheduleHelpRefresh() {
   helpTimer = setTimeout(async () => {
     helpTimer = 0;
     try {
-      const answer = await fetchJson("/api/v1/help", { course_id: state.filters.course });
+      const answer = await fetchJson("api/v1/help", { course_id: state.filters.course });
       if (generation !== state.generation) return;
       applyHelp(answer);
       schedule();
@@ -207,7 +207,7 @@ function scheduleHelpRefresh() {
 export async function pressHand(pressed, studentId, action) {
   pressed.disabled = true;
   try {
-    await postJson(`/api/v1/help/${encodeURIComponent(studentId)}/${action}`, { by: instructorName() });
+    await postJson(`api/v1/help/${encodeURIComponent(studentId)}/${action}`, { by: instructorName() });
   } catch (error) {
     if (error instanceof Unauthorized) askForToken("");
   } finally {

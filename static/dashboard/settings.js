@@ -26,16 +26,19 @@ export function noteUpdate() {
   lastUpdate = new Date();
 }
 
-export function askForToken(problem) {
+export function askForToken(problem, hubSignIn = null) {
   setConnection("signed out");
   $("#sign-in").hidden = false;
   $("#sign-in-problem").textContent = problem;
+  const hub = $("#hub-sign-in");
+  hub.hidden = !hubSignIn;
+  if (hubSignIn) hub.href = hubSignIn;
   $("#token").focus();
 }
 
 // A link of the form /#token=... signs in once; the fragment never reaches the server.
 export async function setUpSignIn(onSignedIn) {
-  $("#ingest-url").textContent = `${location.origin}/api/v1/events`;
+  $("#ingest-url").textContent = new URL("api/v1/events", document.baseURI).href;
   $("#sign-in").addEventListener("submit", async (submit) => {
     submit.preventDefault();
     const input = $("#token");

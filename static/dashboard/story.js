@@ -82,7 +82,7 @@ async function loadTimeline(panel) {
   const older = $("#timeline-older");
   older.disabled = true;
   try {
-    const page = await fetchJson("/api/v1/events", {
+    const page = await fetchJson("api/v1/events", {
       student_id: panel.id, before_id: panel.before, limit: TIMELINE_LIMIT, collapse_beats: "true",
     });
     if (state.panel !== panel) return;

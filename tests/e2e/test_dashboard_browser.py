@@ -126,7 +126,7 @@ STRICTER_RULES = """
 const fetchAnswer = window.fetch;
 window.fetch = async (resource, options) => {
   const response = await fetchAnswer(resource, options);
-  if (!String(resource).startsWith("/api/v1/session")) return response;
+  if (!String(resource).startsWith("api/v1/session")) return response;
   const session = await response.json();
   session.rules.stuck_error_streak = 2;
   const {status, headers} = response;

@@ -20,7 +20,7 @@ async def test_page_is_served_with_a_strict_content_security_policy(client) -> N
     assert response.headers["content-security-policy"].startswith("default-src 'self'")
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["referrer-policy"] == "no-referrer"
-    assert '<script type="module" src="/static/dashboard.js">' in response.text
+    assert '<script type="module" src="static/dashboard.js">' in response.text
 
 
 SCRIPTS = sorted(STATIC_DIR.rglob("*.js"))
