@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS cell_runs (
 CREATE INDEX IF NOT EXISTS cell_runs_failing_idx ON cell_runs (course_id, notebook_path)
     WHERE last_status = 'error';
 
+-- One notebook's or one cell's rows: the progress grid and the one-cell view.
+CREATE INDEX IF NOT EXISTS cell_runs_cell_idx ON cell_runs (notebook_path, cell_key);
+
 -- The class view adds up cell_runs per cell when read: a second summary of them is not kept.
 DROP TABLE IF EXISTS cell_totals;
 
@@ -91,9 +94,21 @@ CREATE TABLE IF NOT EXISTS hand_raises (
     on_my_way_at  TIMESTAMPTZ
 );
 
+-- activity again per team, as the event's document shows it: the team filter's chart.
+CREATE TABLE IF NOT EXISTS activity_teams (
+    course_id   TEXT NOT NULL,
+    team        TEXT NOT NULL,
+    minute      TEXT NOT NULL,
+    executions  BIGINT NOT NULL,
+    errors      BIGINT NOT NULL,
+    help        BIGINT NOT NULL,
+    PRIMARY KEY (course_id, team, minute)
+);
+
 CREATE INDEX IF NOT EXISTS hand_raises_student_idx ON hand_raises (student_id, raise_id);
 CREATE INDEX IF NOT EXISTS hand_raises_beat_idx ON hand_raises (last_beat_at);
 CREATE INDEX IF NOT EXISTS activity_minute_idx ON activity (minute);
+CREATE INDEX IF NOT EXISTS activity_teams_minute_idx ON activity_teams (team, minute);
 
 -- Per student: their events, executions and errors.
 CREATE TABLE IF NOT EXISTS student_counts (

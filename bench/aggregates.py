@@ -57,6 +57,19 @@ ENDPOINTS = [
     ("activity, last day", "/api/v1/activity", {"minutes": 1440}),
     (f"students, {classroom.STUDENTS}", "/api/v1/students", {"limit": classroom.STUDENTS}),
     ("events, collapsed", "/api/v1/events", {"collapse_beats": "true"}),
+    ("cells, one team", "/api/v1/cells", {"team": "Team A"}),
+    ("activity, one team, hour", "/api/v1/activity", {"minutes": 60, "team": "Team A"}),
+    ("progress, busiest notebook", "/api/v1/progress", {}),
+    ("progress, one notebook", "/api/v1/progress", {"notebook_path": NOTEBOOKS[2]}),
+    ("progress, one team", "/api/v1/progress", {"notebook_path": NOTEBOOKS[2], "team": "Team A"}),
+    (
+        "one cell, every student",
+        "/api/v1/cells/detail",
+        {
+            "notebook_path": NOTEBOOKS[2],
+            "cell_key": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{NOTEBOOKS[2]}#4")),
+        },
+    ),
 ]
 
 
@@ -186,9 +199,9 @@ async def main() -> None:
         f" {BATCH}-event batches), {classroom.STUDENTS} students, {LABS} notebooks, PostgreSQL;"
         f" service log in {logs}"
     )
-    print(f"\n{'endpoint':<24} {'p50 ms':>8} {'p99 ms':>8} {'calls':>6} {'bytes':>9}")
+    print(f"\n{'endpoint':<28} {'p50 ms':>8} {'p99 ms':>8} {'calls':>6} {'bytes':>9}")
     for name, p50, p99, calls, size in results:
-        print(f"{name:<24} {p50:8.1f} {p99:8.1f} {calls:6} {size:9,}")
+        print(f"{name:<28} {p50:8.1f} {p99:8.1f} {calls:6} {size:9,}")
 
 
 if __name__ == "__main__":

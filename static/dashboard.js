@@ -15,6 +15,8 @@ import {
   fetchJson, fetchSession, fetchStudents, openStream, RETRY_MS, serverNow, Unauthorized,
 } from "./dashboard/api.js";
 import { refreshCells, markCellsDirty, setUpCells } from "./dashboard/cells.js";
+import { markProgressDirty, refreshProgress, setUpProgress } from "./dashboard/progress.js";
+import { refreshOneCell } from "./dashboard/onecell.js";
 import {
   ACTIVITY_MINUTES, chartDirty, countActivity, drawChart, markChartDirty, setActivity, setUpChart,
 } from "./dashboard/chart.js";
@@ -59,7 +61,7 @@ async function load() {
     // here must not keep the table and the feed from showing.
     const [help, activity] = await Promise.all([
       fetchJson("api/v1/help", { course_id: course }).catch(() => null),
-      fetchJson("api/v1/activity", { course_id: course, minutes: ACTIVITY_MINUTES }).catch(() => null),
+      fetchActivity().catch(() => null),
     ]);
     if (generation !== state.generation) return;
     reset(history, students, help, activity);
@@ -72,6 +74,7 @@ async function load() {
       closed: again,
     });
     refreshCells();
+    refreshProgress();
   } catch (error) {
     if (generation !== state.generation) return;
     if (error instanceof Unauthorized) return askForToken(error.problem, error.hubSignIn);
@@ -96,9 +99,12 @@ function receive(event) {
   if (event.id <= state.lastId) return;
   state.lastId = event.id;
   const beat = applyEvent(event);
-  countActivity(event, beat);
+  if (inTeam(event)) countActivity(event, beat);
   learnEvent(event);
-  if (isRun(event)) markCellsDirty();
+  if (isRun(event)) {
+    markCellsDirty();
+    markProgressDirty();
+  }
   if (!beat) { // a heartbeat of a raised hand has no row in the feed or the timeline
     noteStudentEvent(event);
     addToFeed(event);
@@ -125,6 +131,22 @@ function forget(erased) {
   if (!erased.student_id) forgetCourse(erased.course_id);
   schedule();
   load();
+}
+
+// The team filter narrows the server's views too: the chart, the cells, the progress grid.
+const inTeam = (event) => !state.filters.team || event.team === state.filters.team;
+const fetchActivity = () => fetchJson("api/v1/activity", {
+  course_id: state.filters.course, team: state.filters.team, minutes: ACTIVITY_MINUTES,
+});
+
+async function narrowToTeam() {
+  const generation = state.generation;
+  refreshCells();
+  refreshProgress();
+  refreshOneCell();
+  const activity = await fetchActivity().catch(() => null);
+  if (activity && generation === state.generation) setActivity(activity);
+  schedule();
 }
 
 function draw() {
@@ -174,7 +196,8 @@ async function start() {
   setUpSettings();
   setUpChart();
   setUpCells();
-  onFilterChange((kind) => kind === "course" && load());
+  setUpProgress();
+  onFilterChange((kind) => (kind === "course" ? load() : kind === "team" && narrowToTeam()));
   onDraw(draw);
   document.addEventListener("keydown", onKey);
   setInterval(tick, TICK_MS);

@@ -202,6 +202,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/api/v1/help/{student_id:path}/{action}", readapi.answer_hand, methods=["POST"]),
             Route("/api/v1/cells", readapi.list_cells, methods=["GET"]),
             Route("/api/v1/activity", readapi.list_activity, methods=["GET"]),
+            Route("/api/v1/progress", readapi.show_progress, methods=["GET"]),
+            Route("/api/v1/cells/detail", readapi.show_cell_detail, methods=["GET"]),
             Route("/api/v1/stream", streams.stream_events, methods=["GET"]),
             WebSocketRoute("/api/v1/ws", streams.websocket_events),
             Route("/api/v1/session", access.create_session, methods=["POST"]),

@@ -1,14 +1,13 @@
 """The class view: the rules behind the dashboard (raised hands, error streaks, stuck,
 struggling, presence, the courses a token reads) and the reads that apply them: students, the
-help queue, cells, activity. The rules need no database: storage applies next_hand as it
-stores, and the reads here are given the Storage.
+help queue, activity. The rules need no database: storage applies next_hand as it
+stores, and the reads here are given the Storage. The cell views are in cellview.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -155,8 +154,6 @@ CLASS_RULES = {
     "active_seconds": ACTIVE.total_seconds(),
     "idle_seconds": IDLE.total_seconds(),
 }
-
-TOP_ERRORS = 5
 
 
 def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | None, int]:
@@ -330,91 +327,30 @@ async def latest_hand(storage: Storage, student_id: str) -> dict | None:
     return dict(rows[0]) if rows else None
 
 
-CELL_RUN_FILTERS = f"""{in_course("course_id")}
-    AND (CAST(:notebook_path AS TEXT) IS NULL OR notebook_path = :notebook_path)"""
-
-# Per cell, over its students' run summaries (students × cells rows: thousands).
-SELECT_CELL_TOTALS = f"""
-SELECT notebook_path, cell_key, MAX(cell_id) AS cell_id, MAX(cell_index) AS cell_index,
-       COUNT(*) AS students_ran, CAST(SUM(runs) AS BIGINT) AS runs,
-       CAST(SUM(errors) AS BIGINT) AS errors
-FROM cell_runs WHERE {CELL_RUN_FILTERS}
-GROUP BY notebook_path, cell_key"""
-
-# The students whose latest run of a cell failed, per cell and error text, through the
-# partial index cell_runs_failing_idx: the class view reads the failing, not every run.
-SELECT_FAILING_GROUPS = f"""
-SELECT notebook_path, cell_key, last_error, json_agg(student_id) AS students FROM cell_runs
-WHERE last_status = 'error' AND {CELL_RUN_FILTERS}
-GROUP BY notebook_path, cell_key, last_error"""
-
-
-def notebook_name(path: str | None) -> str | None:
-    return path.replace("\\", "/").rsplit("/", 1)[-1] if path else None
-
-
-def cell_label(path: str | None, index: int | None) -> str:
-    """How the dashboard names a cell: `[4] lists.ipynb`, never by its id."""
-    return f"[{'?' if index is None else index}] {notebook_name(path) or '(no notebook)'}"
-
-
-def cell_documents(
-    totals: Iterable[Mapping[str, Any]], failing: Iterable[Mapping[str, Any]]
-) -> list[dict]:
-    """SELECT_CELL_TOTALS rows with their SELECT_FAILING_GROUPS rows (one per cell and error
-    text), most failing students first."""
-    students: dict[tuple[str, str], list[str]] = {}
-    texts: dict[tuple[str, str], Counter[str]] = {}
-    for row in failing:
-        key = (row["notebook_path"], row["cell_key"])
-        ids = orjson.loads(row["students"])
-        students.setdefault(key, []).extend(ids)
-        texts.setdefault(key, Counter())[row["last_error"] or "(no message)"] += len(ids)
-    documents = []
-    for row in totals:
-        key = (row["notebook_path"], row["cell_key"])
-        documents.append(cell_document(row, students.get(key, []), texts.get(key, Counter())))
-    documents.sort(
-        key=lambda document: (
-            -document["students_failing"],
-            -document["errors"],
-            document["notebook_path"] or "",
-            -1 if document["cell_index"] is None else document["cell_index"],
-        )
-    )
-    return documents
-
-
-def cell_document(row: Mapping[str, Any], failing: list[str], texts: Counter[str]) -> dict:
-    path = row["notebook_path"] or None
-    ranked = sorted(texts.items(), key=lambda item: (-item[1], item[0]))
-    return {
-        "notebook_path": path,
-        "notebook_name": notebook_name(path),
-        "cell_id": row["cell_id"],
-        "cell_index": row["cell_index"],
-        "label": cell_label(path, row["cell_index"]),
-        "students_ran": row["students_ran"],
-        "runs": row["runs"],
-        "errors": row["errors"],
-        "students_failing": len(failing),
-        "failing_student_ids": sorted(failing),
-        "top_errors": [{"error": text, "students": count} for text, count in ranked[:TOP_ERRORS]],
-    }
-
-
-async def cells(storage: Storage, params: Mapping[str, Any]) -> list[dict]:
-    """Per notebook and cell, who ran it and who is failing there now (see cell_documents)."""
-    totals = await storage.rows(SELECT_CELL_TOTALS, params)
-    failing = await storage.rows(SELECT_FAILING_GROUPS, params)
-    return cell_documents(totals, failing)[: params["limit"]]
-
-
-SELECT_ACTIVITY = f"""
-SELECT minute, CAST(SUM(executions) AS BIGINT) AS executions,
-       CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(help) AS BIGINT) AS help
+ACTIVITY_SUMS = """SELECT minute, CAST(SUM(executions) AS BIGINT) AS executions,
+       CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(help) AS BIGINT) AS help"""
+SELECT_ACTIVITY = f"""{ACTIVITY_SUMS}
 FROM activity WHERE minute >= :first AND {in_course("course_id")}
 GROUP BY minute"""
+# One team's (`:team`): activity_teams counts each event in the team its document shows.
+SELECT_TEAM_ACTIVITY = f"""{ACTIVITY_SUMS}
+FROM activity_teams WHERE minute >= :first AND team = :team AND {in_course("course_id")}
+GROUP BY minute"""
+
+# A batch's new events in activity_teams, as UPSERT_ACTIVITY (storage) counts them in activity.
+UPSERT_TEAM_ACTIVITY = """
+INSERT INTO activity_teams (course_id, team, minute, executions, errors, help)
+SELECT course_id, team, minute, COUNT(status), COUNT(*) FILTER (WHERE status = 'error'),
+       SUM(raised)
+FROM (
+    SELECT COALESCE(course_id, shown_course, '') AS course_id, shown_team AS team, minute,
+           status, CASE WHEN EXISTS (SELECT 1 FROM hand_raises h WHERE h.raise_id = incoming.id)
+                THEN 1 ELSE 0 END AS raised
+    FROM incoming WHERE stored_id IS NULL AND shown_team IS NOT NULL
+) new GROUP BY course_id, team, minute HAVING COUNT(status) > 0 OR SUM(raised) > 0
+ON CONFLICT (course_id, team, minute) DO UPDATE SET
+    executions = activity_teams.executions + excluded.executions,
+    errors = activity_teams.errors + excluded.errors, help = activity_teams.help + excluded.help"""
 
 
 def activity_series(
@@ -432,7 +368,9 @@ def activity_series(
 
 
 async def activity(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
-    """Executions, errors and raised hands per minute, the last `minutes`, oldest first."""
+    """Executions, errors and raised hands per minute, the last `minutes`, oldest first, of
+    everyone or of one team."""
     first = now - dt.timedelta(minutes=params["minutes"] - 1)
-    rows = await storage.rows(SELECT_ACTIVITY, {**params, "first": minute_of(first)})
+    sql = SELECT_TEAM_ACTIVITY if params.get("team") else SELECT_ACTIVITY
+    rows = await storage.rows(sql, {**params, "first": minute_of(first)})
     return activity_series(rows, first, params["minutes"])

@@ -19,21 +19,30 @@ from telemetry.storage import CELL_KEY, RECEIPT_MINUTE, UNLOCK, Storage
 logger = logging.getLogger(__name__)
 
 # The rows deleted per table, in the order erasure answers and retention logs them.
-FORGOTTEN_TABLES = ("events", "students", "cell_runs", "hand_raises", "student_counts", "activity")
+FORGOTTEN_TABLES = (
+    "events",
+    "students",
+    "cell_runs",
+    "hand_raises",
+    "student_counts",
+    "activity",
+    "activity_teams",
+)
 
 # The doomed events, with the keys of the summary rows that counted them at ingest: the
-# course their document shows, the minute, the cell; `raised` if a hand bears their id.
+# course and team their document shows, the minute, the cell; `raised` if a hand bears their
+# id. The team is the student's now: one who changed team since keeps counts in the old one.
 CREATE_DOOMED = """
 CREATE TEMP TABLE IF NOT EXISTS doomed (
     id BIGINT PRIMARY KEY, student_id TEXT, course_id TEXT, minute TEXT, notebook_path TEXT,
-    cell_key TEXT, status TEXT, raised INTEGER
+    cell_key TEXT, status TEXT, raised INTEGER, team TEXT
 )"""
 
 DOOMED_COLUMNS = f"""
 e.id, e.student_id, COALESCE(e.course_id, s.course_id, ''), {RECEIPT_MINUTE},
 COALESCE(e.notebook_path, ''), {CELL_KEY}, e.status,
-CASE WHEN EXISTS (SELECT 1 FROM hand_raises h WHERE h.raise_id = e.id) THEN 1 ELSE 0 END
-FROM events e JOIN students s ON s.student_id = e.student_id"""
+CASE WHEN EXISTS (SELECT 1 FROM hand_raises h WHERE h.raise_id = e.id) THEN 1 ELSE 0 END,
+s.team FROM events e JOIN students s ON s.student_id = e.student_id"""
 
 # A student's events; a course's (those naming it, and those naming none of the students
 # whose course it is, as its dashboards show them); the oldest batch received before a
@@ -69,6 +78,13 @@ SUBTRACT_DOOMED = [
                  COUNT(*) FILTER (WHERE status = 'error') AS errors, SUM(raised) AS help
           FROM doomed GROUP BY course_id, minute) d
     WHERE activity.course_id = d.course_id AND activity.minute = d.minute""",
+    """UPDATE activity_teams SET executions = activity_teams.executions - d.executions,
+        errors = activity_teams.errors - d.errors, help = activity_teams.help - d.help
+    FROM (SELECT course_id, team, minute, COUNT(status) AS executions,
+                 COUNT(*) FILTER (WHERE status = 'error') AS errors, SUM(raised) AS help
+          FROM doomed WHERE team IS NOT NULL GROUP BY course_id, team, minute) d
+    WHERE activity_teams.course_id = d.course_id AND activity_teams.team = d.team
+      AND activity_teams.minute = d.minute""",
 ]
 
 # Then the rows left with nothing to count go, and the students left with no event. A run
@@ -81,6 +97,9 @@ DELETE_FORGOTTEN = {
         AND (runs <= 0 OR last_event_id IN (SELECT id FROM doomed)) RETURNING 1""",
     "activity": """DELETE FROM activity WHERE (course_id, minute)
             IN (SELECT course_id, minute FROM doomed)
+        AND executions <= 0 AND help <= 0 RETURNING 1""",
+    "activity_teams": """DELETE FROM activity_teams WHERE (course_id, team, minute)
+            IN (SELECT course_id, team, minute FROM doomed)
         AND executions <= 0 AND help <= 0 RETURNING 1""",
     "student_counts": """DELETE FROM student_counts
         WHERE student_id IN (SELECT student_id FROM doomed) AND events <= 0 RETURNING 1""",

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from telemetry import classview
+from telemetry import cellview, classview
 from telemetry.access import authorize_read
 from telemetry.classview import hand_document, latest_hand
 from telemetry.errors import ApiError, FieldErrors, StorageUnavailable, storage_unavailable
@@ -76,6 +76,15 @@ def bool_param(query: Mapping[str, str], name: str, errors: FieldErrors) -> bool
     return raw == "true"
 
 
+def required(read: QueryReader) -> QueryReader:
+    def read_required(query: Mapping[str, str], name: str, errors: FieldErrors) -> Any:
+        if not query.get(name):
+            errors.add(name, "is required")
+        return read(query, name, errors)
+
+    return read_required
+
+
 def free_text(query: Mapping[str, str], name: str, errors: FieldErrors) -> str | None:
     return query.get(name) or None
 
@@ -117,9 +126,17 @@ parse_students_query = query_parser(
 )
 parse_course_query = query_parser(course_id=TEXT)
 parse_cells_query = query_parser(
-    course_id=TEXT, notebook_path=TEXT, limit=int_param(200, 1, PAGE_LIMIT_MAX)
+    course_id=TEXT, team=TEXT, notebook_path=TEXT, limit=int_param(200, 1, PAGE_LIMIT_MAX)
 )
-parse_activity_query = query_parser(course_id=TEXT, minutes=int_param(60, 1, 1_440))
+parse_activity_query = query_parser(course_id=TEXT, team=TEXT, minutes=int_param(60, 1, 1_440))
+parse_progress_query = query_parser(course_id=TEXT, team=TEXT, notebook_path=TEXT)
+# A cell outside any notebook has notebook_path '' in cell_runs: absent means that one.
+parse_cell_detail_query = query_parser(
+    course_id=TEXT,
+    team=TEXT,
+    notebook_path=text_param(TEXT_MAX_CHARS, absent=""),
+    cell_key=required(TEXT),
+)
 parse_export_query = query_parser(**EVENT_FILTERS)
 # The streams' filters are free text: only a misspelt name can be refused.
 parse_stream_query = query_parser(
@@ -200,7 +217,7 @@ async def answer_hand(request: Request) -> Response:
 async def list_cells(request: Request) -> Response:
     """Where the class is stuck: per notebook and cell, who ran it and who fails there now."""
     _, params = await authorize_read(request, parse_cells_query)
-    cells = await read_storage(classview.cells(service_of(request).storage, params))
+    cells = await read_storage(cellview.cells(service_of(request).storage, params))
     return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), "cells": cells})
 
 
@@ -211,6 +228,20 @@ async def list_activity(request: Request) -> Response:
     series = await read_storage(classview.activity(service_of(request).storage, params, now))
     body = {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
     return JSONResponse(body)
+
+
+async def show_progress(request: Request) -> Response:
+    """Students × cells of one notebook, each square the student's latest status there."""
+    _, params = await authorize_read(request, parse_progress_query)
+    grid = await read_storage(cellview.progress(service_of(request).storage, params))
+    return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), **grid})
+
+
+async def show_cell_detail(request: Request) -> Response:
+    """One cell, every student: their latest code and error there, grouped by error."""
+    _, params = await authorize_read(request, parse_cell_detail_query)
+    cell = await read_storage(cellview.cell_detail(service_of(request).storage, params))
+    return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), **cell})
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula; students wrote it.

@@ -23,6 +23,7 @@ from databases import Database, DatabaseURL
 from telemetry.classview import (
     EVENT_COURSE,
     HAND_EVENTS,
+    UPSERT_TEAM_ACTIVITY,
     format_timestamp,
     in_course,
     minute_of,
@@ -255,7 +256,8 @@ ON CONFLICT (course_id, minute) DO UPDATE SET
 PREPARED = {
     sql: f"store_{n}"
     for n, sql in enumerate((UPSERT_STUDENTS, INSERT_EVENTS, UPSERT_CELL_RUNS,
-                             UPSERT_STUDENT_COUNTS, UPSERT_ACTIVITY, CLEAR_INCOMING))
+                             UPSERT_STUDENT_COUNTS, UPSERT_ACTIVITY, UPSERT_TEAM_ACTIVITY,
+                             CLEAR_INCOMING))
 }  # fmt: skip
 BATCH_SCRIPT = ["BEGIN", *PREPARED, "COMMIT"]
 

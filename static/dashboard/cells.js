@@ -1,15 +1,18 @@
 // Where the class is stuck: the server's per-cell aggregate, asked for again while runs
-// arrive, and a panel naming the students failing on one cell.
-import { $, addFact, button, cellPosition, el, fileName } from "./dom.js";
+// arrive. The server ranks the cells and says which are one-offs (a single student who failed
+// once): those fold into one quiet line, so the cells where students are stuck show first.
+import { $, button, cellPosition, el, fileName } from "./dom.js";
 import { fetchJson } from "./api.js";
+import { t } from "./i18n.js";
+import { openOneCell, refreshOneCell } from "./onecell.js";
 import { state } from "./state.js";
-import { closePanels, openStudent } from "./story.js";
 
 const CELLS_REFRESH_MS = 3000;
 
 let cells = [];
 let dirty = false;
 let loading = false;
+let showOneOffs = false;
 
 export function markCellsDirty() {
   dirty = true;
@@ -21,11 +24,13 @@ export async function refreshCells() {
   dirty = false;
   const generation = state.generation;
   try {
-    const answer = await fetchJson("api/v1/cells", { course_id: state.filters.course });
+    const answer = await fetchJson("api/v1/cells", {
+      course_id: state.filters.course, team: state.filters.team,
+    });
     if (generation !== state.generation) return;
     cells = answer.cells;
     drawCells();
-    if (state.panel?.kind === "cell") drawCellPanel();
+    refreshOneCell();
   } catch {
     dirty = true; // try again on the next refresh
   } finally {
@@ -33,63 +38,45 @@ export async function refreshCells() {
   }
 }
 
-const cellKey = (cell) => `${cell.notebook_path ?? ""}\u0000${cell.cell_id ?? cell.cell_index ?? ""}`;
 const errorLine = (top) => `${top.students} × ${top.error}`;
 
 function drawCells() {
   const failing = cells.filter((cell) => cell.students_failing > 0);
+  const stuck = failing.filter((cell) => !cell.one_off);
+  const oneOffs = failing.filter((cell) => cell.one_off);
   $("#stuck-empty").hidden = failing.length > 0;
-  $("#stuck-cells").replaceChildren(...failing.map((cell) => el("li", "", cellSummary(cell))));
+  const rows = stuck.map((cell) => el("li", "", cellSummary(cell)));
+  if (oneOffs.length) rows.push(el("li", "one-offs", oneOffToggle(oneOffs.length)));
+  if (oneOffs.length && showOneOffs) rows.push(...oneOffs.map((cell) => el("li", "one-off", cellSummary(cell))));
+  $("#stuck-cells").replaceChildren(...rows);
+}
+
+function oneOffToggle(count) {
+  const toggle = button("one-off-toggle", t("cells.oneOffs", { count }), () => {
+    showOneOffs = !showOneOffs;
+    drawCells();
+  });
+  toggle.setAttribute("aria-expanded", String(showOneOffs));
+  return toggle;
 }
 
 function cellSummary(cell) {
   const name = el("span", "cell-name", el("span", "index", cellPosition(cell.cell_index)), " ",
-    el("span", "file", cell.notebook_name || fileName(cell.notebook_path) || "(no notebook)"));
+    el("span", "file", cell.notebook_name || fileName(cell.notebook_path) || t("cells.noNotebook")));
   name.title = cell.notebook_path || "";
   const counts = el("span", "cell-counts",
-    el("span", "failing", `${cell.students_failing} failing`), ` · ${cell.students_ran} ran`);
+    el("span", "failing", t("cells.failing", { count: cell.students_failing })),
+    cell.students_repeating ? el("span", "repeating", ` · ${t("cells.repeating", { count: cell.students_repeating })}`) : null,
+    ` · ${t("cells.ran", { count: cell.students_ran })}`);
   const errors = el("ul", "top-errors", ...cell.top_errors.slice(0, 3).map((top) => {
     const line = el("li", "", errorLine(top));
     line.title = top.error;
     return line;
   }));
-  const summary = button("cell-summary", name, () => openCell(cellKey(cell)));
-  summary.dataset.cell = cellKey(cell);
+  const summary = button("cell-summary", name, () => openOneCell(cell));
+  summary.dataset.cell = cell.cell_key;
   summary.append(counts, errors);
   return summary;
-}
-
-function openCell(key) {
-  closePanels();
-  state.panel = { kind: "cell", id: key };
-  $("#cell-panel").hidden = false;
-  drawCellPanel();
-  $("#cell-panel .close").focus();
-}
-
-function drawCellPanel() {
-  const cell = cells.find((candidate) => cellKey(candidate) === state.panel.id);
-  if (!cell) return;
-  $("#cell-title").textContent = cell.label;
-  const facts = el("dl", "facts");
-  addFact(facts, "Notebook", cell.notebook_path || "(no notebook)");
-  addFact(facts, "Ran it", `${cell.students_ran} students, ${cell.runs} runs, ${cell.errors} errors`);
-  addFact(facts, "Failing now", `${cell.students_failing} students`);
-  const errors = el("ul", "top-errors", ...cell.top_errors.map((top) => el("li", "", errorLine(top))));
-  $("#cell-facts").replaceChildren(facts, el("h3", "", "Most common errors"), errors,
-    el("h3", "", "Failing here now"));
-  $("#cell-students").replaceChildren(...cell.failing_student_ids.map((id) => el("li", "", pickStudent(id))));
-}
-
-function pickStudent(id) {
-  const student = state.students.get(id);
-  const pick = button("", el("strong", "", student?.name || id), () => openStudent(id));
-  pick.dataset.studentId = id;
-  if (student?.name) pick.append(" ", el("span", "hint", id));
-  if (student?.team) pick.append(" · ", el("span", "", student.team));
-  if (student?.stuck) pick.append(" ", el("span", "badge stuck", "stuck"));
-  if (student?.hand_raised) pick.append(" ", el("span", "badge hand", "hand raised"));
-  return pick;
 }
 
 export function setUpCells() {

@@ -9,7 +9,9 @@ import { state } from "./state.js";
 let drawnKey = "";
 
 export function drawSummary() {
-  const counts = tally(state.students.values(), serverNow());
+  const team = state.filters.team;
+  const students = [...state.students.values()].filter((s) => !team || s.team === team);
+  const counts = tally(students, serverNow());
   const parts = [
     [counts.active, ` of ${counts.total} active`],
     [errorsInLastMinutes(5), " errors in the last 5 min"],

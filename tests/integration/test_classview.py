@@ -220,6 +220,7 @@ async def test_cells_show_who_ran_who_fails_now_and_the_commonest_errors(api) ->
     assert c2 == {
         "notebook_path": "week1/lists.ipynb",
         "notebook_name": "lists.ipynb",
+        "cell_key": "c2",
         "cell_id": "c2",
         "cell_index": 2,
         "label": "[2] lists.ipynb",
@@ -228,6 +229,8 @@ async def test_cells_show_who_ran_who_fails_now_and_the_commonest_errors(api) ->
         "errors": 4,
         "students_failing": 3,
         "failing_student_ids": ["ada", "bob", "cy"],
+        "students_repeating": 0,
+        "one_off": False,
         "top_errors": [
             {"error": "NameError: name 'x' is not defined", "students": 2},
             {"error": "TypeError: bad", "students": 1},

@@ -14,7 +14,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from telemetry.application import create_app
-from telemetry.classview import activity, cells, students_page
+from telemetry.cellview import cells
+from telemetry.classview import activity, students_page
 from telemetry.config import Settings
 from telemetry.forgetting import FORGOTTEN_TABLES, erase_course, erase_student, retain
 from telemetry.ingest import normalise_batch
@@ -25,12 +26,14 @@ T0 = dt.datetime(2026, 11, 26, 9, 0, 30, tzinfo=dt.UTC)
 ADA, BOB, CY = "ada@uni.edu", "bob@uni.edu", "cy@uni.edu"
 C1, C2 = "course-one", "course-two"
 NAMES = {ADA: "Ada Lovelace", BOB: "Bob Stone", CY: "Cy Young"}
+TEAMS = {ADA: "Red", BOB: "Red"}  # Cy has none: activity_teams counts Ada's and Bob's
 
 
 def run(student: str, course: str | None, notebook: str, cell: str, status: str) -> dict:
     return {
         "student_id": student,
         "student_name": NAMES[student],
+        "team": TEAMS.get(student),
         "event_type": "cell_executed",
         "course_id": course,
         "notebook_path": notebook,
@@ -165,7 +168,7 @@ async def test_an_erased_student_is_in_no_table_and_the_class_view_forgets_them(
     deleted = await erase_student(storage, ADA)
     assert deleted == {
         "events": 4, "students": 1, "cell_runs": 2, "hand_raises": 1, "student_counts": 1,
-        "activity": 0,
+        "activity": 0, "activity_teams": 0,
     }  # fmt: skip
     assert await mentions(storage, ADA, NAMES[ADA]) == []
     await store(twin, only(lambda raw: raw["student_id"] != ADA, CLASS), T0)
@@ -176,7 +179,7 @@ async def test_erasing_the_only_student_of_a_cell_and_course_removes_them(storag
     lonely = [[run(ADA, "course-nine", "alone.ipynb", "cell1", "error")], *CLASS]
     await store(storage, lonely, T0)
     deleted = await erase_student(storage, ADA)
-    assert (deleted["cell_runs"], deleted["activity"]) == (3, 1)
+    assert (deleted["cell_runs"], deleted["activity"], deleted["activity_teams"]) == (3, 1, 1)
     assert await mentions(storage, ADA, NAMES[ADA], "course-nine", "alone.ipynb") == []
     await store(twin, only(lambda raw: raw["student_id"] != ADA, lonely), T0)
     assert await class_view(storage) == await class_view(twin)

@@ -8,8 +8,6 @@ from telemetry.access import is_ingest_request
 from telemetry.application import redact_url
 from telemetry.classview import (
     activity_series,
-    cell_documents,
-    cell_label,
     hand_document,
     is_struggling,
     next_hand,
@@ -155,47 +153,6 @@ def test_activity_series_fills_quiet_minutes_with_zeros() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "index", "label"),
-    [
-        ("course/week1/lists.ipynb", 4, "[4] lists.ipynb"),
-        ("C:\\work\\lab.ipynb", 0, "[0] lab.ipynb"),
-        ("lab.ipynb", None, "[?] lab.ipynb"),
-        (None, 3, "[3] (no notebook)"),
-    ],
-)
-def test_cells_are_labelled_by_index_and_notebook_name(path, index, label) -> None:
-    assert cell_label(path, index) == label
-
-
-def test_cell_documents_rank_errors_by_failing_students() -> None:
-    totals = [
-        {"notebook_path": "", "cell_key": "#1", "cell_id": None, "cell_index": 1,
-         "students_ran": 5, "runs": 9, "errors": 5},
-        {"notebook_path": "n", "cell_key": "c", "cell_id": "c", "cell_index": 0,
-         "students_ran": 2, "runs": 2, "errors": 0},
-    ]  # fmt: skip
-    failing = [
-        {"notebook_path": "", "cell_key": "#1", "last_error": None, "students": '["b"]'},
-        {"notebook_path": "", "cell_key": "#1", "last_error": "B: x", "students": '["c", "a"]'},
-        {"notebook_path": "", "cell_key": "#1", "last_error": "A: y", "students": '["d"]'},
-    ]
-    first, second = cell_documents(totals[::-1], failing)
-    assert first["notebook_path"] is None and first["label"] == "[1] (no notebook)"
-    assert first["failing_student_ids"] == ["a", "b", "c", "d"]
-    assert (first["students_ran"], first["students_failing"]) == (5, 4)
-    assert first["top_errors"] == [
-        {"error": "B: x", "students": 2},
-        {"error": "(no message)", "students": 1},
-        {"error": "A: y", "students": 1},
-    ]
-    assert (second["label"], second["students_failing"], second["top_errors"]) == (
-        "[0] n",
-        0,
-        [],
-    )
-
-
-@pytest.mark.parametrize(
     ("value", "cell"),
     [
         ("=1+1", "'=1+1"),
@@ -248,7 +205,7 @@ def test_activity_query_refuses_bad_and_unknown_parameters(query, fields) -> Non
 
 def test_cells_query_defaults() -> None:
     assert parse_cells_query({"token": "t"}) == {
-        "course_id": None, "notebook_path": None, "limit": 200
+        "course_id": None, "team": None, "notebook_path": None, "limit": 200
     }  # fmt: skip
 
 

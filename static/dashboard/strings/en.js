@@ -1,4 +1,38 @@
 // English: every string the page shows, by key (see i18n.js). Keys group by panel.
 export const en = {
   "app.title": "Classroom telemetry",
+  // Where the class is stuck (cells.js)
+  "cells.failing": "{count} failing",
+  "cells.repeating": "{count} again and again",
+  "cells.ran": "{count} ran",
+  "cells.oneOffs": { one: "+ {count} cell with a single failure", other: "+ {count} cells with a single failure" },
+  "cells.noNotebook": "(no notebook)",
+  // One cell, every student (onecell.js)
+  "onecell.loading": "Loading…",
+  "onecell.failed": "Could not load this cell. It is asked for again as runs arrive.",
+  "onecell.notebook": "Notebook",
+  "onecell.ran": "Ran it",
+  "onecell.failing": "Failing now",
+  "onecell.students": { one: "{count} student", other: "{count} students" },
+  "onecell.empty": "No student has run this cell.",
+  "onecell.passed": "Latest run passed",
+  "onecell.runs": { one: "{count} run, {errors} failed", other: "{count} runs, {errors} failed" },
+  "onecell.noCode": "(code no longer kept)",
+  // Progress (progress.js)
+  "progress.title": "Progress",
+  "progress.notebook": "Notebook",
+  "progress.notebookOption": "{name} ({count} here now)",
+  "progress.sort": "Sort",
+  "progress.sortBehind": "Furthest behind first",
+  "progress.sortAhead": "Furthest ahead first",
+  "progress.sortName": "Name",
+  "progress.ok": "ran, ok",
+  "progress.error": "error",
+  "progress.none": "not run",
+  "progress.empty": "No student has run a cell of a notebook yet.",
+  "progress.past": "{count} of {total} past cell {cell}",
+  "progress.pastCell": "past {cell}",
+  "progress.failing": "{count} failing",
+  "progress.student": "Student",
+  "progress.furthest": "Furthest",
 };

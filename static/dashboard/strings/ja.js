@@ -1,4 +1,38 @@
 // 日本語: every key of en.js, in Japanese (see i18n.js).
 export const ja = {
   "app.title": "授業テレメトリ",
+  // Where the class is stuck (cells.js)
+  "cells.failing": "{count}人がエラー中",
+  "cells.repeating": "{count}人が繰り返しエラー",
+  "cells.ran": "{count}人が実行",
+  "cells.oneOffs": "+ 1回だけのエラーのセル {count}件",
+  "cells.noNotebook": "（ノートブックなし）",
+  // One cell, every student (onecell.js)
+  "onecell.loading": "読み込み中…",
+  "onecell.failed": "このセルを読み込めませんでした。実行が届くと再度読み込みます。",
+  "onecell.notebook": "ノートブック",
+  "onecell.ran": "実行した人",
+  "onecell.failing": "エラー中",
+  "onecell.students": "{count}人",
+  "onecell.empty": "このセルを実行した学生はいません。",
+  "onecell.passed": "最新の実行は成功",
+  "onecell.runs": "{count}回実行、{errors}回エラー",
+  "onecell.noCode": "（コードは保存されていません）",
+  // Progress (progress.js)
+  "progress.title": "進捗",
+  "progress.notebook": "ノートブック",
+  "progress.notebookOption": "{name}（今{count}人）",
+  "progress.sort": "並び順",
+  "progress.sortBehind": "遅れている順",
+  "progress.sortAhead": "進んでいる順",
+  "progress.sortName": "名前順",
+  "progress.ok": "実行済み・成功",
+  "progress.error": "エラー",
+  "progress.none": "未実行",
+  "progress.empty": "まだノートブックのセルを実行した学生はいません。",
+  "progress.past": "{total}人中{count}人がセル{cell}以降",
+  "progress.pastCell": "{cell}以降",
+  "progress.failing": "{count}人がエラー",
+  "progress.student": "学生",
+  "progress.furthest": "最も進んだセル",
 };

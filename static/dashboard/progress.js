@@ -1,0 +1,128 @@
+// Progress through a notebook: students × cells, each square the student's latest status on
+// that cell, from the server's run summaries (/api/v1/progress), asked for again while runs
+// arrive. A student is past cell k when they ran k or any later cell (the server counts it).
+import { $, button, cellPosition, collator, el, fileName } from "./dom.js";
+import { fetchJson } from "./api.js";
+import { t, translatePage } from "./i18n.js";
+import { openOneCell } from "./onecell.js";
+import { state } from "./state.js";
+import { openStudent } from "./story.js";
+
+const PROGRESS_REFRESH_MS = 3000;
+// Colour and a mark: a square reads without colour too, and from across a room.
+const SQUARES = { ok: "✓", error: "✗", none: "·" };
+
+let grid = null; // the last /api/v1/progress answer
+let chosen = ""; // the notebook the instructor picked; "" lets the server pick
+let dirty = false;
+let loading = false;
+
+export function markProgressDirty() {
+  dirty = true;
+}
+
+export async function refreshProgress() {
+  if (loading) return;
+  loading = true;
+  dirty = false;
+  const generation = state.generation;
+  try {
+    const answer = await fetchJson("api/v1/progress", {
+      course_id: state.filters.course, team: state.filters.team, notebook_path: chosen,
+    });
+    if (generation !== state.generation) return;
+    grid = answer;
+    drawProgress();
+  } catch {
+    dirty = true; // try again on the next refresh
+  } finally {
+    loading = false;
+  }
+}
+
+function drawProgress() {
+  drawNotebooks();
+  const empty = grid.students.length === 0;
+  $("#progress-empty").hidden = !empty;
+  $("#progress-headline").textContent = empty ? "" : headline();
+  $("#progress-grid").replaceChildren(...(empty ? [] : [table()]));
+}
+
+function drawNotebooks() {
+  const options = grid.notebooks.map((notebook) => {
+    const option = el("option", "", t("progress.notebookOption", {
+      name: notebook.notebook_name || fileName(notebook.notebook_path), count: notebook.students_here,
+    }));
+    option.value = notebook.notebook_path;
+    option.title = notebook.notebook_path;
+    return option;
+  });
+  const select = $("#progress-notebook");
+  select.replaceChildren(...options);
+  select.value = grid.notebook_path ?? "";
+  select.disabled = options.length === 0;
+}
+
+// The furthest cell at least half the students are past: where the class is.
+function headline() {
+  const half = Math.ceil(grid.students.length / 2);
+  const cell = grid.cells.findLast((candidate) => candidate.students_past >= half) ?? grid.cells[0];
+  return pastLine(cell);
+}
+
+const pastLine = (cell) => t("progress.past", {
+  count: cell.students_past, total: grid.students.length, cell: cellPosition(cell.cell_index),
+});
+
+function table() {
+  const corner = el("th", "corner", t("progress.student"));
+  const heads = grid.cells.map((cell) => {
+    const head = button("column", cellPosition(cell.cell_index), () =>
+      openOneCell({ ...cell, notebook_path: grid.notebook_path }));
+    head.dataset.cell = cell.cell_key;
+    head.title = `${pastLine(cell)} · ${t("progress.failing", { count: cell.students_failing })}`;
+    const th = el("th", cell.students_failing ? "has-errors" : "", head);
+    th.scope = "col";
+    return th;
+  });
+  const last = el("th", "where", t("progress.furthest"));
+  const thead = el("thead", "", el("tr", "", corner, ...heads, last));
+  return el("table", "progress", thead, el("tbody", "", ...sortedStudents().map(studentRow)));
+}
+
+function sortedStudents() {
+  const byName = (a, b) => collator.compare(a.name || a.student_id, b.name || b.student_id);
+  const order = $("#progress-sort").value;
+  const students = [...grid.students];
+  if (order === "name") return students.sort(byName);
+  const sign = order === "ahead" ? -1 : 1;
+  return students.sort((a, b) => sign * (a.furthest - b.furthest) || byName(a, b));
+}
+
+function studentRow(student) {
+  const name = button("pick", student.name || student.student_id, () => openStudent(student.student_id));
+  name.title = student.student_id;
+  const th = el("th", "", name);
+  th.scope = "row";
+  const squares = student.statuses.map((status, index) => {
+    const kind = status ?? "none";
+    const square = el("td", `square ${kind}`, SQUARES[kind]);
+    square.title = `${student.name || student.student_id} · ${cellPosition(grid.cells[index].cell_index)}: ${t(`progress.${kind}`)}`;
+    return square;
+  });
+  const furthest = grid.cells[student.furthest];
+  const where = el("td", "where", furthest ? t("progress.pastCell", { cell: cellPosition(furthest.cell_index) }) : "");
+  const row = el("tr", "", th, ...squares, where);
+  row.dataset.studentId = student.student_id;
+  return row;
+}
+
+export function setUpProgress() {
+  translatePage($("#progress-section"));
+  $("#progress-notebook").addEventListener("change", (change) => {
+    chosen = change.target.value;
+    refreshProgress();
+  });
+  $("#progress-sort").addEventListener("change", () => grid && drawProgress());
+  setInterval(() => dirty && refreshProgress(), PROGRESS_REFRESH_MS);
+}

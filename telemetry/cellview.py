@@ -1,0 +1,238 @@
+"""The cell views, read from the cell_runs summary (a row per student and cell), never from the
+events: where the class is stuck, its progress through a notebook (students × cells), and one
+cell as every student left it. Each reads only the token's courses and the team asked for.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from telemetry.classview import format_timestamp, in_course
+
+if TYPE_CHECKING:
+    from telemetry.storage import Storage
+
+# The one-off rule, the only place it is written: a failing student (their latest run of the
+# cell failed) is failing there *repeatedly* once they have failed that cell REPEATED_ERRORS
+# times, ever. A cell whose only failing student failed it once is a one-off: a typo fixed at
+# the next run, which the page folds away so the cells where students are stuck show.
+REPEATED_ERRORS = 2
+TOP_ERRORS = 5
+
+# A cell_runs row `r` of a student of the team asked for (`:team`), if any.
+IN_TEAM = """(CAST(:team AS TEXT) IS NULL
+    OR r.student_id IN (SELECT student_id FROM students WHERE team = :team))"""
+CELL_RUN_FILTERS = f"""{in_course("r.course_id")} AND {IN_TEAM}
+    AND (CAST(:notebook_path AS TEXT) IS NULL OR r.notebook_path = :notebook_path)"""
+
+# Per cell, over its students' run summaries (students × cells rows: thousands).
+SELECT_CELL_TOTALS = f"""
+SELECT r.notebook_path, r.cell_key, MAX(r.cell_id) AS cell_id, MAX(r.cell_index) AS cell_index,
+       COUNT(*) AS students_ran, CAST(SUM(r.runs) AS BIGINT) AS runs,
+       CAST(SUM(r.errors) AS BIGINT) AS errors
+FROM cell_runs r WHERE {CELL_RUN_FILTERS}
+GROUP BY r.notebook_path, r.cell_key"""
+
+# The students whose latest run of a cell failed, per cell and error text, through the
+# partial index cell_runs_failing_idx: the class view reads the failing, not every run.
+SELECT_FAILING_GROUPS = f"""
+SELECT r.notebook_path, r.cell_key, r.last_error, json_agg(r.student_id) AS students,
+       SUM(CASE WHEN r.errors >= {REPEATED_ERRORS} THEN 1 ELSE 0 END) AS repeating
+FROM cell_runs r WHERE r.last_status = 'error' AND {CELL_RUN_FILTERS}
+GROUP BY r.notebook_path, r.cell_key, r.last_error"""
+
+
+def notebook_name(path: str | None) -> str | None:
+    return path.replace("\\", "/").rsplit("/", 1)[-1] if path else None
+
+
+def cell_label(path: str | None, index: int | None) -> str:
+    """How the dashboard names a cell: `[4] lists.ipynb`, never by its id."""
+    return f"[{'?' if index is None else index}] {notebook_name(path) or '(no notebook)'}"
+
+
+def stuck_rank(document: Mapping[str, Any]) -> tuple:
+    """Students failing there again and again first, then students failing there now."""
+    index = -1 if document["cell_index"] is None else document["cell_index"]
+    failing = (document["students_repeating"], document["students_failing"], document["errors"])
+    return (*(-count for count in failing), document["notebook_path"] or "", index)
+
+
+def cell_documents(
+    totals: Iterable[Mapping[str, Any]], failing: Iterable[Mapping[str, Any]]
+) -> list[dict]:
+    """SELECT_CELL_TOTALS rows with their SELECT_FAILING_GROUPS rows (one per cell and error
+    text), ranked by stuck_rank."""
+    students: dict[tuple[str, str], list[str]] = {}
+    texts: dict[tuple[str, str], Counter[str]] = {}
+    repeating: Counter[tuple[str, str]] = Counter()
+    for row in failing:
+        key = (row["notebook_path"], row["cell_key"])
+        ids = orjson.loads(row["students"])
+        students.setdefault(key, []).extend(ids)
+        texts.setdefault(key, Counter())[row["last_error"] or "(no message)"] += len(ids)
+        repeating[key] += int(row["repeating"] or 0)
+    documents = []
+    for row in totals:
+        key = (row["notebook_path"], row["cell_key"])
+        failing_ids = students.get(key, [])
+        document = cell_document(row, failing_ids, texts.get(key, Counter()))
+        document["students_repeating"] = repeating[key]
+        document["one_off"] = len(failing_ids) == 1 and repeating[key] == 0
+        documents.append(document)
+    return sorted(documents, key=stuck_rank)
+
+
+def cell_fields(row: Mapping[str, Any]) -> dict:
+    """Where a cell is and how the dashboard names it."""
+    path = row["notebook_path"] or None
+    return {
+        "notebook_path": path,
+        "notebook_name": notebook_name(path),
+        "cell_key": row["cell_key"],
+        "cell_id": row["cell_id"],
+        "cell_index": row["cell_index"],
+        "label": cell_label(path, row["cell_index"]),
+    }
+
+
+def cell_document(row: Mapping[str, Any], failing: list[str], texts: Counter[str]) -> dict:
+    ranked = sorted(texts.items(), key=lambda item: (-item[1], item[0]))
+    return {
+        **cell_fields(row),
+        "students_ran": row["students_ran"],
+        "runs": row["runs"],
+        "errors": row["errors"],
+        "students_failing": len(failing),
+        "failing_student_ids": sorted(failing),
+        "top_errors": [{"error": text, "students": count} for text, count in ranked[:TOP_ERRORS]],
+    }
+
+
+def with_team(params: Mapping[str, Any]) -> dict:
+    return {"team": None, "notebook_path": None, **params}
+
+
+async def cells(storage: Storage, params: Mapping[str, Any]) -> list[dict]:
+    """Per notebook and cell, who ran it and who is failing there now (see cell_documents)."""
+    totals = await storage.rows(SELECT_CELL_TOTALS, with_team(params))
+    failing = await storage.rows(SELECT_FAILING_GROUPS, with_team(params))
+    return cell_documents(totals, failing)[: params["limit"]]
+
+
+# Per notebook: the students who ran a cell of it, and those whose latest run is in it.
+SELECT_NOTEBOOKS = f"""
+SELECT notebook_path, COUNT(*) AS students_ran,
+       SUM(CASE WHEN latest = newest THEN 1 ELSE 0 END) AS students_here
+FROM (SELECT notebook_path, latest, MAX(latest) OVER (PARTITION BY student_id) AS newest
+      FROM (SELECT r.student_id, r.notebook_path, MAX(r.last_event_id) AS latest
+            FROM cell_runs r WHERE {in_course("r.course_id")} AND {IN_TEAM}
+            GROUP BY r.student_id, r.notebook_path) per_student) per_notebook
+WHERE notebook_path <> ''
+GROUP BY notebook_path"""
+
+# One notebook's run summaries, through cell_runs_cell_idx, with their students' names.
+SELECT_NOTEBOOK_RUNS = f"""
+SELECT r.student_id, s.name, s.team, r.cell_key, r.cell_id, r.cell_index, r.last_status
+FROM cell_runs r JOIN students s ON s.student_id = r.student_id
+WHERE r.notebook_path = :notebook_path AND {in_course("r.course_id")} AND {IN_TEAM}"""
+
+
+def notebook_documents(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """The notebooks, the one most students are in now first."""
+    documents = []
+    for row in rows:
+        path = row["notebook_path"]
+        documents.append({"notebook_path": path, "notebook_name": notebook_name(path),
+                          "students_ran": row["students_ran"],
+                          "students_here": int(row["students_here"] or 0)})  # fmt: skip
+    return sorted(documents, key=lambda d: (-d["students_here"], -d["students_ran"],
+                                            d["notebook_path"]))  # fmt: skip
+
+
+def progress_grid(path: str, rows: list[Mapping[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """The notebook's cells by cell_index, and its students, each with their latest status on
+    each cell (ok, error, None: not run) and `furthest`: the position of the last cell they ran.
+    A student is past cell k when they ran k or any later cell."""
+    cells: dict[str, dict] = {}
+    for row in rows:
+        cell = cells.get(row["cell_key"])
+        if cell is None:
+            cells[row["cell_key"]] = cell_fields({**row, "notebook_path": path})
+        elif row["cell_index"] is not None and (cell["cell_index"] or -1) < row["cell_index"]:
+            cell.update(cell_index=row["cell_index"], label=cell_label(path, row["cell_index"]))
+    order = sorted(cells.values(), key=lambda c: (c["cell_index"] is None, c["cell_index"] or 0,
+                                                   c["cell_key"]))  # fmt: skip
+    position = {cell["cell_key"]: n for n, cell in enumerate(order)}
+    students: dict[str, dict] = {}
+    for row in rows:
+        student = students.setdefault(row["student_id"], {
+            "student_id": row["student_id"], "name": row["name"], "team": row["team"],
+            "statuses": [None] * len(order), "furthest": -1})  # fmt: skip
+        at = position[row["cell_key"]]
+        student["statuses"][at] = row["last_status"]
+        student["furthest"] = max(student["furthest"], at)
+    for n, cell in enumerate(order):
+        cell["students_past"] = sum(s["furthest"] >= n for s in students.values())
+        cell["students_failing"] = sum(s["statuses"][n] == "error" for s in students.values())
+    ranked = sorted(students.values(), key=lambda s: (-s["furthest"], s["name"] or "",
+                                                       s["student_id"]))  # fmt: skip
+    return order, ranked
+
+
+async def progress(storage: Storage, params: Mapping[str, Any]) -> dict:
+    """Students × cells of one notebook (the one most students are in, unless asked)."""
+    notebooks = notebook_documents(await storage.rows(SELECT_NOTEBOOKS, with_team(params)))
+    path = params["notebook_path"] or (notebooks[0]["notebook_path"] if notebooks else None)
+    rows = []
+    if path is not None:
+        asked = {**with_team(params), "notebook_path": path}
+        rows = await storage.rows(SELECT_NOTEBOOK_RUNS, asked)
+    cells, students = progress_grid(path or "", rows)
+    return {"notebook_path": path, "notebook_name": notebook_name(path), "notebooks": notebooks,
+            "cells": cells, "students": students}  # fmt: skip
+
+
+# One cell as each student left it: their latest run's code, status and error text.
+SELECT_CELL_DETAIL = f"""
+SELECT r.student_id, s.name, s.team, r.cell_id, r.cell_index, r.runs, r.errors, r.last_status,
+       r.last_error, e.source, e.occurred_at AS ran_at
+FROM cell_runs r JOIN students s ON s.student_id = r.student_id
+LEFT JOIN events e ON e.id = r.last_event_id
+WHERE r.notebook_path = :notebook_path AND r.cell_key = :cell_key
+  AND {in_course("r.course_id")} AND {IN_TEAM}"""
+
+
+def detail_groups(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """Students grouped by their latest run's error (None for a run that passed): the errors
+    with most students first, then those whose run passed."""
+    groups: dict[tuple[str, str | None], list[dict]] = {}
+    for row in rows:
+        error = (row["last_error"] or "(no message)") if row["last_status"] == "error" else None
+        groups.setdefault((row["last_status"], error), []).append({
+            "student_id": row["student_id"], "name": row["name"], "team": row["team"],
+            "runs": row["runs"], "errors": row["errors"], "source": row["source"],
+            "ran_at": format_timestamp(row["ran_at"]) if row["ran_at"] else None})  # fmt: skip
+    documents = [
+        {"status": status, "error": error, "count": len(students),
+         "students": sorted(students, key=lambda s: (s["name"] or "", s["student_id"]))}
+        for (status, error), students in groups.items()
+    ]  # fmt: skip
+    return sorted(documents, key=lambda g: (g["status"] != "error", -g["count"], g["error"] or ""))
+
+
+async def cell_detail(storage: Storage, params: Mapping[str, Any]) -> dict:
+    """Every student's latest code and error on one cell, grouped by error."""
+    rows = await storage.rows(SELECT_CELL_DETAIL, with_team(params))
+    indexes = [row["cell_index"] for row in rows if row["cell_index"] is not None]
+    cell = {"notebook_path": params["notebook_path"], "cell_key": params["cell_key"],
+            "cell_id": max((row["cell_id"] for row in rows if row["cell_id"]), default=None),
+            "cell_index": max(indexes, default=None)}  # fmt: skip
+    groups = detail_groups(rows)
+    failing = sum(group["count"] for group in groups if group["status"] == "error")
+    return {**cell_fields(cell), "students_ran": len(rows), "students_failing": failing,
+            "groups": groups}  # fmt: skip
