@@ -415,6 +415,13 @@ SELECT minute, CAST(SUM(executions) AS BIGINT) AS executions,
 FROM activity WHERE minute >= :first AND {in_course("course_id")}
 GROUP BY minute"""
 
+SELECT_ACTIVE = f"""
+SELECT minute, COUNT(DISTINCT student_id) AS active
+FROM active_minutes WHERE minute >= :first AND {in_course("course_id")}
+GROUP BY minute"""
+
+SERIES_COUNTS = ("executions", "errors", "help", "active")
+
 
 def activity_series(
     rows: Iterable[Mapping[str, Any]], first: dt.datetime, minutes: int
@@ -425,13 +432,17 @@ def activity_series(
     for step in range(minutes):
         minute = minute_of(first + dt.timedelta(minutes=step))
         row = counts.get(minute, {})
-        totals = {name: row.get(name, 0) for name in ("executions", "errors", "help")}
+        totals = {name: row.get(name, 0) for name in SERIES_COUNTS}
         series.append({"minute": minute.removesuffix("Z") + ":00Z", **totals})
     return series
 
 
 async def activity(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
-    """Executions, errors and raised hands per minute, the last `minutes`, oldest first."""
+    """Executions, errors, raised hands and active students per minute, the last `minutes`,
+    oldest first."""
     first = now - dt.timedelta(minutes=params["minutes"] - 1)
-    rows = await storage.rows(SELECT_ACTIVITY, {**params, "first": minute_of(first)})
-    return activity_series(rows, first, params["minutes"])
+    query = {**params, "first": minute_of(first)}
+    rows = {row["minute"]: dict(row) for row in await storage.rows(SELECT_ACTIVITY, query)}
+    for row in await storage.rows(SELECT_ACTIVE, query):
+        rows.setdefault(row["minute"], {"minute": row["minute"]})["active"] = row["active"]
+    return activity_series(rows.values(), first, params["minutes"])
