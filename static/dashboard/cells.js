@@ -2,6 +2,7 @@
 // arrive, and a panel naming the students failing on one cell.
 import { $, addFact, button, cellPosition, el, fileName } from "./dom.js";
 import { fetchJson } from "./api.js";
+import { t } from "./i18n.js";
 import { state } from "./state.js";
 import { closePanels, openStudent } from "./story.js";
 
@@ -44,10 +45,11 @@ function drawCells() {
 
 function cellSummary(cell) {
   const name = el("span", "cell-name", el("span", "index", cellPosition(cell.cell_index)), " ",
-    el("span", "file", cell.notebook_name || fileName(cell.notebook_path) || "(no notebook)"));
+    el("span", "file", cell.notebook_name || fileName(cell.notebook_path) || t("stuck.noNotebook")));
   name.title = cell.notebook_path || "";
   const counts = el("span", "cell-counts",
-    el("span", "failing", `${cell.students_failing} failing`), ` · ${cell.students_ran} ran`);
+    el("span", "failing", t("stuck.failing", { count: cell.students_failing })),
+    t("stuck.ran", { count: cell.students_ran }));
   const errors = el("ul", "top-errors", ...cell.top_errors.slice(0, 3).map((top) => {
     const line = el("li", "", errorLine(top));
     line.title = top.error;
@@ -72,12 +74,12 @@ function drawCellPanel() {
   if (!cell) return;
   $("#cell-title").textContent = cell.label;
   const facts = el("dl", "facts");
-  addFact(facts, "Notebook", cell.notebook_path || "(no notebook)");
-  addFact(facts, "Ran it", `${cell.students_ran} students, ${cell.runs} runs, ${cell.errors} errors`);
-  addFact(facts, "Failing now", `${cell.students_failing} students`);
+  addFact(facts, t("stuck.notebook"), cell.notebook_path || t("stuck.noNotebook"));
+  addFact(facts, t("stuck.ranIt"), t("stuck.ranCounts", { students: cell.students_ran, runs: cell.runs, errors: cell.errors }));
+  addFact(facts, t("stuck.failingNow"), t("stuck.students", { count: cell.students_failing }));
   const errors = el("ul", "top-errors", ...cell.top_errors.map((top) => el("li", "", errorLine(top))));
-  $("#cell-facts").replaceChildren(facts, el("h3", "", "Most common errors"), errors,
-    el("h3", "", "Failing here now"));
+  $("#cell-facts").replaceChildren(facts, el("h3", "", t("stuck.commonErrors")), errors,
+    el("h3", "", t("stuck.failingHere")));
   $("#cell-students").replaceChildren(...cell.failing_student_ids.map((id) => el("li", "", pickStudent(id))));
 }
 
@@ -87,8 +89,8 @@ function pickStudent(id) {
   pick.dataset.studentId = id;
   if (student?.name) pick.append(" ", el("span", "hint", id));
   if (student?.team) pick.append(" · ", el("span", "", student.team));
-  if (student?.stuck) pick.append(" ", el("span", "badge stuck", "stuck"));
-  if (student?.hand_raised) pick.append(" ", el("span", "badge hand", "hand raised"));
+  if (student?.stuck) pick.append(" ", el("span", "badge stuck", t("students.stuckShort")));
+  if (student?.hand_raised) pick.append(" ", el("span", "badge hand", t("students.handRaised")));
   return pick;
 }
 
