@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 # The rows deleted per table, in the order erasure answers and retention logs them.
 FORGOTTEN_TABLES = (
-    "events", "students", "cell_runs", "hand_raises", "student_counts", "activity", "active_minutes",
+    "events", "students", "cell_runs", "hand_raises", "student_counts", "activity",
+    "active_minutes",
 )  # fmt: skip
 
 # The doomed events, with the keys of the summary rows that counted them at ingest: the

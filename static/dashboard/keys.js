@@ -20,7 +20,10 @@ function onKey(press) {
   if ($("#keys").open) return; // the dialog closes itself on Esc
   if (press.key === "Escape") return close();
   const row = press.target.closest?.("tr[data-student-id]");
-  if (press.key === "Enter" && row && press.target === row) return openStudent(row.dataset.studentId);
+  if (press.key === "Enter" && row && press.target === row) {
+    press.preventDefault(); // else the same Enter presses the panel's close button, focused now
+    return openStudent(row.dataset.studentId);
+  }
   const typing = press.target.closest?.("input, select, textarea");
   if (typing || press.ctrlKey || press.metaKey || press.altKey) return;
   if (press.key === "h" || press.key === "H") {
