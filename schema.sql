@@ -82,6 +82,18 @@ CREATE TABLE IF NOT EXISTS activity (
     PRIMARY KEY (course_id, minute)
 );
 
+-- Who sent anything, per course and UTC minute of receipt: distinct students do not add up
+-- across batches, so activity's "active students" counts these rows when read.
+CREATE TABLE IF NOT EXISTS active_minutes (
+    course_id   TEXT NOT NULL,
+    minute      TEXT NOT NULL,
+    student_id  TEXT NOT NULL,
+    PRIMARY KEY (course_id, minute, student_id)
+);
+
+CREATE INDEX IF NOT EXISTS active_minutes_minute_idx ON active_minutes (minute);
+CREATE INDEX IF NOT EXISTS active_minutes_student_idx ON active_minutes (student_id);
+
 -- One row per raised hand: raise_id is the id of its first help event. state is up,
 -- dismissed or stopped; expiry (no beat for HAND_TIMEOUT) is decided when read.
 CREATE TABLE IF NOT EXISTS hand_raises (

@@ -14,20 +14,24 @@
 import {
   fetchJson, fetchSession, fetchStudents, openStream, RETRY_MS, serverNow, Unauthorized,
 } from "./dashboard/api.js";
+import { drawAlerts } from "./dashboard/alerts.js";
 import { refreshCells, markCellsDirty, setUpCells } from "./dashboard/cells.js";
 import { markProgressDirty, refreshProgress, setUpProgress } from "./dashboard/progress.js";
 import { refreshOneCell } from "./dashboard/onecell.js";
 import {
-  ACTIVITY_MINUTES, chartDirty, countActivity, drawChart, markChartDirty, setActivity, setUpChart,
+  activityMinutes, chartDirty, countActivity, drawChart, markChartDirty, setActivity, setUpChart,
 } from "./dashboard/chart.js";
 import { addToFeed, drawFeed, forgetInFeed, resetFeed, setUpFeed } from "./dashboard/feed.js";
 import {
   applyScope, drawOptions, forgetCourse, learnEvent, onFilterChange, setUpFilters,
 } from "./dashboard/filters.js";
-import { drawQueue, drawWaits, focusOldestHand } from "./dashboard/queue.js";
+import { drawAges } from "./dashboard/dom.js";
+import { translatePage } from "./dashboard/i18n.js";
+import { setUpKeys } from "./dashboard/keys.js";
+import { drawQueue, drawWaits } from "./dashboard/queue.js";
 import { applyEvent, expireHands, isRun, presence, resetStudents } from "./dashboard/rules.js";
 import {
-  askForToken, noteUpdate, setConnection, setUpSettings, setUpSignIn,
+  askForToken, noteUpdate, setConnection, setUpSettings, setUpSignIn, showIngestUrl,
 } from "./dashboard/settings.js";
 import { onDraw, schedule, state } from "./dashboard/state.js";
 import { closePanels, drawStudentPanel, noteStudentEvent, setUpStory } from "./dashboard/story.js";
@@ -51,6 +55,7 @@ async function load() {
   try {
     const session = await fetchSession();
     state.rules = session.rules;
+    showIngestUrl(session.ingest_token_required);
     applyScope(session.courses);
     const course = state.filters.course;
     const history = await fetchJson("api/v1/events", {
@@ -136,7 +141,7 @@ function forget(erased) {
 // The team filter narrows the server's views too: the chart, the cells, the progress grid.
 const inTeam = (event) => !state.filters.team || event.team === state.filters.team;
 const fetchActivity = () => fetchJson("api/v1/activity", {
-  course_id: state.filters.course, team: state.filters.team, minutes: ACTIVITY_MINUTES,
+  course_id: state.filters.course, team: state.filters.team, minutes: activityMinutes(),
 });
 
 async function narrowToTeam() {
@@ -155,6 +160,7 @@ function draw() {
   const changed = drawStudents();
   if (changed) {
     drawQueue();
+    drawAlerts();
     drawTeams();
   }
   if (changed || chartDirty()) drawSummary();
@@ -172,22 +178,14 @@ function tick() {
       if (presence(student, now) !== student._presence) state.dirty.add(student.student_id);
     });
     markChartDirty();
+    drawAges(now);
   }
   drawWaits(now);
   if (state.dirty.size || chartDirty()) schedule();
 }
 
-function onKey(press) {
-  if (press.key === "Escape") return closePanels();
-  const typing = press.target.closest("input, select, textarea");
-  if (typing || press.ctrlKey || press.metaKey || press.altKey) return;
-  if (press.key === "h" || press.key === "H") {
-    press.preventDefault();
-    focusOldestHand();
-  }
-}
-
 async function start() {
+  translatePage();
   await setUpSignIn(load);
   setUpFilters();
   setUpTable();
@@ -199,7 +197,7 @@ async function start() {
   setUpProgress();
   onFilterChange((kind) => (kind === "course" ? load() : kind === "team" && narrowToTeam()));
   onDraw(draw);
-  document.addEventListener("keydown", onKey);
+  setUpKeys();
   setInterval(tick, TICK_MS);
   load();
 }

@@ -200,13 +200,18 @@ def client_key(connection: HTTPConnection) -> str:
     return "address:" + (connection.client.host if connection.client else "unknown")
 
 
-def session_body(grant: Grant) -> dict:
+def session_body(request: Request, grant: Grant) -> dict:
     courses = grant.course_list()
-    return {"status": "ok", "token": grant.name, "courses": courses, "rules": CLASS_RULES}
+    # The empty page shows the serverUrl to give the extension, with ?token= when it needs one.
+    token_required = bool(service_of(request).settings.ingest_tokens)
+    return {
+        "status": "ok", "token": grant.name, "courses": courses, "rules": CLASS_RULES,
+        "ingest_token_required": token_required,
+    }  # fmt: skip
 
 
 async def show_session(request: Request) -> Response:
-    return JSONResponse(session_body(await dashboard_grant(request)))
+    return JSONResponse(session_body(request, await dashboard_grant(request)))
 
 
 async def create_session(request: Request) -> Response:
@@ -217,7 +222,7 @@ async def create_session(request: Request) -> Response:
     grants = service_of(request).settings.dashboard_tokens
     closed = grants or hub_sign_in(request) is not None
     grant = require_grant(grants, [token], "dashboard") if closed else OPEN_GRANT
-    response = JSONResponse(session_body(grant))
+    response = JSONResponse(session_body(request, grant))
     if token:
         set_private_cookie(response, request, TOKEN_COOKIE, token, samesite="strict")
     return response

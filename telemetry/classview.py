@@ -352,6 +352,15 @@ ON CONFLICT (course_id, team, minute) DO UPDATE SET
     executions = activity_teams.executions + excluded.executions,
     errors = activity_teams.errors + excluded.errors, help = activity_teams.help + excluded.help"""
 
+SELECT_ACTIVE = f"""
+SELECT minute, COUNT(DISTINCT student_id) AS active
+FROM active_minutes WHERE minute >= :first AND {in_course("course_id")}
+  AND (CAST(:team AS TEXT) IS NULL
+       OR student_id IN (SELECT student_id FROM students WHERE team = :team))
+GROUP BY minute"""
+
+SERIES_COUNTS = ("executions", "errors", "help", "active")
+
 
 def activity_series(
     rows: Iterable[Mapping[str, Any]], first: dt.datetime, minutes: int
@@ -362,15 +371,18 @@ def activity_series(
     for step in range(minutes):
         minute = minute_of(first + dt.timedelta(minutes=step))
         row = counts.get(minute, {})
-        totals = {name: row.get(name, 0) for name in ("executions", "errors", "help")}
+        totals = {name: row.get(name, 0) for name in SERIES_COUNTS}
         series.append({"minute": minute.removesuffix("Z") + ":00Z", **totals})
     return series
 
 
 async def activity(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> list[dict]:
-    """Executions, errors and raised hands per minute, the last `minutes`, oldest first, of
-    everyone or of one team."""
+    """Executions, errors, raised hands and active students per minute, the last `minutes`,
+    oldest first, of everyone or of one team."""
     first = now - dt.timedelta(minutes=params["minutes"] - 1)
+    query = {**params, "first": minute_of(first)}
     sql = SELECT_TEAM_ACTIVITY if params.get("team") else SELECT_ACTIVITY
-    rows = await storage.rows(sql, {**params, "first": minute_of(first)})
-    return activity_series(rows, first, params["minutes"])
+    rows = {row["minute"]: dict(row) for row in await storage.rows(sql, query)}
+    for row in await storage.rows(SELECT_ACTIVE, query):
+        rows.setdefault(row["minute"], {"minute": row["minute"]})["active"] = row["active"]
+    return activity_series(rows.values(), first, params["minutes"])

@@ -20,14 +20,9 @@ logger = logging.getLogger(__name__)
 
 # The rows deleted per table, in the order erasure answers and retention logs them.
 FORGOTTEN_TABLES = (
-    "events",
-    "students",
-    "cell_runs",
-    "hand_raises",
-    "student_counts",
-    "activity",
-    "activity_teams",
-)
+    "events", "students", "cell_runs", "hand_raises", "student_counts", "activity",
+    "activity_teams", "active_minutes",
+)  # fmt: skip
 
 # The doomed events, with the keys of the summary rows that counted them at ingest: the
 # course and team their document shows, the minute, the cell; `raised` if a hand bears their
@@ -92,6 +87,13 @@ SUBTRACT_DOOMED = [
 DELETE_FORGOTTEN = {
     "hand_raises": "DELETE FROM hand_raises WHERE raise_id IN (SELECT id FROM doomed) RETURNING 1",
     "events": "DELETE FROM events WHERE id IN (SELECT id FROM doomed) RETURNING received_at, id",
+    # Read after the events went: a minute of a student's stays while any event of it does.
+    "active_minutes": f"""DELETE FROM active_minutes WHERE (course_id, minute, student_id)
+            IN (SELECT course_id, minute, student_id FROM doomed)
+        AND NOT EXISTS (SELECT 1 FROM events e JOIN students s ON s.student_id = e.student_id
+            WHERE e.student_id = active_minutes.student_id
+              AND {RECEIPT_MINUTE} = active_minutes.minute
+              AND COALESCE(e.course_id, s.course_id, '') = active_minutes.course_id) RETURNING 1""",
     "cell_runs": """DELETE FROM cell_runs WHERE (student_id, notebook_path, cell_key)
             IN (SELECT student_id, notebook_path, cell_key FROM doomed)
         AND (runs <= 0 OR last_event_id IN (SELECT id FROM doomed)) RETURNING 1""",

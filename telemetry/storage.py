@@ -251,13 +251,20 @@ ON CONFLICT (course_id, minute) DO UPDATE SET
     executions = activity.executions + excluded.executions,
     errors = activity.errors + excluded.errors, help = activity.help + excluded.help"""
 
+# Who sent anything in a minute: one row each, however many of their events it holds.
+INSERT_ACTIVE_MINUTES = """
+INSERT INTO active_minutes (course_id, minute, student_id)
+SELECT DISTINCT COALESCE(course_id, shown_course, ''), minute, student_id
+FROM incoming WHERE stored_id IS NULL
+ON CONFLICT (course_id, minute, student_id) DO NOTHING"""
+
 # The rest of a batch takes no parameter, so that on PostgreSQL the committer's connection
 # prepares it once and sends it in one round trip: round trips are what a commit waits on.
 PREPARED = {
     sql: f"store_{n}"
     for n, sql in enumerate((UPSERT_STUDENTS, INSERT_EVENTS, UPSERT_CELL_RUNS,
                              UPSERT_STUDENT_COUNTS, UPSERT_ACTIVITY, UPSERT_TEAM_ACTIVITY,
-                             CLEAR_INCOMING))
+                             INSERT_ACTIVE_MINUTES, CLEAR_INCOMING))
 }  # fmt: skip
 BATCH_SCRIPT = ["BEGIN", *PREPARED, "COMMIT"]
 

@@ -2,6 +2,8 @@
 // and Node.append make text nodes), never as markup: names, code and tracebacks are whatever
 // a student's browser posted.
 
+import { ago, t } from "./i18n.js";
+
 export const $ = (selector) => document.querySelector(selector);
 export const collator = new Intl.Collator(undefined, { sensitivity: "base", numeric: true });
 
@@ -94,8 +96,35 @@ export function formatTime(iso) {
 export function formatWait(ms) {
   const seconds = Math.max(0, Math.floor(ms / 1000));
   const minutes = Math.floor(seconds / 60);
-  if (minutes >= 60) return `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+  if (minutes >= 60) return t("wait.long", { hours: Math.floor(minutes / 60), minutes: minutes % 60 });
   return `${minutes}:${String(seconds % 60).padStart(2, "0")}`;
 }
 
-export const plural = (count, noun) => `${count} ${noun}${count === 1 ? "" : "s"}`;
+// An age a person reads ("2分前"), the exact time in its title; drawAges keeps it current.
+export function agoNode(iso, now, className = "time") {
+  const node = el("time", `${className} ago`);
+  const moment = millis(iso);
+  if (moment === null) return node;
+  node.dateTime = iso;
+  node.title = new Date(moment).toLocaleString();
+  node.textContent = ago(moment, new Date(now));
+  return node;
+}
+
+// "セル実行" for cell_executed; a type the table does not know shows as it came.
+export function eventName(type) {
+  const name = t(`event.${type}`);
+  return name === `event.${type}` ? type : name;
+}
+
+export function drawAges(now) {
+  for (const node of document.querySelectorAll("time.ago[datetime]")) {
+    const text = ago(millis(node.dateTime), new Date(now));
+    if (node.textContent !== text) node.textContent = text;
+  }
+}
+
+// Search matches "zoe" to "Zoë" and "ｚｏｅ", "ｱﾀﾞ" to "アダ": compatibility forms (full- and
+// half-width) and case folded, Latin accents dropped; kana keep their dakuten (ダ is not タ).
+export const fold = (text) =>
+  String(text).normalize("NFKD").replace(/[\u0300-\u036f]/g, "").normalize("NFKC").toLowerCase();

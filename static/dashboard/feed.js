@@ -1,7 +1,8 @@
 // The live feed, newest first: held while paused or while an event is open, older events on
 // demand. It keeps at most FEED_LIMIT rows, so a busy class leaves the page responsive.
-import { $, button, cellPosition, el, formatTime, pathNode } from "./dom.js";
-import { fetchJson } from "./api.js";
+import { $, agoNode, button, cellPosition, el, pathNode } from "./dom.js";
+import { fetchJson, serverNow } from "./api.js";
+import { t } from "./i18n.js";
 import { learnEvent, matchesFeedFilters, onFilterChange } from "./filters.js";
 import { HAND_EVENTS } from "./rules.js";
 import { ROWS_PER_FRAME, schedule, state } from "./state.js";
@@ -100,7 +101,7 @@ function feedItem(event) {
   const notebook = pathNode(event.notebook_path);
   notebook.classList.add("notebook");
   const summary = el("summary", "",
-    el("time", "time", formatTime(event.occurred_at)),
+    agoNode(event.occurred_at, serverNow()),
     el("span", "student", event.student_name || event.student_id),
     el("span", "type", eventTypeLabel(event)),
     el("span", "where", el("span", "cell", event.cell_index == null ? "" : cellPosition(event.cell_index)), notebook));
@@ -116,11 +117,12 @@ function feedItem(event) {
 }
 
 function details(event) {
-  const meta = [`event ${event.id}`, `student ${event.student_id}`, event.team && `team ${event.team}`,
+  const meta = [t("feed.event", { id: event.id }), t("feed.student", { id: event.student_id }),
+    event.team && t("feed.team", { team: event.team }),
     event.notebook_path, ...eventHints(event)];
   const body = el("div", "details", el("p", "meta", meta.filter(Boolean).join(" · ")));
   appendExecution(body, event);
-  body.append(button("", "Open this student", () => openStudent(event.student_id)));
+  body.append(button("", t("feed.openStudent"), () => openStudent(event.student_id)));
   return body;
 }
 
@@ -128,7 +130,7 @@ function setPaused(pause) {
   paused = pause;
   const toggle = $("#feed-pause");
   toggle.setAttribute("aria-pressed", String(pause));
-  toggle.textContent = pause ? "Resume" : "Pause";
+  toggle.textContent = t(pause ? "feed.resume" : "feed.pause");
   if (!pause) resumeIfFree();
   drawPauseNote();
 }
@@ -142,10 +144,10 @@ function resumeIfFree() {
 
 function drawPauseNote() {
   const note = $("#feed-paused");
-  const why = paused ? "paused" : hasOpenEvent() && "paused while an event is open";
+  const why = paused ? "feed.paused" : hasOpenEvent() && "feed.pausedOpen";
   note.hidden = !why;
   $("#feed-section").classList.toggle("paused", Boolean(why));
-  if (why) note.textContent = `${why}: ${held.length} new`;
+  if (why) note.textContent = t(why, { count: held.length });
 }
 
 async function loadOlder() {

@@ -1,6 +1,6 @@
 // Filters: the course narrows everything on the server, the rest narrow on the page. They
 // live in the URL, so a bookmark or a reload shows the same view.
-import { $, collator, el, fileName } from "./dom.js";
+import { $, collator, el, eventName, fileName, fold } from "./dom.js";
 import { drawExportLinks } from "./export.js";
 import { schedule, state } from "./state.js";
 
@@ -60,7 +60,8 @@ export function drawOptions() {
     const wanted = [...new Set(values)].sort(collator.compare);
     if (select.options.length - 1 === wanted.length) continue;
     const options = wanted.map((value) => {
-      const option = el("option", "", kind === "notebook" ? fileName(value) : value);
+      const label = { notebook: fileName, type: eventName }[kind]?.(value) ?? value;
+      const option = el("option", "", label);
       option.value = value;
       option.title = value;
       return option;
@@ -89,9 +90,9 @@ export function matchesFeedFilters(event) {
 export function matchesStudentFilters(student) {
   const { team, search } = state.filters;
   if (team && student.team !== team) return false;
-  const needle = search.toLowerCase();
-  return !needle || (student.name || student.student_id).toLowerCase().includes(needle) ||
-    student.student_id.toLowerCase().includes(needle);
+  const needle = fold(search);
+  return !needle || fold(student.name || student.student_id).includes(needle) ||
+    fold(student.student_id).includes(needle);
 }
 
 export function setUpFilters() {

@@ -2,6 +2,7 @@
 import { $, arrange, button, cellLabel, collator, el, formatTime, formatWait, millis } from "./dom.js";
 import { serverNow } from "./api.js";
 import { pressHand } from "./rules.js";
+import { t } from "./i18n.js";
 import { state } from "./state.js";
 import { displayName, onTheWay, openStudent } from "./story.js";
 
@@ -9,7 +10,7 @@ let drawnKey = "";
 const items = new Map(); // student_id -> the parts of their queue item
 let focused = null; // the student whose item H focused
 
-function queueStudents() {
+export function queueStudents() {
   const team = state.filters.team;
   return [...state.students.values()]
     .filter((student) => student.hand_raised && (!team || student.team === team))
@@ -41,7 +42,7 @@ function updateItem(student, index) {
   const raisedAt = student.hand_raised_at || "";
   if (parts.wait.dataset.raisedAt !== raisedAt) {
     parts.wait.dataset.raisedAt = raisedAt;
-    parts.raised.textContent = `raised ${formatTime(student.hand_raised_at)} · waiting `;
+    parts.raised.textContent = t("queue.raised", { time: formatTime(student.hand_raised_at) });
   }
   const onWay = student.hand_on_my_way;
   parts.item.classList.toggle("on-way", Boolean(onWay));
@@ -66,12 +67,12 @@ function queueItem(studentId) {
     raised: el("span"),
     wait: el("span", "wait"),
     onWay: el("span"),
-    onMyWay: actionButton("On my way", "on-my-way", studentId),
+    onMyWay: actionButton(t("queue.onMyWay"), "on-my-way", studentId),
   };
   parts.item = el("li", "", parts.position,
     el("div", "who", parts.name, parts.team, parts.where,
       el("span", "since", parts.raised, parts.wait, parts.onWay)),
-    el("div", "actions", parts.onMyWay, actionButton("Dismiss", "dismiss", studentId)));
+    el("div", "actions", parts.onMyWay, actionButton(t("queue.dismiss"), "dismiss", studentId)));
   parts.item.dataset.studentId = studentId;
   return parts;
 }

@@ -1,8 +1,9 @@
 // A student's story: their facts and their timeline, paged back on demand and joined by their
 // live events. Also how an event's code, error and output read, here and in the feed.
-import { $, addFact, cellLabel, el, formatTime, formatWait, millis } from "./dom.js";
+import { $, addFact, agoNode, cellLabel, el, eventName, formatWait, millis } from "./dom.js";
 import { fetchJson, serverNow } from "./api.js";
 import { drawStudentExportLink } from "./export.js";
+import { t } from "./i18n.js";
 import { presence, pressHand, recentErrors } from "./rules.js";
 import { schedule, state } from "./state.js";
 
@@ -12,25 +13,41 @@ const OUTPUT_CHARS = 4000;
 
 export const displayName = (student) => student.name || student.student_id;
 export const statusClass = (status) => (status === "ok" || status === "error" ? status : "none");
-export const eventTypeLabel = (event) =>
-  event.status ? `${event.event_type} ${event.status}` : event.event_type;
+export const eventTypeLabel = (event) => (event.status
+  ? t("event.withStatus", { type: eventName(event.event_type), status: eventStatus(event.status) })
+  : eventName(event.event_type));
+const eventStatus = (status) => (status === "ok" || status === "error" ? t(`event.status.${status}`) : status);
 export const eventHints = (event) => [
   event.duration_ms != null && `${Math.round(event.duration_ms)} ms`,
-  event.extra?.by && `by ${event.extra.by}`,
+  event.extra?.by && t("story.by", { by: event.extra.by }),
 ].filter(Boolean);
 
+const CUT = "\u0000"; // where a node goes in a translated sentence
+const ANSI = /\x1b\[[0-9;]*[A-Za-z]/g;
+
 // Code, outputs and tracebacks as they were posted; the error line as the server cleaned it.
+// cell-monitor-extension's `result` repeats its errorMessage: the failure shows once, and a
+// whole traceback repeated there goes under Traceback.
 export function appendExecution(body, event) {
   if (event.source != null || event.status) {
-    body.append(el("h3", "", "Code"), el("pre", "code", event.source ?? "(no code)"));
+    body.append(el("h3", "", t("story.code")), el("pre", "code", event.source ?? t("story.noCode")));
   }
-  if (event.error_text) body.append(el("h3", "", "Error"), el("pre", "error", event.error_text));
-  const traceback = (event.error?.traceback || []).join("\n");
-  if (traceback) {
-    body.append(el("details", "traceback", el("summary", "", "Traceback"), el("pre", "error", traceback)));
-  }
+  if (event.error_text) body.append(el("h3", "", t("story.error")), el("pre", "error", event.error_text));
   const output = outputText(event.outputs);
-  if (output) body.append(el("h3", "", "Output"), el("pre", "output", output));
+  const repeated = output && repeatsError(output, event);
+  const traceback = (event.error?.traceback || []).join("\n") ||
+    (repeated && output.trim() !== event.error_text?.trim() ? output.replace(ANSI, "") : "");
+  if (traceback) {
+    body.append(el("details", "traceback", el("summary", "", t("story.traceback")), el("pre", "error", traceback)));
+  }
+  if (output && !repeated) body.append(el("h3", "", t("story.output")), el("pre", "output", output));
+}
+
+function repeatsError(output, event) {
+  const error = event.error;
+  if (!error) return false;
+  const said = [error.evalue, [error.ename, error.evalue].filter(Boolean).join(": "), event.error_text];
+  return said.some((text) => text && output.trim() === String(text).trim());
 }
 
 function outputText(outputs) {
@@ -103,7 +120,7 @@ async function loadTimeline(panel) {
 function timelineItem(event) {
   const item = el("li", `status-${statusClass(event.status)}`);
   item.dataset.eventId = String(event.id);
-  const line = el("div", "line", el("time", "time", formatTime(event.occurred_at)),
+  const line = el("div", "line", agoNode(event.occurred_at, serverNow()),
     el("span", "type", eventTypeLabel(event)));
   if (event.notebook_path) line.append(el("span", "where", cellLabel(event.cell_index, event.notebook_path)));
   line.append(...eventHints(event).map((hint) => el("span", "hint", hint)));
@@ -138,30 +155,35 @@ function studentFacts(student) {
   const runs = student.execution_count;
   const rate = runs ? Math.round((100 * student.error_count) / runs) : 0;
   const flags = [];
-  if (student.stuck) flags.push(`stuck: ${student.error_streak} errors in a row on one cell`);
-  if (student.struggling) flags.push("struggling: many errors in the recent runs");
-  addFact(facts, "Email / id", student.student_id);
-  if (student.team) addFact(facts, "Team", student.team);
-  if (student.course_id) addFact(facts, "Course", student.course_id);
-  addFact(facts, "Presence", `${presenceNow}, last seen ${formatTime(student.last_seen)}`);
-  addFact(facts, "Hand", handFact(student));
-  addFact(facts, "Runs", `${runs} runs, ${student.error_count} errors (${rate}%); ` +
-    `${recentErrors(student)} errors in the last ${recent}`);
-  addFact(facts, "Attention", flags.join("; ") || "none");
-  addFact(facts, "Now in", student.last_notebook_path
+  if (student.stuck) flags.push(t("story.stuck", { count: student.error_streak }));
+  if (student.struggling) flags.push(t("story.struggling"));
+  addFact(facts, t("story.id"), student.student_id);
+  if (student.team) addFact(facts, t("story.team"), student.team);
+  if (student.course_id) addFact(facts, t("story.course"), student.course_id);
+  const seen = agoNode(student.last_seen, serverNow(), "seen");
+  const [before, after] = t("story.presenceValue", { presence: t(`presence.${presenceNow}`), ago: CUT }).split(CUT);
+  addFact(facts, t("story.presence"), el("span", "", before, seen, after));
+  addFact(facts, t("story.hand"), handFact(student));
+  addFact(facts, t("story.runs"), t("story.runCounts", {
+    runs, errors: student.error_count, rate, recent: recentErrors(student), count: recent,
+  }));
+  addFact(facts, t("story.attention"), flags.join("; ") || t("story.none"));
+  addFact(facts, t("story.nowIn"), student.last_notebook_path
     ? `${cellLabel(student.last_cell_index, student.last_notebook_path)} (${student.last_notebook_path})`
-    : "no notebook yet");
+    : t("story.noNotebook"));
   return facts;
 }
 
-export const onTheWay = (onWay) => (onWay ? ` · on the way${onWay.by ? ` (${onWay.by})` : ""}` : "");
+export const onTheWay = (onWay) =>
+  (onWay ? (onWay.by ? t("story.onTheWayBy", { by: onWay.by }) : t("story.onTheWay")) : "");
 
 function handFact(student) {
-  if (!student.hand_raised) return "not raised";
+  if (!student.hand_raised) return t("story.notRaised");
   const raised = millis(student.hand_raised_at);
   const wait = el("span", "hand-wait", formatWait(serverNow() - raised));
   wait.dataset.raisedAt = student.hand_raised_at;
-  return el("span", "", `raised at ${formatTime(student.hand_raised_at)}, waiting `, wait,
+  const [before, after] = t("story.raisedAt", { ago: CUT }).split(CUT);
+  return el("span", "", before, agoNode(student.hand_raised_at, serverNow(), "raised"), after, wait,
     onTheWay(student.hand_on_my_way));
 }
 

@@ -1,7 +1,8 @@
 // The students table: a row per student, redrawn only when that student changed, sorted and
 // filtered on the page, optionally grouped by team.
-import { $, arrange, breakable, collator, el, fileName, formatTime, millis, pathNode } from "./dom.js";
+import { $, agoNode, arrange, breakable, collator, el, fileName, millis, pathNode } from "./dom.js";
 import { serverNow } from "./api.js";
+import { t } from "./i18n.js";
 import { matchesStudentFilters, onFilterChange } from "./filters.js";
 import { attentionRank, presence, recentErrors } from "./rules.js";
 import { ROWS_PER_FRAME, schedule, state } from "./state.js";
@@ -80,14 +81,15 @@ export function drawStudents() {
     rebuild = false;
   }
   const total = state.students.size;
-  $("#student-count").textContent = visible.length === total ? total : `${visible.length} of ${total}`;
+  $("#student-count").textContent = visible.length === total ? total
+    : t("students.shownOf", { shown: visible.length, total });
   $("#empty").hidden = total > 0 || !state.loaded;
   return true;
 }
 
 function groupRow(team) {
   if (!groupRows.has(team)) {
-    const cell = el("td", "", team || "No team");
+    const cell = el("td", "", team || t("students.noTeam"));
     cell.colSpan = 7;
     groupRows.set(team, el("tr", "group", cell));
   }
@@ -99,6 +101,7 @@ function drawStudent(student, now) {
   if (!row) {
     row = el("tr");
     row.dataset.studentId = student.student_id;
+    row.tabIndex = 0; // Tab reaches a row, Enter opens it (keys.js)
     row.addEventListener("click", () => openStudent(student.student_id));
     rows.set(student.student_id, row);
   }
@@ -109,8 +112,7 @@ function drawStudent(student, now) {
   row.dataset.presence = student._presence;
   const who = el("td", "student", el("span", "name", displayName(student)));
   if (student.name) who.append(breakable(el("span", "id"), student.student_id));
-  const activity = el("td", "last-seen", formatTime(student.last_seen));
-  activity.title = student.last_seen || "";
+  const activity = el("td", "last-seen", agoNode(student.last_seen, now, "seen"));
   row.replaceChildren(
     who,
     el("td", "team", student.team || ""),
@@ -124,18 +126,18 @@ function drawStudent(student, now) {
 
 function attentionCell(student) {
   const cell = el("td", "attention");
-  if (student.hand_raised) cell.append(el("span", "badge hand", "hand raised"));
+  if (student.hand_raised) cell.append(el("span", "badge hand", t("students.handRaised")));
   if (student.stuck) {
-    const badge = el("span", "badge stuck", `stuck: ${student.error_streak} errors`);
-    badge.title = "errors in a row on one cell";
+    const badge = el("span", "badge stuck", t("students.stuck", { count: student.error_streak }));
+    badge.title = t("students.stuckTitle");
     cell.append(badge);
   }
   if (student.struggling) {
-    const badge = el("span", "badge struggling", "struggling");
-    badge.title = `${recentErrors(student)} errors in the last ${student.recent_statuses.length} runs`;
+    const badge = el("span", "badge struggling", t("students.struggling"));
+    badge.title = t("students.strugglingTitle", { errors: recentErrors(student), runs: student.recent_statuses.length });
     cell.append(badge);
   }
-  cell.append(el("span", `badge ${student._presence}`, student._presence));
+  cell.append(el("span", `badge ${student._presence}`, t(`presence.${student._presence}`)));
   return cell;
 }
 

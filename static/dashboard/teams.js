@@ -1,9 +1,10 @@
 // Tallies: the class summary line, and one button per team that shows only its students.
-import { $, button, collator, el, plural } from "./dom.js";
+import { $, button, collator, el } from "./dom.js";
 import { serverNow } from "./api.js";
 import { errorsInLastMinutes } from "./chart.js";
 import { setFilter } from "./filters.js";
 import { tally } from "./rules.js";
+import { t } from "./i18n.js";
 import { state } from "./state.js";
 
 let drawnKey = "";
@@ -13,11 +14,11 @@ export function drawSummary() {
   const students = [...state.students.values()].filter((s) => !team || s.team === team);
   const counts = tally(students, serverNow());
   const parts = [
-    [counts.active, ` of ${counts.total} active`],
-    [errorsInLastMinutes(5), " errors in the last 5 min"],
-    [counts.hands, counts.hands === 1 ? " hand up" : " hands up"],
-    [counts.stuck, " stuck"],
-    [counts.struggling, " struggling"],
+    [counts.active, t("summary.active", { total: counts.total })],
+    [errorsInLastMinutes(5), t("summary.errors")],
+    [counts.hands, t("summary.hands", { count: counts.hands })],
+    [counts.stuck, t("summary.stuck")],
+    [counts.struggling, t("summary.struggling")],
   ];
   $("#summary").replaceChildren(...parts.flatMap(([count, text], index) =>
     [...(index ? [" · "] : []), el("strong", "", count), text]));
@@ -51,9 +52,10 @@ function teamButton(name, counts) {
   pick.classList.toggle("has-hands", counts.hands > 0);
   pick.append(
     el("span", "team-name", name),
-    el("span", "team-counts", `${counts.active} of ${counts.total} active`),
-    el("span", "team-counts",
-      `${plural(counts.hands, "hand")} · ${counts.stuck} stuck · ${counts.struggling} struggling`),
+    el("span", "team-counts", t("teams.active", counts)),
+    el("span", "team-counts", t("teams.counts", {
+      ...counts, hands: t("teams.hands", { count: counts.hands }),
+    })),
   );
   return pick;
 }

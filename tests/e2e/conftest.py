@@ -34,7 +34,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytes
 
 
 @pytest.fixture
-def browser(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[webdriver.Chrome]:
+def browser_languages() -> str:
+    """The browser's languages (navigator.languages): the page's language follows them.
+    English unless a test module overrides this fixture."""
+    return "en-US,en"
+
+
+@pytest.fixture
+def browser(
+    request: pytest.FixtureRequest, tmp_path: Path, browser_languages: str
+) -> Iterator[webdriver.Chrome]:
     """Chromium for one test; on failure its screenshot and console log land in tmp_path."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.fail(
@@ -47,6 +56,8 @@ def browser(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[webdrive
     for argument in (*CHROMIUM_ARGUMENTS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # --lang does not reach navigator.languages in headless Chromium; this preference does.
+    options.add_experimental_option("prefs", {"intl.accept_languages": browser_languages})
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     try:
         yield driver

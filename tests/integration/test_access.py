@@ -155,6 +155,7 @@ async def test_the_session_cookie_carries_the_scope_of_its_token(scoped_api) -> 
     session = await scoped_api.post("/api/v1/session", headers=auth("cs"))
     assert session.json()["courses"] == ["cs101"]
     assert session.json()["rules"]["stuck_error_streak"] == 3
+    assert session.json()["ingest_token_required"] is False  # no INGEST_TOKENS here
     cookie = session.cookies["telemetry_token"]
     scoped_api.cookies.set("telemetry_token", cookie)
     try:

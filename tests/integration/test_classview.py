@@ -315,6 +315,18 @@ async def test_activity_counts_executions_errors_and_raised_hands_per_minute(api
     assert (only["executions"], only["errors"], only["help"]) == (1, 0, 0)
 
 
+async def test_activity_counts_each_active_student_once_per_minute_across_batches(api) -> None:
+    await post(api, run("ada", "c1", "ok"), run("ada", "c1", "error"))
+    await post(api, run("ada", "c2", "ok"), help_event("bob"))
+    await post(api, {**run("cy", "c1", "ok"), "course_id": "x"})
+    body = (await api.get("/api/v1/activity", params={"minutes": 2})).json()
+    # The minute may turn between the posts: each student is active in one or both.
+    assert 3 <= sum(entry["active"] for entry in body["series"]) <= 6
+    assert max(entry["active"] for entry in body["series"]) >= 2
+    course = (await api.get("/api/v1/activity", params={"course_id": "x", "minutes": 2})).json()
+    assert sum(entry["active"] for entry in course["series"]) == 1
+
+
 # CSV
 
 

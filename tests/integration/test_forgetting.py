@@ -168,7 +168,7 @@ async def test_an_erased_student_is_in_no_table_and_the_class_view_forgets_them(
     deleted = await erase_student(storage, ADA)
     assert deleted == {
         "events": 4, "students": 1, "cell_runs": 2, "hand_raises": 1, "student_counts": 1,
-        "activity": 0, "activity_teams": 0,
+        "activity": 0, "activity_teams": 0, "active_minutes": 3,
     }  # fmt: skip
     assert await mentions(storage, ADA, NAMES[ADA]) == []
     await store(twin, only(lambda raw: raw["student_id"] != ADA, CLASS), T0)

@@ -1,0 +1,42 @@
+// The alert bar: while hands are up, their names in queue order, large enough to read from
+// across the room, each opening the student's story. Hidden when no hand is up. The sound on
+// a new hand is Settings' (announceHand), so one hand never beeps twice.
+import { $, button, el } from "./dom.js";
+import { t } from "./i18n.js";
+import { queueStudents } from "./queue.js";
+import { displayName, openStudent } from "./story.js";
+
+let drawnKey = "";
+let shown = new Set(); // the raises on the bar, by student and time: any other is new
+
+const raiseKey = (student) => `${student.student_id}|${student.hand_raised_at}`;
+
+export function drawAlerts() {
+  const hands = queueStudents();
+  const key = hands.map((student) => `${raiseKey(student)}|${displayName(student)}`).join("\u0000");
+  if (key === drawnKey) return;
+  drawnKey = key;
+  const bar = $("#alerts");
+  bar.hidden = hands.length === 0;
+  $("#alerts-count").textContent = t("alerts.count", { count: hands.length });
+  $("#alerts-names").replaceChildren(...hands.map((student) => el("li", "", nameButton(student))));
+  const isNew = hands.some((student) => !shown.has(raiseKey(student)));
+  shown = new Set(hands.map(raiseKey));
+  if (isNew) pulse(bar);
+}
+
+function nameButton(student) {
+  const name = displayName(student);
+  const pick = button("", name, () => openStudent(student.student_id));
+  pick.dataset.studentId = student.student_id;
+  pick.setAttribute("aria-label", t("alerts.open", { name }));
+  return pick;
+}
+
+// A new hand pulses the bar a few times (not at all under prefers-reduced-motion, in CSS);
+// restarting the animation needs a style flush, once per new hand.
+function pulse(bar) {
+  bar.classList.remove("pulse");
+  void bar.offsetWidth;
+  bar.classList.add("pulse");
+}
