@@ -380,7 +380,7 @@ async def activity(storage: Storage, params: Mapping[str, Any], now: dt.datetime
     """Executions, errors, raised hands and active students per minute, the last `minutes`,
     oldest first, of everyone or of one team."""
     first = now - dt.timedelta(minutes=params["minutes"] - 1)
-    query = {**params, "first": minute_of(first)}
+    query = {**params, "team": params.get("team"), "first": minute_of(first)}
     sql = SELECT_TEAM_ACTIVITY if params.get("team") else SELECT_ACTIVITY
     rows = {row["minute"]: dict(row) for row in await storage.rows(sql, query)}
     for row in await storage.rows(SELECT_ACTIVE, query):
