@@ -206,6 +206,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/api/v1/students/{student_id:path}", access.erase, methods=["DELETE"]),
             Route("/api/v1/courses/{course_id:path}", access.erase, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", readapi.show_metrics, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ],
         exception_handlers=handlers,

@@ -1,5 +1,6 @@
-"""The read API: events, students, help queue and hand actions, cells, activity, CSV export.
-Every endpoint goes through authorize_read and reads only its Grant's courses."""
+"""The read API: events, students, help queue and hand actions, cells, activity, CSV export,
+and the service's metrics. Every endpoint goes through authorize_read and reads only its
+Grant's courses; the metrics, which count every course, need a token of every course."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from telemetry import classview
-from telemetry.access import authorize_read
+from telemetry import classview, metrics
+from telemetry.access import authorize_read, dashboard_grant
 from telemetry.classview import hand_document, latest_hand
 from telemetry.errors import ApiError, FieldErrors, StorageUnavailable, storage_unavailable
 from telemetry.events import (
@@ -211,6 +212,22 @@ async def list_activity(request: Request) -> Response:
     series = await read_storage(classview.activity(service_of(request).storage, params, now))
     body = {"now": format_timestamp(now), "minutes": params["minutes"], "series": series}
     return JSONResponse(body)
+
+
+parse_no_query = query_parser()
+
+
+async def show_metrics(request: Request) -> Response:
+    """The service's figures in Prometheus' format (telemetry.metrics); 403 for a token scoped
+    to courses, since they count every course."""
+    grant = dashboard_grant(request)
+    parse_no_query(request.query_params)
+    if grant.courses is not None:
+        message = f"token {grant.name!r} may not read the metrics"
+        problem = "the metrics count every course: they need a token of every course"
+        raise ApiError(403, "out_of_scope", message, [{"field": "token", "problem": problem}])
+    body, content_type = metrics.exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula; students wrote it.
