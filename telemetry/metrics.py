@@ -15,6 +15,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# In multiprocess mode the library opens this process's files there from the first metric on.
+if os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+    os.makedirs(os.environ[MULTIPROCESS_DIR_VARIABLE], exist_ok=True)
 
 EVENTS_STORED = Counter("telemetry_events_stored", "Events committed, duplicates excluded.")
 EVENTS_DUPLICATE = Counter(

@@ -97,8 +97,7 @@ def stored_per_worker(directory: Path) -> list[float]:
 async def test_several_workers_are_summed_with_a_multiprocess_directory(
     production, tmp_path
 ) -> None:
-    directory = tmp_path / "prometheus"
-    directory.mkdir()
+    directory = tmp_path / "prometheus"  # made by the service
     server = production(WEB_CONCURRENCY="2", PROMETHEUS_MULTIPROC_DIR=str(directory))
     posted = 0
     # Each POST on a connection of its own, until both workers have stored some.
