@@ -1,6 +1,7 @@
 """The read API: events, students, help queue and hand actions, cells, activity, CSV export,
 and the service's metrics. Every endpoint goes through authorize_read and reads only its
-Grant's courses; the metrics, which count every course, need a token of every course."""
+Grant's courses, but the metrics: they name no student or course and count every course, so
+they take a token of every course, outside the access log."""
 
 from __future__ import annotations
 
