@@ -8,11 +8,13 @@ scrape sums them (the library's multiprocess mode); otherwise a scrape reads its
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 # In multiprocess mode the library opens this process's files there from the first metric on.
@@ -80,7 +82,28 @@ def current_registry() -> CollectorRegistry:
     directory = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
     if not directory:
         return REGISTRY
+    forget_dead_workers(Path(directory))
     # The library's way: a fresh registry per scrape reads every process's files.
     registry = CollectorRegistry()
     MultiProcessCollector(registry, directory)
     return registry
+
+
+def forget_dead_workers(directory: Path) -> None:
+    """Drop the open streams of workers that died without closing them (SIGKILL, out of
+    memory): uvicorn starts another, and the dead one's figure would stay in the sum."""
+    for path in directory.glob("gauge_live*_*.db"):
+        pid = int(path.stem.rpartition("_")[2])
+        if not process_exists(pid):
+            with contextlib.suppress(FileNotFoundError):  # another worker's scrape was first
+                mark_process_dead(pid, str(directory))
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        pass
+    return True

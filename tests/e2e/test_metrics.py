@@ -4,6 +4,8 @@ and PROMETHEUS_MULTIPROC_DIR, every scrape shows all the workers' figures summed
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -83,6 +85,7 @@ async def test_slow_dashboards_cut_off_are_counted_by_reason(
 
 
 STORED = "telemetry_events_stored_total"
+CONNECTED = "telemetry_dashboards_connected"
 
 
 def stored_per_worker(directory: Path) -> list[float]:
@@ -109,3 +112,34 @@ async def test_several_workers_are_summed_with_a_multiprocess_directory(
     # Whichever worker answers a scrape, it shows every worker's events.
     for _ in range(10):
         assert figure(scrape(server), STORED) == posted
+
+
+def streams_per_worker(directory: Path) -> dict[int, float]:
+    """Each worker's open streams, read from the file the library keeps for it."""
+    streams = {}
+    for path in directory.glob("gauge_livesum_*.db"):
+        for metric in MultiProcessCollector.merge([str(path)]):
+            values = [sample.value for sample in metric.samples if sample.name == CONNECTED]
+            streams[int(path.stem.rpartition("_")[2])] = sum(values)
+    return streams
+
+
+async def test_the_streams_of_a_killed_worker_leave_the_sum_and_its_counts_stay(
+    production, tmp_path, connect_dashboard
+) -> None:
+    directory = tmp_path / "prometheus"
+    server = production(WEB_CONCURRENCY="2", PROMETHEUS_MULTIPROC_DIR=str(directory))
+    posted = len(await post_events(server.url, event(1), event(2)))
+    # Streams on connections of their own, until both workers hold some.
+    for _ in range(40):
+        await connect_dashboard(SseClient(server.url))
+        per_worker = streams_per_worker(directory)
+        if len(per_worker) == 2 and all(per_worker.values()):
+            break
+    assert len(per_worker) == 2 and all(per_worker.values())
+    opened = sum(per_worker.values())
+    await wait_for(lambda: connected(server, "sse") == opened)
+    victim, its_streams = next(iter(per_worker.items()))
+    os.kill(victim, signal.SIGKILL)  # no chance to close its streams: uvicorn starts another
+    await wait_for(lambda: connected(server, "sse") == opened - its_streams, timeout=20)
+    assert figure(scrape(server), STORED) == posted
