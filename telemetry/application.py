@@ -211,6 +211,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/api/v1/students/{student_id:path}", access.erase, methods=["DELETE"]),
             Route("/api/v1/courses/{course_id:path}", access.erase, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", readapi.show_metrics, methods=["GET"]),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
             *(hubauth.ROUTES if settings.hub_sign_in else []),
         ],

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import Message
 
+from telemetry import metrics
 from telemetry.bus import Bus, decode_message
 from telemetry.storage import Storage
 
@@ -85,6 +86,7 @@ OVERFLOWED = "overflowed"  # its queue filled up: cut off at once, even mid-writ
 TIMED_OUT = "timed out"  # a write blocked SEND_TIMEOUT_SECONDS: cut off too
 CLOSED = "closed"  # it left, or the server is shutting down
 FAILED = "failed"  # a write failed: the connection is gone
+CUT_OFF_COUNTS = {OVERFLOWED: metrics.CUT_OFF_OVERFLOW, TIMED_OUT: metrics.CUT_OFF_DEADLINE}
 
 
 def run_until_waiting(coroutine: Coroutine) -> Awaitable | None:
@@ -189,8 +191,10 @@ class Client:
         self.ended = reason
         self.frames.clear()
         self._wake()
-        if reason in (OVERFLOWED, TIMED_OUT) and self.writer is not None:
-            self.writer.cancel()
+        if reason in CUT_OFF_COUNTS:
+            CUT_OFF_COUNTS[reason].inc()
+            if self.writer is not None:
+                self.writer.cancel()
 
     async def write(self, messages: list[Message], started: Awaitable | None = None) -> None:
         self.writes += 1
@@ -319,6 +323,7 @@ async def deliver_message(hub: Hub, storage: Storage, payload: bytes) -> None:
         return
     async with hub.filling:
         if message["follows"] > hub.last_id:
+            metrics.GAP_FOUND_BY_MESSAGE.inc()
             await catch_up(hub, storage)
         hub.deliver(message["events"])
 
@@ -338,6 +343,7 @@ async def relay_bus_to_hub(bus: Bus, hub: Hub, storage: Storage) -> None:
                 hub.subscribed.set()
                 if delay > RECONNECT_MIN_SECONDS:
                     logger.info("bus subscription restored")
+                    metrics.BUS_RECONNECTS.inc()
                 delay = RECONNECT_MIN_SECONDS
                 async for payload in messages:
                     await deliver_message(hub, storage, payload)
@@ -357,6 +363,7 @@ async def close_gaps(hub: Hub, storage: Storage) -> None:
         try:
             latest = await finish_if_cancelled(storage.max_event_id())
             if hub.last_id < committed_before:
+                metrics.GAP_FOUND_BY_CHECK.inc()
                 async with hub.filling:
                     await finish_if_cancelled(catch_up(hub, storage))
             committed_before = latest

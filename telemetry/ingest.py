@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import asyncpg
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from telemetry import metrics
 from telemetry.access import bearer_token, envelope_token, require_grant
 from telemetry.bus import Bus, encode_batch
 from telemetry.config import Settings
@@ -207,7 +209,14 @@ class Committer:
         events = [
             {**event, "received_at": received_at} for pending in batch for event in pending.events
         ]
-        return await self.storage.store(events)
+        started = time.perf_counter()
+        stored = await self.storage.store(events)
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_EVENTS.observe(len(events))
+        duplicates = sum(item.duplicate for item in stored.results)
+        metrics.EVENTS_STORED.inc(len(events) - duplicates)
+        metrics.EVENTS_DUPLICATE.inc(duplicates)
+        return stored
 
     async def _publish_and_answer(self, batch: list[PendingWrite], stored: StoredBatch) -> None:
         try:
@@ -238,6 +247,14 @@ def refuse_unknown_parameters(query: Mapping[str, str]) -> None:
 
 async def post_events(request: Request) -> Response:
     """Store one event or a batch; 201 with each event's id once all are committed."""
+    try:
+        return await accept_events(request)
+    except ApiError as refusal:
+        metrics.INGEST_REFUSALS.labels(refusal.code).inc()
+        raise
+
+
+async def accept_events(request: Request) -> Response:
     service = service_of(request)
     settings = service.settings
     refuse_unknown_parameters(request.query_params)

@@ -1,5 +1,7 @@
-"""The read API: events, students, help queue and hand actions, cells, activity, CSV export.
-Every endpoint goes through authorize_read and reads only its Grant's courses."""
+"""The read API: events, students, help queue and hand actions, cells, activity, CSV export,
+and the service's metrics. Every endpoint goes through authorize_read and reads only its
+Grant's courses, but the metrics: they name no student or course and count every course, so
+they take a token of every course, outside the access log."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from telemetry import cellview, classview
-from telemetry.access import authorize_read
+from telemetry import cellview, classview, metrics
+from telemetry.access import authorize_read, dashboard_grant
 from telemetry.classview import hand_document, latest_hand
 from telemetry.errors import ApiError, FieldErrors, StorageUnavailable, storage_unavailable
 from telemetry.events import (
@@ -242,6 +244,22 @@ async def show_cell_detail(request: Request) -> Response:
     _, params = await authorize_read(request, parse_cell_detail_query)
     cell = await read_storage(cellview.cell_detail(service_of(request).storage, params))
     return JSONResponse({"now": format_timestamp(dt.datetime.now(dt.UTC)), **cell})
+
+
+parse_no_query = query_parser()
+
+
+async def show_metrics(request: Request) -> Response:
+    """The service's figures in Prometheus' format (telemetry.metrics); 403 for a token scoped
+    to courses, since they count every course."""
+    grant = await dashboard_grant(request)
+    parse_no_query(request.query_params)
+    if grant.courses is not None:
+        message = f"token {grant.name!r} may not read the metrics"
+        problem = "the metrics count every course: they need a token of every course"
+        raise ApiError(403, "out_of_scope", message, [{"field": "token", "problem": problem}])
+    body, content_type = metrics.exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})
 
 
 # A spreadsheet runs a cell that starts with one of these as a formula; students wrote it.

@@ -16,6 +16,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from telemetry import metrics
 from telemetry.access import authorize_read, client_key, origin_allowed
 from telemetry.errors import ApiError, StorageUnavailable
 from telemetry.events import INT64_MAX
@@ -225,7 +226,10 @@ class EventStream:
         start with their headers, the server's `send` everything after."""
         settings = self.service.settings
         # Subscribed before the first await, as admit() counted: the stream limit holds.
-        with self.service.hub.subscribe(self.stream_filter, self.owner) as client:
+        with (
+            self.service.hub.subscribe(self.stream_filter, self.owner) as client,
+            metrics.SSE_DASHBOARDS.track_inprogress(),
+        ):
             await start({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             del start  # let the middleware's wrappers go
             transport = SseTransport(send, settings.sse_ping_seconds)
@@ -294,7 +298,10 @@ async def websocket_events(websocket: WebSocket) -> None:
         await websocket.close(code=1008, reason=refusal.code)  # before accept: HTTP 403
         return
     await websocket.accept()
-    with service.hub.subscribe(stream_filter, owner) as client:
+    with (
+        service.hub.subscribe(stream_filter, owner) as client,
+        metrics.WEBSOCKET_DASHBOARDS.track_inprogress(),
+    ):
         watcher = asyncio.create_task(end_when_gone(websocket.receive, client))
         try:
             opening = await open_stream(service, client, after_id)
