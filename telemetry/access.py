@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from telemetry.bus import encode_erasure
-from telemetry.classview import CLASS_RULES
+from telemetry.classview import class_rules
 from telemetry.config import Grant, Settings
 from telemetry.errors import ApiError, error_body
 from telemetry.events import pseudonym
@@ -169,13 +169,13 @@ def client_key(connection: HTTPConnection) -> str:
     return "address:" + (connection.client.host if connection.client else "unknown")
 
 
-def session_body(grant: Grant) -> dict:
-    courses = grant.course_list()
-    return {"status": "ok", "token": grant.name, "courses": courses, "rules": CLASS_RULES}
+def session_body(grant: Grant, settings: Settings) -> dict:
+    courses, rules = grant.course_list(), class_rules(settings.stalled_minutes)
+    return {"status": "ok", "token": grant.name, "courses": courses, "rules": rules}
 
 
 async def show_session(request: Request) -> Response:
-    return JSONResponse(session_body(dashboard_grant(request)))
+    return JSONResponse(session_body(dashboard_grant(request), service_of(request).settings))
 
 
 async def create_session(request: Request) -> Response:
@@ -185,7 +185,7 @@ async def create_session(request: Request) -> Response:
     token = bearer_token(request.headers)
     grants = service_of(request).settings.dashboard_tokens
     grant = require_grant(grants, [token], "dashboard") if grants else OPEN_GRANT
-    response = JSONResponse(session_body(grant))
+    response = JSONResponse(session_body(grant, service_of(request).settings))
     if token:
         secure = request.url.scheme == "https"
         response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", secure=secure)

@@ -19,7 +19,9 @@ from telemetry.storage import CELL_KEY, RECEIPT_MINUTE, UNLOCK, Storage
 logger = logging.getLogger(__name__)
 
 # The rows deleted per table, in the order erasure answers and retention logs them.
-FORGOTTEN_TABLES = ("events", "students", "cell_runs", "hand_raises", "student_counts", "activity")
+FORGOTTEN_TABLES = (
+    "events", "students", "cell_runs", "hand_raises", "hand_endings", "student_counts", "activity"
+)  # fmt: skip
 
 # The doomed events, with the keys of the summary rows that counted them at ingest: the
 # course their document shows, the minute, the cell; `raised` if a hand bears their id.
@@ -75,6 +77,8 @@ SUBTRACT_DOOMED = [
 # summary whose latest run is doomed goes too: it would show that run's error.
 DELETE_FORGOTTEN = {
     "hand_raises": "DELETE FROM hand_raises WHERE raise_id IN (SELECT id FROM doomed) RETURNING 1",
+    "hand_endings": """DELETE FROM hand_endings WHERE raise_id IN (SELECT id FROM doomed)
+        RETURNING 1""",
     "events": "DELETE FROM events WHERE id IN (SELECT id FROM doomed) RETURNING received_at, id",
     "cell_runs": """DELETE FROM cell_runs WHERE (student_id, notebook_path, cell_key)
             IN (SELECT student_id, notebook_path, cell_key FROM doomed)
