@@ -380,7 +380,5 @@ async def export_help_stats(request: Request) -> Response:
     def read_after(last: dict | None) -> Awaitable[list[dict]]:
         return helpstats.raises_page(storage, params, last["raise_id"] if last else 0, now)
 
-    cells = csv_cells(HELP_CSV_COLUMNS, params["tz"])
-    return await csv_download(
-        csv_filename(params, "help", now), HELP_CSV_COLUMNS, read_after, cells
-    )
+    row = functools.partial(csv_cells, columns=HELP_CSV_COLUMNS, zone=params["tz"])
+    return await csv_download(csv_filename(params, "help", now), HELP_CSV_COLUMNS, read_after, row)
