@@ -23,7 +23,9 @@ import {
   applyScope, drawOptions, forgetCourse, learnEvent, onFilterChange, setUpFilters,
 } from "./dashboard/filters.js";
 import { drawQueue, drawWaits, focusOldestHand } from "./dashboard/queue.js";
-import { applyEvent, expireHands, isRun, presence, resetStudents } from "./dashboard/rules.js";
+import {
+  applyEvent, expireHands, isRun, presence, resetStudents, stalledSince,
+} from "./dashboard/rules.js";
 import {
   askForToken, noteUpdate, setConnection, setUpSettings, setUpSignIn,
 } from "./dashboard/settings.js";
@@ -147,7 +149,8 @@ function tick() {
   expireHands(now);
   if (ticks % PRESENCE_EVERY_TICKS === 0) {
     state.students.forEach((student) => {
-      if (presence(student, now) !== student._presence) state.dirty.add(student.student_id);
+      const moved = presence(student, now) !== student._presence;
+      if (moved || stalledSince(student, now) !== student._stalled) state.dirty.add(student.student_id);
     });
     markChartDirty();
   }

@@ -219,10 +219,11 @@ def is_struggling(statuses: list[str]) -> bool:
 
 
 def streak_started(runs: list[tuple[str | None, str, str]]) -> str:
-    """When the error streak of runs ending in an error began, over (cell_id, status,
-    received_at) runs, oldest first: error_streak's rule, read backwards."""
-    cell, started = runs[-1][0], runs[-1][2]
-    for cell_id, status, at in reversed(runs):
+    """When error_streak's streak began, over (cell_id, status, received_at) runs, oldest
+    first, that have one: the time of its first error, read backwards from its last."""
+    last = max(index for index, (_, status, _) in enumerate(runs) if status == "error")
+    cell, started = runs[last][0], runs[last][2]
+    for cell_id, status, at in reversed(runs[:last]):
         if cell_id == cell and status == "error":
             started = at
         elif cell_id == cell or status == "error":

@@ -3,7 +3,8 @@
 import { $, arrange, breakable, collator, el, fileName, formatTime, millis, pathNode } from "./dom.js";
 import { serverNow } from "./api.js";
 import { matchesStudentFilters, onFilterChange } from "./filters.js";
-import { attentionRank, presence, recentErrors } from "./rules.js";
+import { attentionRank, presence, recentErrors, stalledSince } from "./rules.js";
+import { ago, t } from "./i18n.js";
 import { ROWS_PER_FRAME, schedule, state } from "./state.js";
 import { displayName, openStudent } from "./story.js";
 
@@ -103,6 +104,8 @@ function drawStudent(student, now) {
     rows.set(student.student_id, row);
   }
   student._presence = presence(student, now);
+  student._stalled = stalledSince(student, now);
+  row.classList.toggle("stalled", Boolean(student._stalled) && !student.stuck);
   row.classList.toggle("hand", student.hand_raised);
   row.classList.toggle("stuck", student.stuck);
   row.classList.toggle("struggling", student.struggling && !student.stuck);
@@ -130,6 +133,7 @@ function attentionCell(student) {
     badge.title = "errors in a row on one cell";
     cell.append(badge);
   }
+  if (student._stalled) cell.append(stalledBadge(student));
   if (student.struggling) {
     const badge = el("span", "badge struggling", "struggling");
     badge.title = `${recentErrors(student)} errors in the last ${student.recent_statuses.length} runs`;
@@ -137,6 +141,13 @@ function attentionCell(student) {
   }
   cell.append(el("span", `badge ${student._presence}`, student._presence));
   return cell;
+}
+
+// A symbol and words, not a colour alone: read from across the room, or without colour.
+function stalledBadge(student) {
+  const badge = el("span", "badge stalled", t("status.stalled", { since: ago(student._stalled, serverNow()) }));
+  badge.title = t("status.stalled_title", { minutes: state.rules.stalled_minutes });
+  return badge;
 }
 
 function sortBy(key) {

@@ -4,6 +4,7 @@ import { serverNow } from "./api.js";
 import { errorsInLastMinutes } from "./chart.js";
 import { setFilter } from "./filters.js";
 import { tally } from "./rules.js";
+import { t } from "./i18n.js";
 import { state } from "./state.js";
 
 let drawnKey = "";
@@ -15,6 +16,7 @@ export function drawSummary() {
     [errorsInLastMinutes(5), " errors in the last 5 min"],
     [counts.hands, counts.hands === 1 ? " hand up" : " hands up"],
     [counts.stuck, " stuck"],
+    [counts.stalled, t("summary.stalled", { count: counts.stalled })],
     [counts.struggling, " struggling"],
   ];
   $("#summary").replaceChildren(...parts.flatMap(([count, text], index) =>

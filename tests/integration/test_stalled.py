@@ -109,3 +109,12 @@ async def test_students_csv_has_the_status(api) -> None:
     text = response.content.decode("utf-8-sig")
     assert text.splitlines()[0].endswith("stalled,status")
     assert text.splitlines()[1].endswith("true,stalled")
+
+
+async def test_the_streak_start_survives_successes_on_other_cells(api) -> None:
+    first = await post(api, run("ada", "c1", "error"))
+    await age(api, first, 4)
+    await post(api, run("ada", "c1", "error"), run("ada", "c2", "ok"))
+    ada = (await students(api))["ada"]
+    assert (ada["error_streak"], ada["last_status"], ada["stalled"]) == (2, "ok", False)
+    assert ada["streak_started_at"] < ada["last_run_at"]
