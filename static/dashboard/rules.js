@@ -52,7 +52,7 @@ export function tally(students, now) {
     counts.active += presence(student, now) === "active" ? 1 : 0;
     counts.hands += student.hand_raised ? 1 : 0;
     counts.stuck += student.stuck ? 1 : 0;
-    counts.stalled += stalledSince(student, now) ? 1 : 0;
+    counts.stalled += !student.stuck && stalledSince(student, now) ? 1 : 0; // one status each
     counts.struggling += student.struggling ? 1 : 0;
   }
   return counts;

@@ -4,7 +4,7 @@ import { $, arrange, breakable, collator, el, fileName, formatTime, millis, path
 import { serverNow } from "./api.js";
 import { matchesStudentFilters, onFilterChange } from "./filters.js";
 import { attentionRank, presence, recentErrors, stalledSince } from "./rules.js";
-import { ago, t } from "./i18n.js";
+import { t } from "./i18n.js";
 import { ROWS_PER_FRAME, schedule, state } from "./state.js";
 import { displayName, openStudent } from "./story.js";
 
@@ -133,7 +133,7 @@ function attentionCell(student) {
     badge.title = "errors in a row on one cell";
     cell.append(badge);
   }
-  if (student._stalled) cell.append(stalledBadge(student));
+  if (student._stalled && !student.stuck) cell.append(stalledBadge(student));
   if (student.struggling) {
     const badge = el("span", "badge struggling", "struggling");
     badge.title = `${recentErrors(student)} errors in the last ${student.recent_statuses.length} runs`;
@@ -144,9 +144,11 @@ function attentionCell(student) {
 }
 
 // A symbol and words, not a colour alone: read from across the room, or without colour.
+// The badge stays as drawn until the student changes: the time it began is in its title.
 function stalledBadge(student) {
-  const badge = el("span", "badge stalled", t("status.stalled", { since: ago(student._stalled, serverNow()) }));
-  badge.title = t("status.stalled_title", { minutes: state.rules.stalled_minutes });
+  const badge = el("span", "badge stalled", t("status.stalled"));
+  const since = formatTime(student._stalled);
+  badge.title = t("status.stalled_title", { since, minutes: state.rules.stalled_minutes });
   return badge;
 }
 

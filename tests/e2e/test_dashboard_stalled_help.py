@@ -15,8 +15,8 @@ from telemetry.classview import format_timestamp
 from tests.e2e.test_dashboard_browser import Dashboard, execution
 
 TEXTS = {
-    "en": {"chip": "stalled since", "summary": "1 stalled", "median": "median wait"},
-    "ja": {"chip": "停滞中", "summary": "1人が停滞", "median": "待ち時間の中央値"},
+    "en": {"chip": "stalled", "summary": "1 stalled", "median": "median wait"},
+    "ja": {"chip": "停滞", "summary": "1人が停滞", "median": "待ち時間の中央値"},
 }
 
 

@@ -2,8 +2,8 @@
 export const en = {
   "app.title": "Classroom telemetry",
   // The stalled status and today's help figures.
-  "status.stalled": "⏸ stalled since {since}",
-  "status.stalled_title": "latest run failed: on one cell for {minutes} min without success, or quiet since",
+  "status.stalled": "‖ stalled",
+  "status.stalled_title": "since {since}: latest run failed, and no success on that cell for {minutes} min, or quiet since",
   "summary.stalled": " stalled",
   "queue.median": { one: "Today: {count} hand answered, median wait {wait}", other: "Today: {count} hands answered, median wait {wait}" },
   "queue.median_none": "Today: no hand answered yet",
