@@ -129,3 +129,17 @@ CREATE TABLE IF NOT EXISTS student_counts (
     executions  BIGINT NOT NULL,
     errors      BIGINT NOT NULL
 );
+
+-- How each raise ended, once it did: ended_how is stopped (help_stop) or dismissed, with
+-- ended_by the dismisser. A raise with no row here and no beat for HAND_TIMEOUT timed out at
+-- its last beat (telemetry/helpstats.py).
+CREATE TABLE IF NOT EXISTS hand_endings (
+    raise_id    BIGINT PRIMARY KEY,
+    student_id  TEXT NOT NULL,
+    ended_at    TIMESTAMPTZ NOT NULL,
+    ended_how   TEXT NOT NULL,
+    ended_by    TEXT
+);
+
+CREATE INDEX IF NOT EXISTS hand_endings_student_idx ON hand_endings (student_id);
+CREATE INDEX IF NOT EXISTS hand_raises_raised_idx ON hand_raises (raised_at);

@@ -29,7 +29,9 @@ import { drawAges } from "./dashboard/dom.js";
 import { translatePage } from "./dashboard/i18n.js";
 import { setUpKeys } from "./dashboard/keys.js";
 import { drawQueue, drawWaits } from "./dashboard/queue.js";
-import { applyEvent, expireHands, isRun, presence, resetStudents } from "./dashboard/rules.js";
+import {
+  applyEvent, expireHands, isRun, presence, resetStudents, stalledSince,
+} from "./dashboard/rules.js";
 import {
   askForToken, noteUpdate, setConnection, setUpSettings, setUpSignIn, showIngestUrl,
 } from "./dashboard/settings.js";
@@ -175,7 +177,8 @@ function tick() {
   expireHands(now);
   if (ticks % PRESENCE_EVERY_TICKS === 0) {
     state.students.forEach((student) => {
-      if (presence(student, now) !== student._presence) state.dirty.add(student.student_id);
+      const moved = presence(student, now) !== student._presence;
+      if (moved || stalledSince(student, now) !== student._stalled) state.dirty.add(student.student_id);
     });
     markChartDirty();
     drawAges(now);

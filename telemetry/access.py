@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from telemetry.bus import encode_erasure
-from telemetry.classview import CLASS_RULES
+from telemetry.classview import class_rules
 from telemetry.config import Grant, Settings
 from telemetry.errors import ApiError, error_body
 from telemetry.events import pseudonym
@@ -201,11 +201,12 @@ def client_key(connection: HTTPConnection) -> str:
 
 
 def session_body(request: Request, grant: Grant) -> dict:
-    courses = grant.course_list()
+    settings = service_of(request).settings
+    courses, rules = grant.course_list(), class_rules(settings.stalled_minutes)
     # The empty page shows the serverUrl to give the extension, with ?token= when it needs one.
-    token_required = bool(service_of(request).settings.ingest_tokens)
+    token_required = bool(settings.ingest_tokens)
     return {
-        "status": "ok", "token": grant.name, "courses": courses, "rules": CLASS_RULES,
+        "status": "ok", "token": grant.name, "courses": courses, "rules": rules,
         "ingest_token_required": token_required,
     }  # fmt: skip
 

@@ -199,6 +199,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/api/v1/events.csv", readapi.export_events, methods=["GET"]),
             Route("/api/v1/students.csv", readapi.export_students, methods=["GET"]),
             Route("/api/v1/help", readapi.list_help, methods=["GET"]),
+            Route("/api/v1/help/stats", readapi.show_help_stats, methods=["GET"]),
+            Route("/api/v1/help/stats.csv", readapi.export_help_stats, methods=["GET"]),
             Route("/api/v1/help/{student_id:path}/{action}", readapi.answer_hand, methods=["POST"]),
             Route("/api/v1/cells", readapi.list_cells, methods=["GET"]),
             Route("/api/v1/activity", readapi.list_activity, methods=["GET"]),

@@ -116,22 +116,50 @@ ON CONFLICT (raise_id) DO UPDATE SET last_beat_at = excluded.last_beat_at,
     on_my_way_at = excluded.on_my_way_at"""
 
 
+# How a raise ended, written once when it did: help_stop ("stopped") or a dismissal, with who
+# dismissed. A raise left without a beat ended at its last beat, known only when read.
+INSERT_ENDINGS = """
+INSERT INTO hand_endings (raise_id, student_id, ended_at, ended_how, ended_by)
+SELECT CAST(value ->> 'raise_id' AS BIGINT), value ->> 'student_id',
+       CAST(value ->> 'ended_at' AS TIMESTAMPTZ), value ->> 'ended_how', value ->> 'ended_by'
+FROM jsonb_array_elements(CAST(:endings AS JSONB)) WHERE true
+ON CONFLICT (raise_id) DO NOTHING"""
+
+
+def hand_ending(before: Any, after: Any, event: Mapping[str, Any], at: dt.datetime) -> Any:
+    """The ending row of the raise `event` lowered (`before` -> `after`), or None."""
+    if after is None or after["state"] == "up":
+        return None
+    if before is not None and before["raise_id"] == after["raise_id"] and before["state"] != "up":
+        return None  # lowered before: a help_stop after a dismissal ends nothing new
+    extra = event.get("extra")
+    by = extra.get("by") if isinstance(extra, Mapping) and after["state"] == "dismissed" else None
+    return {"raise_id": after["raise_id"], "student_id": after["student_id"], "ended_by": by,
+            "ended_at": format_timestamp(at), "ended_how": after["state"]}  # fmt: skip
+
+
 async def record_hands(
     storage: Storage, connection: Any, events: list[dict], at: dt.datetime
 ) -> None:
     """Apply a batch's new HAND_EVENTS, with their ids, in id order, to their students' latest
-    raises, in the batch's transaction on `connection`."""
+    raises, in the batch's transaction on `connection`; the raises they end, to hand_endings."""
     students = orjson.dumps(sorted({event["student_id"] for event in events})).decode()
     latest = await storage.rows(SELECT_LATEST_HANDS, {"students": students}, connection)
     hands = {row["student_id"]: dict(row) for row in latest}
+    endings = []
     for event in events:
-        hands[event["student_id"]] = next_hand(hands.get(event["student_id"]), event, at)
+        before = hands.get(event["student_id"])
+        hands[event["student_id"]] = next_hand(before, event, at)
+        endings.append(hand_ending(before, hands[event["student_id"]], event, at))
     rows = [
         {name: format_timestamp(value) if name.endswith("_at") and value else value
          for name, value in hand.items()}
         for hand in hands.values() if hand is not None
     ]  # fmt: skip
     await storage.execute(UPSERT_HANDS, {"hands": orjson.dumps(rows).decode()}, connection)
+    if any(endings):
+        endings_json = orjson.dumps([ending for ending in endings if ending]).decode()
+        await storage.execute(INSERT_ENDINGS, {"endings": endings_json}, connection)
 
 
 # A student is stuck after this many errors in a row on one cell; the dashboard uses the
@@ -145,6 +173,11 @@ STRUGGLING_ERRORS = 6
 ACTIVE = dt.timedelta(minutes=2)
 IDLE = dt.timedelta(minutes=10)
 
+# Stalled: no progress for the STALLED_MINUTES setting (see stalled_since).
+STALLED_MINUTES_DEFAULT = 10
+# One status per student, the first that holds, most urgent first (see student_status).
+STATUSES = ("help", "stuck", "stalled", "struggling", "active", "idle", "away")
+
 # The rules above as the page reads them (in the session answer), so it never copies them.
 CLASS_RULES = {
     "hand_timeout_seconds": HAND_TIMEOUT.total_seconds(),
@@ -153,7 +186,12 @@ CLASS_RULES = {
     "struggling_errors": STRUGGLING_ERRORS,
     "active_seconds": ACTIVE.total_seconds(),
     "idle_seconds": IDLE.total_seconds(),
+    "stalled_minutes": STALLED_MINUTES_DEFAULT,
 }
+
+
+def class_rules(stalled_minutes: int) -> dict:
+    return {**CLASS_RULES, "stalled_minutes": stalled_minutes}
 
 
 def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | None, int]:
@@ -174,6 +212,43 @@ def error_streak(executions: Iterable[tuple[str | None, str]]) -> tuple[str | No
 def is_struggling(statuses: list[str]) -> bool:
     """STRUGGLING_ERRORS among the last STREAK_LOOKBACK_EXECUTIONS statuses (oldest first)."""
     return statuses[-STREAK_LOOKBACK_EXECUTIONS:].count("error") >= STRUGGLING_ERRORS
+
+
+def streak_started(runs: list[tuple[str | None, str, str]]) -> str:
+    """When error_streak's streak began, over (cell_id, status, received_at) runs, oldest
+    first, that have one: the time of its first error, read backwards from its last."""
+    last = max(index for index, (_, status, _) in enumerate(runs) if status == "error")
+    cell, started = runs[last][0], runs[last][2]
+    for cell_id, status, at in reversed(runs[:last]):
+        if cell_id == cell and status == "error":
+            started = at
+        elif cell_id == cell or status == "error":
+            break
+    return started
+
+
+def stalled_since(
+    runs: list[tuple[str | None, str, str]], last_seen: dt.datetime, now: dt.datetime,
+    stalled_after: dt.timedelta,
+) -> str | None:  # fmt: skip
+    """When a student's stall began, if they are stalled at `now`, else None. Their latest run
+    failed and they are not away, and either they are active and have failed on that cell
+    for `stalled_after` (no ok there since), or they went quiet after it (idle)."""
+    if not runs or runs[-1][1] != "error" or now - last_seen >= IDLE:
+        return None
+    if now - last_seen >= ACTIVE:
+        return runs[-1][2]
+    started = streak_started(runs)
+    return started if now - as_datetime(started) >= stalled_after else None
+
+
+def student_status(document: Mapping[str, Any], last_seen: dt.datetime, now: dt.datetime) -> str:
+    """The first of STATUSES that holds for a student document: a flag, else presence."""
+    for status in STATUSES[:4]:
+        if document["hand_raised" if status == "help" else status]:
+            return status
+    quiet = now - last_seen
+    return "active" if quiet < ACTIVE else "idle" if quiet < IDLE else "away"
 
 
 def hand_document(hand: Mapping[str, Any] | None, now: dt.datetime) -> dict | None:
@@ -208,87 +283,6 @@ def last_place(student_id: str) -> str:
     in_notebook = "e.notebook_path IS NOT NULL"
     has_cell = f"{in_notebook} AND (e.cell_id IS NOT NULL OR e.cell_index IS NOT NULL)"
     return f"COALESCE({latest(has_cell)}, {latest(in_notebook)})"
-
-
-# Correlated subqueries, each an index range on events (student_id, id): the cost follows the
-# page's students, not the whole table (a join on the events of a page of them hashed every
-# event). `recent`: their latest executions as [id, cell_id, status]; aggregates keep no
-# order in SQLite.
-SELECT_STUDENT_PAGE = f"""
-SELECT page.*, last.event_type AS last_event_type, notebook.notebook_path AS last_notebook_path,
-       notebook.cell_id AS last_cell_id, notebook.cell_index AS last_cell_index,
-       {", ".join(f"hand.{column} AS hand_{column}" for column in HAND_TYPES)}
-FROM (
-    SELECT s.student_id, s.name, s.course_id, s.team, s.first_seen, s.last_seen,
-        COALESCE(c.events, 0) AS event_count, COALESCE(c.executions, 0) AS execution_count,
-        COALESCE(c.errors, 0) AS error_count,
-        (SELECT MAX(e.id) FROM events e
-         WHERE e.student_id = s.student_id AND {EVENT_IN_SCOPE}) AS last_event_id,
-        {last_place("s.student_id")} AS last_place_id,
-        (SELECT MAX(h.raise_id) FROM hand_raises h
-         WHERE h.student_id = s.student_id AND {RAISED_IN_SCOPE}) AS last_raise_id,
-        (SELECT json_agg(json_build_array(r.id, r.cell_id, r.status)) FROM (
-            SELECT e.id, e.cell_id, e.status FROM events e
-            WHERE e.student_id = s.student_id AND e.status IS NOT NULL AND {EVENT_IN_SCOPE}
-            ORDER BY e.id DESC LIMIT {STREAK_LOOKBACK_EXECUTIONS}) r) AS recent
-    FROM students s LEFT JOIN student_counts c ON c.student_id = s.student_id
-    WHERE s.student_id > :after AND {in_course("s.course_id")}
-    ORDER BY s.student_id
-    LIMIT :limit
-) page
-LEFT JOIN events last ON last.id = page.last_event_id
-LEFT JOIN events notebook ON notebook.id = page.last_place_id
-LEFT JOIN hand_raises hand ON hand.raise_id = page.last_raise_id
-ORDER BY page.student_id
-"""
-
-STUDENT_COLUMNS = (
-    "student_id name course_id team first_seen last_seen event_count execution_count "
-    "error_count last_event_id last_event_type last_notebook_path last_cell_id last_cell_index"
-).split()
-
-
-def student_document(
-    row: Mapping[str, Any], executions: list[tuple[str | None, str]], now: dt.datetime
-) -> dict:
-    """One student as the read API and the dashboard's table see them; `executions` are
-    their latest (cell_id, status), oldest first."""
-    cell, count = error_streak(executions)
-    statuses = [status for _, status in executions]
-    latest = None
-    if row["hand_state"] is not None:  # most students have no hand
-        latest = {column: row[f"hand_{column}"] for column in HAND_TYPES}
-    hand = hand_document(latest, now)
-    raised = hand is not None and hand["state"] == "up"
-    document = {column: row[column] for column in STUDENT_COLUMNS}
-    document.update(
-        first_seen=format_timestamp(row["first_seen"]),
-        last_seen=format_timestamp(row["last_seen"]),
-        last_status=statuses[-1] if statuses else None,
-        hand_raised=raised,
-        **{
-            f"hand_{key}": hand[key] if raised else None
-            for key in ("raised_at", "last_beat_at", "on_my_way")
-        },  # fmt: skip
-        error_streak=count,
-        streak_cell_id=cell,
-        stuck=count >= STUCK_ERROR_STREAK,
-        recent_statuses=statuses,
-        struggling=is_struggling(statuses),
-    )
-    return document
-
-
-async def students_page(
-    storage: Storage, params: Mapping[str, Any], now: dt.datetime
-) -> list[dict]:
-    """Students matching parse_students_query's params, by student_id, with their counts
-    and their hands as they are at `now`."""
-    documents = []
-    for row in await storage.rows(SELECT_STUDENT_PAGE, params):
-        recent = sorted(orjson.loads(row["recent"] or "[]"))
-        documents.append(student_document(row, [(cell, status) for _, cell, status in recent], now))
-    return documents
 
 
 # Beating raises only: an index range on last_beat_at, whatever the table's history.

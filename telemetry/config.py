@@ -215,6 +215,7 @@ class Settings:
     max_body_bytes: int = variable(1_048_576, whole_number)
     max_batch_events: int = variable(500, whole_number)
     max_outputs_bytes: int = variable(65_536, whole_number)
+    stalled_minutes: int = variable(10, whole_number)  # see classview.stalled_since
     replay_limit: int = variable(5_000, whole_number)
     client_queue_limit: int = variable(2_000, whole_number)
     sse_retry_ms: int = variable(2_000, whole_number)

@@ -138,12 +138,12 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "cell_index": lambda value: check_counter(value, INT32_MAX),
     "execution_count": lambda value: check_counter(value, INT32_MAX),
     "seq": lambda value: check_counter(value, INT64_MAX),
-    "source": lambda value: check_string(value, SOURCE_MAX_CHARS),
+    "source": lambda value: check_string(value, math.inf),  # cut by cap_source
     "status": check_status,
     "error": check_error,
     "duration_ms": check_duration,
 }
-KNOWN_FIELDS = frozenset((*FIELD_CHECKS, "occurred_at", "outputs"))
+KNOWN_FIELDS = frozenset((*FIELD_CHECKS, "occurred_at", "outputs", "source_truncated"))
 
 # Jupyter tracebacks and cell-monitor-extension's errorMessage carry terminal colours;
 # some clients lose the ESC and leave "[0;31m" behind.
@@ -174,6 +174,14 @@ def cap_outputs(value: Any, max_bytes: int) -> tuple[Any, bool]:
     if len(encoded) <= max_bytes:
         return value, False
     return encoded[:max_bytes].decode("utf-8", errors="ignore"), True
+
+
+def cap_source(value: str | None) -> tuple[str | None, bool]:
+    """A cell longer than SOURCE_MAX_CHARS is cut, not refused: a refusal is final for the
+    extension, and the run would never appear."""
+    if value is None or len(value) <= SOURCE_MAX_CHARS:
+        return value, False
+    return value[:SOURCE_MAX_CHARS], True
 
 
 # cell-monitor-extension posts camelCase; these keys map one to one onto ours.
@@ -260,6 +268,7 @@ def normalise_event(
         return None
     outputs = source.get("outputs")
     event["outputs"], event["outputs_truncated"] = cap_outputs(outputs, settings.max_outputs_bytes)
+    event["source"], event["source_truncated"] = cap_source(event["source"])
     event["occurred_at"] = event["occurred_at"] or now
     event["event_id"] = event["event_id"] or str(uuid.uuid4())
     event["extra"] = {key: value for key, value in source.items() if key not in KNOWN_FIELDS}

@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 # The rows deleted per table, in the order erasure answers and retention logs them.
 FORGOTTEN_TABLES = (
-    "events", "students", "cell_runs", "hand_raises", "student_counts", "activity",
-    "activity_teams", "active_minutes",
+    "events", "students", "cell_runs", "hand_raises", "hand_endings", "student_counts",
+    "activity", "activity_teams", "active_minutes",
 )  # fmt: skip
 
 # The doomed events, with the keys of the summary rows that counted them at ingest: the
@@ -86,6 +86,8 @@ SUBTRACT_DOOMED = [
 # summary whose latest run is doomed goes too: it would show that run's error.
 DELETE_FORGOTTEN = {
     "hand_raises": "DELETE FROM hand_raises WHERE raise_id IN (SELECT id FROM doomed) RETURNING 1",
+    "hand_endings": """DELETE FROM hand_endings WHERE raise_id IN (SELECT id FROM doomed)
+        RETURNING 1""",
     "events": "DELETE FROM events WHERE id IN (SELECT id FROM doomed) RETURNING received_at, id",
     # Read after the events went: a minute of a student's stays while any event of it does.
     "active_minutes": f"""DELETE FROM active_minutes WHERE (course_id, minute, student_id)

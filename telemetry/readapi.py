@@ -10,17 +10,21 @@ import datetime as dt
 import functools
 import io
 import logging
+import re
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from telemetry import cellview, classview, metrics
+from telemetry import cellview, classview, helpstats, metrics, studentview
 from telemetry.access import authorize_read, dashboard_grant
 from telemetry.classview import hand_document, latest_hand
 from telemetry.errors import ApiError, FieldErrors, StorageUnavailable, storage_unavailable
 from telemetry.events import (
+    EARLIEST_OCCURRED_AT,
     IDENTIFIER_MAX_CHARS,
     INT64_MAX,
     TEXT_MAX_CHARS,
@@ -87,6 +91,26 @@ def required(read: QueryReader) -> QueryReader:
     return read_required
 
 
+def zone_param(query: Mapping[str, str], name: str, errors: FieldErrors) -> ZoneInfo:
+    raw = query.get(name) or "UTC"
+    try:
+        return ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        errors.add(name, "must be an IANA time zone, such as Asia/Tokyo")
+        return ZoneInfo("UTC")
+
+
+def time_param(query: Mapping[str, str], name: str, errors: FieldErrors) -> dt.datetime:
+    raw = query.get(name, "").strip()
+    try:
+        moment = dt.datetime.fromisoformat(raw) if raw else EARLIEST_OCCURRED_AT
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+        return max(moment.astimezone(dt.UTC), EARLIEST_OCCURRED_AT)
+    except (ValueError, OverflowError):
+        errors.add(name, "must be an ISO 8601 time, such as 2026-12-03T00:00:00+09:00")
+        return EARLIEST_OCCURRED_AT
+
+
 def free_text(query: Mapping[str, str], name: str, errors: FieldErrors) -> str | None:
     return query.get(name) or None
 
@@ -113,7 +137,7 @@ TEXT = text_param(TEXT_MAX_CHARS)
 IDENTIFIER = text_param(IDENTIFIER_MAX_CHARS)
 PAGE_LIMIT = int_param(PAGE_LIMIT_DEFAULT, 1, PAGE_LIMIT_MAX)
 EVENT_FILTERS = dict(
-    student_id=IDENTIFIER, course_id=TEXT, event_type=IDENTIFIER, notebook_path=TEXT
+    student_id=IDENTIFIER, course_id=TEXT, team=TEXT, event_type=IDENTIFIER, notebook_path=TEXT
 )
 
 parse_events_query = query_parser(
@@ -124,7 +148,7 @@ parse_events_query = query_parser(
     collapse_beats=bool_param,
 )
 parse_students_query = query_parser(
-    course_id=TEXT, after=text_param(IDENTIFIER_MAX_CHARS, absent=""), limit=PAGE_LIMIT
+    course_id=TEXT, team=TEXT, after=text_param(IDENTIFIER_MAX_CHARS, absent=""), limit=PAGE_LIMIT
 )
 parse_course_query = query_parser(course_id=TEXT)
 parse_cells_query = query_parser(
@@ -139,7 +163,10 @@ parse_cell_detail_query = query_parser(
     notebook_path=text_param(TEXT_MAX_CHARS, absent=""),
     cell_key=required(TEXT),
 )
-parse_export_query = query_parser(**EVENT_FILTERS)
+parse_export_query = query_parser(**EVENT_FILTERS, tz=zone_param)
+parse_students_export_query = query_parser(course_id=TEXT, team=TEXT, tz=zone_param)
+parse_help_stats_query = query_parser(since=time_param, course_id=TEXT, team=TEXT)
+parse_help_export_query = query_parser(since=time_param, course_id=TEXT, team=TEXT, tz=zone_param)
 # The streams' filters are free text: only a misspelt name can be refused.
 parse_stream_query = query_parser(
     **dict.fromkeys(STREAM_FILTERS, free_text), last_event_id=free_text
@@ -172,7 +199,8 @@ async def list_students(request: Request) -> Response:
     storage = service_of(request).storage
     _, params = await authorize_read(request, parse_students_query)
     now = dt.datetime.now(dt.UTC)
-    read = functools.partial(classview.students_page, storage, now=now)
+    stalled = service_of(request).settings.stalled_minutes
+    read = functools.partial(studentview.students_page, storage, now=now, stalled_minutes=stalled)
     page, next_after = await read_page(read, params, "student_id")
     return JSONResponse({"now": format_timestamp(now), "students": page, "next_after": next_after})
 
@@ -214,6 +242,15 @@ async def answer_hand(request: Request) -> Response:
     hand = hand_document(await read_storage(latest_hand(service.storage, student_id)), now)
     body = {"id": stored.document["id"], "event_type": event_type, "hand": hand}
     return JSONResponse(body, status_code=201)
+
+
+async def show_help_stats(request: Request) -> Response:
+    """What help took since `since`: per raise, per helper, per student (see helpstats)."""
+    _, params = await authorize_read(request, parse_help_stats_query)
+    now = dt.datetime.now(dt.UTC)
+    figures = await read_storage(helpstats.help_stats(service_of(request).storage, params, now))
+    return JSONResponse({"now": format_timestamp(now), "since": format_timestamp(params["since"]),
+                         **figures})  # fmt: skip
 
 
 async def list_cells(request: Request) -> Response:
@@ -264,14 +301,20 @@ async def show_metrics(request: Request) -> Response:
 
 # A spreadsheet runs a cell that starts with one of these as a formula; students wrote it.
 CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# Spreadsheets read a CSV as the machine's legacy encoding unless it starts with a BOM.
+UTF8_BOM = b"\xef\xbb\xbf"
+# A `<name>_local` column is `<name>` in the time zone of the `tz` parameter.
 STUDENT_CSV_COLUMNS = (
-    "student_id name course_id team first_seen last_seen event_count execution_count "
-    "error_count last_notebook_path hand_raised stuck struggling"
+    "student_id name course_id team first_seen last_seen last_seen_local event_count "
+    "execution_count error_count last_notebook_path hand_raised stuck struggling stalled status"
 ).split()
 EVENT_CSV_COLUMNS = (
-    "id received_at occurred_at student_id student_name team course_id event_type "
-    "notebook_path cell_id cell_index execution_count status duration_ms error source"
+    "id received_at received_at_local occurred_at student_id student_name team course_id "
+    "event_type notebook_path cell_id cell_index execution_count status duration_ms error "
+    "source source_truncated"
 ).split()
+HELP_CSV_COLUMNS = [*helpstats.RAISE_COLUMNS]
+HELP_CSV_COLUMNS.insert(HELP_CSV_COLUMNS.index("raised_at") + 1, "raised_at_local")
 
 
 def csv_value(value: Any) -> Any:
@@ -290,13 +333,34 @@ def csv_line(values: Iterable[Any]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def event_csv_row(document: Mapping[str, Any]) -> list[Any]:
+def local_time(value: str | None, zone: ZoneInfo) -> str | None:
+    # Without an offset: spreadsheets read "2026-12-03 18:04:05" as a date and time.
+    return value and classview.as_datetime(value).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def csv_cells(document: Mapping[str, Any], columns: list[str], zone: ZoneInfo) -> list[Any]:
+    return [
+        local_time(document.get(column.removesuffix("_local")), zone)
+        if column.endswith("_local") else document.get(column)
+        for column in columns
+    ]  # fmt: skip
+
+
+def event_csv_row(document: Mapping[str, Any], zone: ZoneInfo = dt.UTC) -> list[Any]:
     row = {**document, "error": error_text(document.get("error"))}  # `ename: evalue`
-    return [row.get(column) for column in EVENT_CSV_COLUMNS]
+    return csv_cells(row, EVENT_CSV_COLUMNS, zone)
 
 
-def student_csv_row(document: Mapping[str, Any]) -> list[Any]:
-    return [document.get(column) for column in STUDENT_CSV_COLUMNS]
+def csv_filename(params: Mapping[str, Any], kind: str, now: dt.datetime) -> str:
+    """`cs101-events-2026-12-03.csv`: the course (all-courses if none) and the local date."""
+    course = params.get("course_id") or "all-courses"
+    return f"{course}-{kind}-{now.astimezone(params['tz']):%Y-%m-%d}.csv"
+
+
+def attachment(filename: str) -> str:
+    # RFC 6266: an ASCII name for old clients, the UTF-8 one (filename*) for the others.
+    fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(filename)}"
 
 
 async def csv_download(
@@ -309,7 +373,7 @@ async def csv_download(
     first = await read_storage(read_after(None))
 
     async def lines() -> AsyncIterator[bytes]:
-        yield csv_line(header)
+        yield UTF8_BOM + csv_line(header)
         page = first
         while page:
             yield b"".join(csv_line(row(item)) for item in page)
@@ -319,7 +383,7 @@ async def csv_download(
                 logger.warning("CSV export cut short: %r", error)
                 return
 
-    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    headers = {"Content-Disposition": attachment(name)}
     return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
 
 
@@ -332,18 +396,38 @@ async def export_events(request: Request) -> Response:
     def read_after(last: dict | None) -> Awaitable[list[dict]]:
         return storage.events_export({**params, "since_id": last["id"] if last else 0})
 
-    return await csv_download("events.csv", EVENT_CSV_COLUMNS, read_after, event_csv_row)
+    name = csv_filename(params, "events", dt.datetime.now(dt.UTC))
+    row = functools.partial(event_csv_row, zone=params["tz"])
+    return await csv_download(name, EVENT_CSV_COLUMNS, read_after, row)
 
 
 async def export_students(request: Request) -> Response:
     """The students table as CSV, in keyset pages."""
-    storage = service_of(request).storage
-    _, params = await authorize_read(request, parse_course_query)
+    service = service_of(request)
+    _, params = await authorize_read(request, parse_students_export_query)
     params["limit"] = EXPORT_PAGE_SIZE
     now = dt.datetime.now(dt.UTC)
 
     def read_after(last: dict | None) -> Awaitable[list[dict]]:
         after = last["student_id"] if last else ""
-        return classview.students_page(storage, {**params, "after": after}, now)
+        page = {**params, "after": after}
+        return studentview.students_page(
+            service.storage, page, now, service.settings.stalled_minutes
+        )
 
-    return await csv_download("students.csv", STUDENT_CSV_COLUMNS, read_after, student_csv_row)
+    row = functools.partial(csv_cells, columns=STUDENT_CSV_COLUMNS, zone=params["tz"])
+    name = csv_filename(params, "students", now)
+    return await csv_download(name, STUDENT_CSV_COLUMNS, read_after, row)
+
+
+async def export_help_stats(request: Request) -> Response:
+    """Help's per-raise rows (see show_help_stats) as CSV, in keyset pages."""
+    storage = service_of(request).storage
+    _, params = await authorize_read(request, parse_help_export_query)
+    now = dt.datetime.now(dt.UTC)
+
+    def read_after(last: dict | None) -> Awaitable[list[dict]]:
+        return helpstats.raises_page(storage, params, last["raise_id"] if last else 0, now)
+
+    row = functools.partial(csv_cells, columns=HELP_CSV_COLUMNS, zone=params["tz"])
+    return await csv_download(csv_filename(params, "help", now), HELP_CSV_COLUMNS, read_after, row)

@@ -105,6 +105,7 @@ COUNT_EVENTS_AFTER = (
 EVENT_FILTERS = f"""
   AND (CAST(:student_id AS TEXT) IS NULL OR e.student_id = :student_id)
   AND {in_course(EVENT_COURSE)}
+  AND (CAST(:team AS TEXT) IS NULL OR s.team = :team)
   AND (CAST(:event_type AS TEXT) IS NULL OR e.event_type = :event_type)
   AND (CAST(:notebook_path AS TEXT) IS NULL OR e.notebook_path = :notebook_path)"""
 SELECT_EVENT_PAGE = f"""{SELECT_EVENT_DOCUMENTS}
@@ -121,10 +122,15 @@ SELECT_STUDENT_COURSES = f"""SELECT DISTINCT {EVENT_COURSE} AS course_id FROM st
 LEFT JOIN events e ON e.student_id = s.student_id WHERE s.student_id = :student_id"""
 
 
+# A cut source is flagged in the stored `extra` (never a client's key: events.KNOWN_FIELDS).
+SOURCE_CUT = "source_truncated"  # SQLite cannot add a column to an existing table idempotently
+
+
 def event_document(event: Mapping[str, Any], event_id: int, student: Mapping[str, Any]) -> dict:
     """A newly stored event as dashboards see it (see SELECT_EVENT_DOCUMENTS)."""
     document = {column: event.get(column) for column in EVENT_COLUMNS}
     document.update(
+        source_truncated=bool(event.get(SOURCE_CUT)),
         id=event_id,
         student_name=student["name"],
         team=student["team"],
@@ -142,6 +148,7 @@ def row_document(row: Mapping[str, Any]) -> dict:
     for column in ("error", "outputs", "extra"):
         if event[column] is not None:
             event[column] = orjson.loads(event[column])
+    event[SOURCE_CUT] = bool(event["extra"].pop(SOURCE_CUT, False))
     student = {"name": row["student_name"], "team": row["team"], "course_id": None}
     return event_document(event, row["id"], student)
 
@@ -278,6 +285,8 @@ def staged_rows(events: Mapping[int, Mapping[str, Any]], received_at: dt.datetim
         row.update(at, position=position, occurred_at=format_timestamp(event["occurred_at"]))
         if event["status"] == "error":
             row["error_text"] = error_text(event["error"])
+        if event.get(SOURCE_CUT):
+            row["extra"] = {**event["extra"], SOURCE_CUT: True}
         rows.append(row)
     return orjson.dumps(rows).decode()
 

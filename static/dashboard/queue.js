@@ -1,6 +1,7 @@
 // The help queue, first come first served, with each hand's wait ticking on the server's clock.
 import { $, arrange, button, cellLabel, collator, el, formatTime, formatWait, millis } from "./dom.js";
-import { serverNow } from "./api.js";
+import { fetchJson, serverNow } from "./api.js";
+import { t } from "./i18n.js";
 import { pressHand } from "./rules.js";
 import { t } from "./i18n.js";
 import { state } from "./state.js";
@@ -9,6 +10,9 @@ import { displayName, onTheWay, openStudent } from "./story.js";
 let drawnKey = "";
 const items = new Map(); // student_id -> the parts of their queue item
 let focused = null; // the student whose item H focused
+let medianTimer = 0;
+let medianAskedFor = null; // the filters and queue the median shown was asked for
+const MEDIAN_REFRESH_MS = 1000; // answers come in bursts: one read for a burst
 
 export function queueStudents() {
   const team = state.filters.team;
@@ -24,6 +28,9 @@ const itemKey = (s) => [s.student_id, s.hand_raised_at, JSON.stringify(s.hand_on
 export function drawQueue() {
   const queue = queueStudents();
   const key = queue.map(itemKey).join("\u0000");
+  const medianFor = [state.filters.course, state.filters.team, key].join("\u0001");
+  if (medianFor !== medianAskedFor) scheduleMedianWait();
+  medianAskedFor = medianFor;
   if (key === drawnKey) return;
   drawnKey = key;
   $("#queue-count").textContent = queue.length ? String(queue.length) : "";
@@ -32,6 +39,27 @@ export function drawQueue() {
   for (const id of items.keys()) if (!queue.some((student) => student.student_id === id)) items.delete(id);
   arrange($("#queue"), shown);
   drawWaits(serverNow());
+}
+
+// Today's median wait from GET /api/v1/help/stats; "today" is since the browser's midnight.
+function scheduleMedianWait() {
+  if (medianTimer) return;
+  medianTimer = setTimeout(async () => {
+    const midnight = new Date();
+    midnight.setHours(0, 0, 0, 0);
+    try {
+      const { summary } = await fetchJson("/api/v1/help/stats", {
+        since: midnight.toISOString(), course_id: state.filters.course, team: state.filters.team,
+      });
+      const wait = summary.median_wait_seconds;
+      $("#queue-median").textContent = wait === null ? t("queue.median_none")
+        : t("queue.median", { wait: formatWait(wait * 1000), count: summary.answered });
+    } catch {
+      // The next change of the queue asks again; the figure shown meanwhile stands.
+    } finally {
+      medianTimer = 0;
+    }
+  }, MEDIAN_REFRESH_MS);
 }
 
 // Items are updated in place, never rebuilt: a student running a cell while the instructor

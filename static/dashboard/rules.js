@@ -26,19 +26,33 @@ export function presence(student, now) {
 export function attentionRank(student) {
   if (student.hand_raised) return 0;
   if (student.stuck) return 1;
-  return student.struggling ? 2 : 3;
+  if (student._stalled) return 2;
+  return student.struggling ? 3 : 4;
+}
+
+// The server's stalled rule (classview.stalled_since), at `now`: when the stall began, or null.
+// The latest run failed, the student is not away, and either they are active and failing on
+// that cell for stalled_minutes, or they went quiet after it.
+export function stalledSince(student, now) {
+  const seen = millis(student.last_seen);
+  if (student.last_status !== "error" || seen === null || now - seen >= ms("idle")) return null;
+  if (now - seen >= ms("active")) return student.last_run_at;
+  const started = millis(student.streak_started_at);
+  const enough = state.rules.stalled_minutes * 60_000;
+  return started !== null && now - started >= enough ? student.streak_started_at : null;
 }
 
 export const recentErrors = (student) => student.recent_statuses.filter((status) => status === "error").length;
 
 // Counts for the class summary and for each team.
 export function tally(students, now) {
-  const counts = { total: 0, active: 0, hands: 0, stuck: 0, struggling: 0 };
+  const counts = { total: 0, active: 0, hands: 0, stuck: 0, stalled: 0, struggling: 0 };
   for (const student of students) {
     counts.total += 1;
     counts.active += presence(student, now) === "active" ? 1 : 0;
     counts.hands += student.hand_raised ? 1 : 0;
     counts.stuck += student.stuck ? 1 : 0;
+    counts.stalled += !student.stuck && stalledSince(student, now) ? 1 : 0; // one status each
     counts.struggling += student.struggling ? 1 : 0;
   }
   return counts;
@@ -74,7 +88,7 @@ function isBeat(event) {
 
 const newStudent = (event) => ({
   student_id: event.student_id, first_seen: event.received_at, event_count: 0, execution_count: 0,
-  error_count: 0, last_event_id: 0, error_streak: 0, recent_statuses: [],
+  error_count: 0, last_event_id: 0, error_streak: 0, recent_statuses: [], streak_started_at: null,
   hand_raised: false, stuck: false, struggling: false,
 });
 
@@ -110,14 +124,17 @@ function applyToStudent(event, beat) {
 function countExecution(student, event) {
   student.execution_count += 1;
   student.last_status = event.status;
+  student.last_run_at = event.received_at;
   const sameCell = student.error_streak > 0 && event.cell_id === student.streak_cell_id;
   if (event.status === "error") {
     student.error_count += 1;
     student.error_streak = sameCell ? student.error_streak + 1 : 1;
     student.streak_cell_id = event.cell_id;
+    if (!sameCell) student.streak_started_at = event.received_at;
   } else if (sameCell) {
     student.error_streak = 0;
     student.streak_cell_id = null;
+    student.streak_started_at = null;
   }
   student.stuck = student.error_streak >= state.rules.stuck_error_streak;
   student.recent_statuses = [...student.recent_statuses, event.status].slice(-state.rules.recent_executions);

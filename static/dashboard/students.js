@@ -4,7 +4,8 @@ import { $, agoNode, arrange, breakable, collator, el, fileName, millis, pathNod
 import { serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { matchesStudentFilters, onFilterChange } from "./filters.js";
-import { attentionRank, presence, recentErrors } from "./rules.js";
+import { attentionRank, presence, recentErrors, stalledSince } from "./rules.js";
+import { t } from "./i18n.js";
 import { ROWS_PER_FRAME, schedule, state } from "./state.js";
 import { displayName, openStudent } from "./story.js";
 
@@ -106,6 +107,8 @@ function drawStudent(student, now) {
     rows.set(student.student_id, row);
   }
   student._presence = presence(student, now);
+  student._stalled = stalledSince(student, now);
+  row.classList.toggle("stalled", Boolean(student._stalled) && !student.stuck);
   row.classList.toggle("hand", student.hand_raised);
   row.classList.toggle("stuck", student.stuck);
   row.classList.toggle("struggling", student.struggling && !student.stuck);
@@ -132,6 +135,7 @@ function attentionCell(student) {
     badge.title = t("students.stuckTitle");
     cell.append(badge);
   }
+  if (student._stalled && !student.stuck) cell.append(stalledBadge(student));
   if (student.struggling) {
     const badge = el("span", "badge struggling", t("students.struggling"));
     badge.title = t("students.strugglingTitle", { errors: recentErrors(student), runs: student.recent_statuses.length });
@@ -139,6 +143,15 @@ function attentionCell(student) {
   }
   cell.append(el("span", `badge ${student._presence}`, t(`presence.${student._presence}`)));
   return cell;
+}
+
+// A symbol and words, not a colour alone: read from across the room, or without colour.
+// The badge stays as drawn until the student changes: the time it began is in its title.
+function stalledBadge(student) {
+  const badge = el("span", "badge stalled", t("status.stalled"));
+  const since = formatTime(student._stalled);
+  badge.title = t("status.stalled_title", { since, minutes: state.rules.stalled_minutes });
+  return badge;
 }
 
 function sortBy(key) {

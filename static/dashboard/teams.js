@@ -18,6 +18,7 @@ export function drawSummary() {
     [errorsInLastMinutes(5), t("summary.errors")],
     [counts.hands, t("summary.hands", { count: counts.hands })],
     [counts.stuck, t("summary.stuck")],
+    [counts.stalled, t("summary.stalled", { count: counts.stalled })],
     [counts.struggling, t("summary.struggling")],
   ];
   $("#summary").replaceChildren(...parts.flatMap(([count, text], index) =>

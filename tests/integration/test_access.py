@@ -70,7 +70,9 @@ async def get_json(api: ApiClient, who: str, path: str, **params: str) -> dict:
 
 def csv_students(response: httpx.Response, column: str) -> set[str]:
     assert response.status_code == 200, response.text
-    return {row[column] for row in csv.DictReader(io.StringIO(response.text))}
+    return {
+        row[column] for row in csv.DictReader(io.StringIO(response.content.decode("utf-8-sig")))
+    }
 
 
 @pytest.mark.parametrize("who", ["cs", "both", "all"])

@@ -29,14 +29,16 @@ async def pseudonymous(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_raw_ids_and_names_reach_no_table_answer_or_log(pseudonymous, caplog) -> None:
     with caplog.at_level(logging.DEBUG):
-        for body in (OURS, CAMEL, PIONEER, {**OURS, "event_type": "help"}):
+        hand = [{**OURS, "event_type": "help"}, {**OURS, "event_type": "help_stop"}]
+        for body in (OURS, CAMEL, PIONEER, *hand):
             response = await pseudonymous.post("/api/v1/events", json=body)
             assert response.status_code == 201, response.text
             assert leaks(response.text) == []
         answers = [
             await pseudonymous.get(path)
             for path in ("/api/v1/events", "/api/v1/students", "/api/v1/events.csv",
-                         "/api/v1/students.csv", "/api/v1/cells", "/api/v1/help")
+                         "/api/v1/students.csv", "/api/v1/cells", "/api/v1/help",
+                         "/api/v1/help/stats", "/api/v1/help/stats.csv")
         ]  # fmt: skip
     for answer in answers:
         assert answer.status_code == 200 and leaks(answer.text) == [], answer.text
@@ -51,7 +53,7 @@ async def test_raw_ids_and_names_reach_no_table_answer_or_log(pseudonymous, capl
         (pseudonym(SALT, raw), None) for raw in RAW_IDS
     )
     counts = await database.fetch_all("SELECT student_id, events FROM student_counts")
-    assert dict((row[0], row[1]) for row in counts)[pseudonym(SALT, RAW_IDS[0])] == 2
+    assert dict((row[0], row[1]) for row in counts)[pseudonym(SALT, RAW_IDS[0])] == 3
 
 
 async def test_help_actions_take_the_pseudonym_the_dashboard_shows(pseudonymous) -> None:

@@ -15,11 +15,12 @@ from asgi_lifespan import LifespanManager
 
 from telemetry.application import create_app
 from telemetry.cellview import cells
-from telemetry.classview import activity, students_page
+from telemetry.classview import activity
 from telemetry.config import Settings
 from telemetry.forgetting import FORGOTTEN_TABLES, erase_course, erase_student, retain
 from telemetry.ingest import normalise_batch
 from telemetry.storage import Storage
+from telemetry.studentview import students_page
 from tests.conftest import fresh_postgres_database, wait_for
 
 T0 = dt.datetime(2026, 11, 26, 9, 0, 30, tzinfo=dt.UTC)
@@ -58,6 +59,7 @@ CLASS = [
     ],
     [
         raise_hand(ADA, C1),
+        {**raise_hand(ADA, C1), "event_type": "help_stop"},
         run(ADA, None, "lists.ipynb", "cell1", "error"),
         run(BOB, C1, "lists.ipynb", "cell2", "error"),
         run(CY, C1, "lists.ipynb", "cell1", "ok"),
@@ -126,8 +128,19 @@ async def mentions(storage: Storage, *texts: str) -> list[tuple[str, dict]]:
     ]
 
 
-# Columns that differ between two databases holding the same story: ids and sighting times.
-LOCAL_COLUMNS = {"id", "last_event_id", "raise_id", "first_seen", "last_seen", "event_id"}
+# Columns that differ between two databases holding the same story: ids and sighting times,
+# and the status that follows them.
+LOCAL_COLUMNS = {
+    "id",
+    "last_event_id",
+    "raise_id",
+    "first_seen",
+    "last_seen",
+    "event_id",
+    "status",
+    "stalled",
+    "stalled_since",
+}  # these three follow last_seen
 
 
 async def class_view(storage: Storage) -> dict:
@@ -152,7 +165,7 @@ async def class_view(storage: Storage) -> dict:
         )
     students = await students_page(
         storage,
-        {"after": "", "course_id": None, "limit": 100, "courses": None},
+        {"after": "", "course_id": None, "team": None, "limit": 100, "courses": None},
         T0 + dt.timedelta(minutes=3),
     )
     view["students"] = [
@@ -167,8 +180,8 @@ async def test_an_erased_student_is_in_no_table_and_the_class_view_forgets_them(
     await store(storage, CLASS, T0)
     deleted = await erase_student(storage, ADA)
     assert deleted == {
-        "events": 4, "students": 1, "cell_runs": 2, "hand_raises": 1, "student_counts": 1,
-        "activity": 0, "activity_teams": 0, "active_minutes": 3,
+        "events": 5, "students": 1, "cell_runs": 2, "hand_raises": 1, "hand_endings": 1,
+        "student_counts": 1, "activity": 0, "activity_teams": 0, "active_minutes": 3,
     }  # fmt: skip
     assert await mentions(storage, ADA, NAMES[ADA]) == []
     await store(twin, only(lambda raw: raw["student_id"] != ADA, CLASS), T0)
@@ -200,7 +213,7 @@ async def test_an_erased_student_seen_again_is_a_new_sighting(storage) -> None:
         student
         for student in await students_page(
             storage,
-            {"after": "", "course_id": None, "limit": 100, "courses": None},
+            {"after": "", "course_id": None, "team": None, "limit": 100, "courses": None},
             T0 + dt.timedelta(hours=1),
         )
         if student["student_id"] == ADA
@@ -211,7 +224,7 @@ async def test_an_erased_student_seen_again_is_a_new_sighting(storage) -> None:
 async def test_an_erased_course_keeps_only_its_students_other_courses(storage, twin) -> None:
     await store(storage, CLASS, T0)
     deleted = await erase_course(storage, C1)
-    assert (deleted["events"], deleted["students"], deleted["student_counts"]) == (9, 2, 2)
+    assert (deleted["events"], deleted["students"], deleted["student_counts"]) == (10, 2, 2)
     assert await mentions(storage, ADA, BOB, NAMES[ADA], NAMES[BOB], C1, "lists.ipynb") == []
     # Cy stays, with the C2 run alone, and C2 as course.
     await store(twin, only(lambda raw: raw.get("course_id") == C2, CLASS), T0)

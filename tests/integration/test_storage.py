@@ -202,8 +202,8 @@ async def test_several_connections_can_apply_the_schema_at_once(postgres_databas
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
         )
         assert [row._mapping["tablename"] for row in tables] == [
-        "active_minutes", "activity", "activity_teams", "cell_runs", "events", "hand_raises",
-        "student_counts",
+        "active_minutes", "activity", "activity_teams", "cell_runs", "events", "hand_endings",
+        "hand_raises", "student_counts",
         "students",
     ]  # fmt: skip
     finally:

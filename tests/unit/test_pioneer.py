@@ -415,6 +415,7 @@ def test_body_captured_from_the_real_exporter() -> None:
             "traceback": traceback,
         },
         "outputs_truncated": False,
+        "source_truncated": False,
         "extra": {
             "pioneer": {
                 "eventInfo": body["data"]["eventDetail"]["eventInfo"],

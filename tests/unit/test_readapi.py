@@ -12,6 +12,7 @@ def test_events_query_defaults_select_the_newest_page() -> None:
     assert parse_events_query({}) == {
         "student_id": None,
         "course_id": None,
+        "team": None,
         "event_type": None,
         "notebook_path": None,
         "since_id": 0,
@@ -42,6 +43,7 @@ def test_events_query_rejects_bad_numbers(query) -> None:
 def test_students_query_starts_before_every_student_id() -> None:
     assert parse_students_query({"course_id": ""}) == {
         "course_id": None,
+        "team": None,
         "after": "",
         "limit": PAGE_LIMIT_DEFAULT,
     }

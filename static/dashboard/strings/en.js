@@ -200,4 +200,10 @@ export const en = {
   "event.status.ok": "ok",
   "event.status.error": "error",
   "event.withStatus": "{type}: {status}",
+  // The stalled status and today's help figures.
+  "status.stalled": "‖ stalled",
+  "status.stalled_title": "since {since}: latest run failed, and no success on that cell for {minutes} min, or quiet since",
+  "summary.stalled": " stalled",
+  "queue.median": { one: "Today: {count} hand answered, median wait {wait}", other: "Today: {count} hands answered, median wait {wait}" },
+  "queue.median_none": "Today: no hand answered yet",
 };

@@ -200,4 +200,10 @@ export const ja = {
   "event.status.ok": "成功",
   "event.status.error": "エラー",
   "event.withStatus": "{type}：{status}",
+  // 停滞の状態と、今日の対応の数字
+  "status.stalled": "‖ 停滞",
+  "status.stalled_title": "{since}から：最後の実行がエラーで、そのセルで{minutes}分以上成功なし、またはその後操作なし",
+  "summary.stalled": "人が停滞",
+  "queue.median": "今日の対応 {count}件・待ち時間の中央値 {wait}",
+  "queue.median_none": "今日はまだ対応した挙手がありません",
 };

@@ -1,0 +1,136 @@
+"""What help took: per raise, the wait until someone answered it (on my way, else a
+dismissal) and how long the hand stayed up, and those figures per helper and per student.
+Reads hand_raises and hand_endings (written by classview.record_hands); writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from telemetry.classview import (
+    RAISED_IN_SCOPE,
+    as_datetime,
+    format_timestamp,
+    hand_is_live,
+    in_course,
+)
+
+if TYPE_CHECKING:
+    from telemetry.storage import Storage
+
+PAGE_SIZE = 1_000
+
+# Raises from :since, in raise_id pages after :after, through hand_raises_raised_idx.
+SELECT_RAISES = f"""
+SELECT h.raise_id, h.student_id, s.name, s.team, s.course_id, h.raised_at, h.last_beat_at,
+       h.state, h.on_my_way_by, h.on_my_way_at, x.ended_at, x.ended_how, x.ended_by
+FROM hand_raises h JOIN students s ON s.student_id = h.student_id
+LEFT JOIN hand_endings x ON x.raise_id = h.raise_id
+WHERE h.raised_at >= :since AND h.raise_id > :after
+  AND {in_course("s.course_id")} AND (CAST(:team AS TEXT) IS NULL OR s.team = :team)
+  AND {RAISED_IN_SCOPE}
+ORDER BY h.raise_id LIMIT :limit"""
+
+RAISE_COLUMNS = (
+    "raise_id student_id name team course_id raised_at on_my_way_at on_my_way_by ended_at "
+    "ended_how ended_by answered_by wait_seconds up_seconds"
+).split()
+
+
+def seconds_between(start: Any, end: Any) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((as_datetime(end) - as_datetime(start)).total_seconds(), 3)
+
+
+def ending(row: Mapping[str, Any], now: dt.datetime) -> tuple[Any, str | None]:
+    """(ended_at, how) of a raise; (None, None) while it beats. A raise that stopped beating
+    ended at its last beat: "timeout", or its state for raises older than hand_endings."""
+    if row["ended_at"] is not None:
+        return row["ended_at"], row["ended_how"]
+    if hand_is_live(row, now):
+        return None, None
+    return row["last_beat_at"], "timeout" if row["state"] == "up" else row["state"]
+
+
+def raise_document(row: Mapping[str, Any], now: dt.datetime) -> dict:
+    """One raise with its wait (to on my way, else to a dismissal) and its time up."""
+    ended_at, how = ending(row, now)
+    answered_at, answered_by = row["on_my_way_at"], row["on_my_way_by"]
+    if answered_at is None and how == "dismissed":
+        answered_at, answered_by = ended_at, row["ended_by"]
+    return {
+        **{name: row[name] for name in ("raise_id", "student_id", "name", "team", "course_id")},
+        "raised_at": format_timestamp(row["raised_at"]),
+        "on_my_way_at": row["on_my_way_at"] and format_timestamp(row["on_my_way_at"]),
+        "on_my_way_by": row["on_my_way_by"],
+        "ended_at": ended_at and format_timestamp(ended_at),
+        "ended_how": how,
+        "ended_by": row["ended_by"],
+        "answered": answered_at is not None,
+        "answered_by": answered_by,
+        "wait_seconds": seconds_between(row["raised_at"], answered_at),
+        "up_seconds": seconds_between(row["raised_at"], ended_at),
+    }
+
+
+async def raises_page(
+    storage: Storage, params: Mapping[str, Any], after: int, now: dt.datetime
+) -> list[dict]:
+    query = {**params, "since": storage.db_time(params["since"]), "after": after}
+    rows = await storage.rows(SELECT_RAISES, {**query, "limit": PAGE_SIZE})
+    return [raise_document(row, now) for row in rows]
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def group_figures(raises: list[dict], key: str) -> dict[Any, list[dict]]:
+    groups: dict[Any, list[dict]] = {}
+    for document in raises:
+        groups.setdefault(document[key], []).append(document)
+    return groups
+
+
+def help_figures(raises: list[dict]) -> dict:
+    """The summary, per helper (who answered) and per student, over documents of raises."""
+    answered = [document for document in raises if document["answered"]]
+    helpers = sorted(
+        group_figures(answered, "answered_by").items(),
+        key=lambda item: (-len(item[1]), item[0] or ""),
+    )
+    students = group_figures(raises, "student_id")
+    return {
+        "summary": {
+            "raises": len(raises),
+            "answered": len(answered),
+            "median_wait_seconds": median(d["wait_seconds"] for d in answered),
+            "median_up_seconds": median(d["up_seconds"] for d in raises),
+        },
+        "helpers": [
+            {"helper": helper, "raises_answered": len(group),
+             "median_wait_seconds": median(d["wait_seconds"] for d in group)}
+            for helper, group in helpers
+        ],
+        "students": [
+            {"student_id": student_id, "name": group[-1]["name"], "raises": len(group),
+             "answered": sum(d["answered"] for d in group),
+             "median_wait_seconds": median(d["wait_seconds"] for d in group),
+             "median_up_seconds": median(d["up_seconds"] for d in group)}
+            for student_id, group in sorted(students.items())
+        ],
+    }  # fmt: skip
+
+
+async def help_stats(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> dict:
+    """Every raise from `since` in the token's courses, and help_figures over them."""
+    raises, after = [], 0
+    while page := await raises_page(storage, params, after, now):
+        raises.extend(page)
+        after = page[-1]["raise_id"]
+    return {"raises": raises, **help_figures(raises)}
