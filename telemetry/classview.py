@@ -331,21 +331,6 @@ SELECT_TEAM_ACTIVITY = f"""{ACTIVITY_SUMS}
 FROM activity_teams WHERE minute >= :first AND team = :team AND {in_course("course_id")}
 GROUP BY minute"""
 
-# A batch's new events in activity_teams, as UPSERT_ACTIVITY (storage) counts them in activity.
-UPSERT_TEAM_ACTIVITY = """
-INSERT INTO activity_teams (course_id, team, minute, executions, errors, help)
-SELECT course_id, team, minute, COUNT(status), COUNT(*) FILTER (WHERE status = 'error'),
-       SUM(raised)
-FROM (
-    SELECT COALESCE(course_id, shown_course, '') AS course_id, shown_team AS team, minute,
-           status, CASE WHEN EXISTS (SELECT 1 FROM hand_raises h WHERE h.raise_id = incoming.id)
-                THEN 1 ELSE 0 END AS raised
-    FROM incoming WHERE stored_id IS NULL AND shown_team IS NOT NULL
-) new GROUP BY course_id, team, minute HAVING COUNT(status) > 0 OR SUM(raised) > 0
-ON CONFLICT (course_id, team, minute) DO UPDATE SET
-    executions = activity_teams.executions + excluded.executions,
-    errors = activity_teams.errors + excluded.errors, help = activity_teams.help + excluded.help"""
-
 SELECT_ACTIVE = f"""
 SELECT minute, COUNT(DISTINCT student_id) AS active
 FROM active_minutes WHERE minute >= :first AND {in_course("course_id")}

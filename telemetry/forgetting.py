@@ -14,7 +14,8 @@ from typing import Any
 
 from telemetry.classview import format_timestamp
 from telemetry.events import EARLIEST_OCCURRED_AT
-from telemetry.storage import CELL_KEY, RECEIPT_MINUTE, UNLOCK, Storage
+from telemetry.storage import RECEIPT_MINUTE, UNLOCK, Storage
+from telemetry.summaries import CELL_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from databases import Database, DatabaseURL
 from telemetry.classview import (
     EVENT_COURSE,
     HAND_EVENTS,
-    UPSERT_TEAM_ACTIVITY,
     format_timestamp,
     in_course,
     minute_of,
@@ -32,6 +31,7 @@ from telemetry.classview import (
 from telemetry.config import ConfigError
 from telemetry.errors import storage_unavailable
 from telemetry.events import error_text
+from telemetry.summaries import SUMMARY_WRITES
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +153,6 @@ def row_document(row: Mapping[str, Any]) -> dict:
     return event_document(event, row["id"], student)
 
 
-# A cell's identity within its notebook: its id, else '#<index>', else ''.
-CELL_KEY = """CASE WHEN cell_id <> '' THEN cell_id
-    WHEN cell_index IS NOT NULL THEN '#' || CAST(cell_index AS TEXT) ELSE '' END"""
-
 # A batch is staged: a row per first occurrence of an event_id, by `position` in the request.
 INCOMING_COLUMNS = """position INTEGER, event_id TEXT, student_id TEXT, event_type TEXT,
     occurred_at TIMESTAMPTZ, received_at TIMESTAMPTZ, course_id TEXT, session_id TEXT,
@@ -217,61 +213,11 @@ INSERT_EVENTS = f"""INSERT INTO events ({STORED_COLUMNS})
 SELECT {STORED_COLUMNS} FROM incoming WHERE stored_id IS NULL ORDER BY position
 ON CONFLICT (event_id) DO NOTHING"""
 
-# Summaries add up the new events, each in its document's course; a cell's latest run wins.
-UPSERT_CELL_RUNS = f"""
-INSERT INTO cell_runs (student_id, notebook_path, cell_key, course_id, cell_id, cell_index,
-                       runs, errors, last_status, last_error, last_event_id)
-SELECT runs.student_id, runs.notebook_path, runs.cell_key, COALESCE(i.course_id, i.shown_course),
-       i.cell_id, i.cell_index, runs.runs, runs.errors, i.status, i.error_text, i.id
-FROM (
-    SELECT student_id, COALESCE(notebook_path, '') AS notebook_path, {CELL_KEY} AS cell_key,
-           COUNT(*) AS runs, COUNT(*) FILTER (WHERE status = 'error') AS errors,
-           MAX(position) AS latest
-    FROM incoming WHERE stored_id IS NULL AND status IS NOT NULL GROUP BY 1, 2, 3
-) runs JOIN incoming i ON i.position = runs.latest WHERE true
-ON CONFLICT (student_id, notebook_path, cell_key) DO UPDATE SET
-    course_id = COALESCE(excluded.course_id, cell_runs.course_id), cell_id = excluded.cell_id,
-    cell_index = COALESCE(excluded.cell_index, cell_runs.cell_index),
-    runs = cell_runs.runs + excluded.runs, errors = cell_runs.errors + excluded.errors,
-    last_status = excluded.last_status, last_error = excluded.last_error,
-    last_event_id = excluded.last_event_id"""
-
-UPSERT_STUDENT_COUNTS = """
-INSERT INTO student_counts (student_id, events, executions, errors)
-SELECT student_id, COUNT(*), COUNT(status), COUNT(*) FILTER (WHERE status = 'error')
-FROM incoming WHERE stored_id IS NULL GROUP BY student_id
-ON CONFLICT (student_id) DO UPDATE SET events = student_counts.events + excluded.events,
-    executions = student_counts.executions + excluded.executions,
-    errors = student_counts.errors + excluded.errors"""
-
-# A help event counts in activity if it raised a hand, which then bears its id.
-UPSERT_ACTIVITY = """
-INSERT INTO activity (course_id, minute, executions, errors, help)
-SELECT course_id, minute, COUNT(status), COUNT(*) FILTER (WHERE status = 'error'), SUM(raised)
-FROM (
-    SELECT COALESCE(course_id, shown_course, '') AS course_id, minute, status,
-           CASE WHEN EXISTS (SELECT 1 FROM hand_raises h WHERE h.raise_id = incoming.id)
-                THEN 1 ELSE 0 END AS raised
-    FROM incoming WHERE stored_id IS NULL
-) new GROUP BY course_id, minute HAVING COUNT(status) > 0 OR SUM(raised) > 0
-ON CONFLICT (course_id, minute) DO UPDATE SET
-    executions = activity.executions + excluded.executions,
-    errors = activity.errors + excluded.errors, help = activity.help + excluded.help"""
-
-# Who sent anything in a minute: one row each, however many of their events it holds.
-INSERT_ACTIVE_MINUTES = """
-INSERT INTO active_minutes (course_id, minute, student_id)
-SELECT DISTINCT COALESCE(course_id, shown_course, ''), minute, student_id
-FROM incoming WHERE stored_id IS NULL
-ON CONFLICT (course_id, minute, student_id) DO NOTHING"""
-
 # The rest of a batch takes no parameter, so that on PostgreSQL the committer's connection
 # prepares it once and sends it in one round trip: round trips are what a commit waits on.
 PREPARED = {
     sql: f"store_{n}"
-    for n, sql in enumerate((UPSERT_STUDENTS, INSERT_EVENTS, UPSERT_CELL_RUNS,
-                             UPSERT_STUDENT_COUNTS, UPSERT_ACTIVITY, UPSERT_TEAM_ACTIVITY,
-                             INSERT_ACTIVE_MINUTES, CLEAR_INCOMING))
+    for n, sql in enumerate((UPSERT_STUDENTS, INSERT_EVENTS, *SUMMARY_WRITES, CLEAR_INCOMING))
 }  # fmt: skip
 BATCH_SCRIPT = ["BEGIN", *PREPARED, "COMMIT"]
 
