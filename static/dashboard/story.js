@@ -31,6 +31,7 @@ const ANSI = /\x1b\[[0-9;]*[A-Za-z]/g;
 export function appendExecution(body, event) {
   if (event.source != null || event.status) {
     body.append(el("h3", "", t("story.code")), el("pre", "code", event.source ?? t("story.noCode")));
+    if (event.source_truncated) body.append(el("p", "hint cut", t("story.codeCut")));
   }
   if (event.error_text) body.append(el("h3", "", t("story.error")), el("pre", "error", event.error_text));
   const output = outputText(event.outputs);
@@ -41,6 +42,7 @@ export function appendExecution(body, event) {
     body.append(el("details", "traceback", el("summary", "", t("story.traceback")), el("pre", "error", traceback)));
   }
   if (output && !repeated) body.append(el("h3", "", t("story.output")), el("pre", "output", output));
+  if (event.outputs_truncated) body.append(el("p", "hint cut", t("story.outputCut")));
 }
 
 function repeatsError(output, event) {

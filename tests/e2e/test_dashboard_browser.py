@@ -346,6 +346,20 @@ def test_a_students_timeline_pages_back_on_demand(dashboard) -> None:
     dashboard.wait(lambda: not panel.is_displayed())
 
 
+def test_a_cell_over_the_limit_is_stored_cut_and_shown_as_cut(dashboard) -> None:
+    # cell-monitor-extension treats a 4xx as final: a refused run would never appear.
+    big = {"eventType": "cell_executed", "emailAddress": "ada@uni.edu", "userName": "Ada",
+           "notebookPath": "week1.ipynb", "cellIndex": 3, "code": "x = 1\n" * 50_000}  # fmt: skip
+    dashboard.post(big)
+    dashboard.open()
+    dashboard.student_row("ada@uni.edu").click()
+    newest = dashboard.wait(
+        lambda: dashboard.browser.find_elements(By.CSS_SELECTOR, "#timeline > li")
+    )[0]
+    assert "x = 1" in newest.text
+    assert "only its beginning was kept" in newest.find_element(By.CSS_SELECTOR, ".cut").text
+
+
 OVERFLOW = """
 const width = document.documentElement.clientWidth;
 const cut = [...document.querySelectorAll('#feed .type, .path .file')]

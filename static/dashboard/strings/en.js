@@ -184,6 +184,8 @@ export const en = {
   "story.nowIn": "Now in",
   "story.noNotebook": "no notebook yet",
   "story.code": "Code",
+  "story.codeCut": "Code over the service's limit: only its beginning was kept.",
+  "story.outputCut": "Outputs over the service's limit: only their beginning was kept.",
   "story.noCode": "(no code)",
   "story.error": "Error",
   "story.traceback": "Traceback",

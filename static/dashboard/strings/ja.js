@@ -184,6 +184,8 @@ export const ja = {
   "story.nowIn": "作業中の場所",
   "story.noNotebook": "まだノートブックがありません",
   "story.code": "コード",
+  "story.codeCut": "コードが上限を超えたため、先頭だけを保存しました。",
+  "story.outputCut": "出力が上限を超えたため、先頭だけを保存しました。",
   "story.noCode": "（コードなし）",
   "story.error": "エラー",
   "story.traceback": "トレースバック",
