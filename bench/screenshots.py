@@ -6,7 +6,8 @@
 Starts the service on a temporary SQLite file, lets 30 simulated students in 3 teams post
 cell-monitor-extension's camelCase events (bench/dashboard_class.py) in real time, so the
 activity chart has a few minutes, then opens the page in Debian's headless Chromium
-(`apt-get install -y chromium chromium-driver`) and saves PNGs to bench/screenshots/.
+(`apt-get install -y chromium chromium-driver fonts-noto-cjk`), in English and in Japanese,
+and saves PNGs to bench/screenshots/.
 """
 
 from __future__ import annotations
@@ -92,10 +93,14 @@ def shoot(browser: webdriver.Chrome, name: str, width: int, height: int) -> None
     print(f"{path.relative_to(BENCH_DIR.parent)}: {path.stat().st_size // 1024} KB")
 
 
-def open_page(browser: webdriver.Chrome, url: str) -> None:
+def open_page(browser: webdriver.Chrome, url: str, language: str = "en") -> None:
     browser.get(url)
-    until(browser, lambda: browser.find_element(By.ID, "connection").text == "live")
+    browser.execute_script("localStorage.setItem('telemetry.language', arguments[0])", language)
+    browser.get(url)
+    connection = browser.find_element(By.ID, "connection")
+    until(browser, lambda: connection.get_attribute("data-state") == "live")
     until(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#stuck-cells li"))
+    until(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#progress-grid td.square"))
 
 
 def take(base_url: str) -> None:
@@ -105,15 +110,23 @@ def take(base_url: str) -> None:
         browser.set_window_size(1400, 1000)
         open_page(browser, base_url + "/")
         shoot(browser, "dashboard-1400", 1400, 1000)
+        progress = browser.find_element(By.ID, "progress-section")
+        browser.execute_script("arguments[0].scrollIntoView()", progress)
+        shoot(browser, "dashboard-progress", 1400, 1000)
+        browser.execute_script("window.scrollTo(0, 0)")
         browser.find_element(By.CSS_SELECTOR, "#stuck-cells button.cell-summary").click()
         until(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#cell-students li"))
         shoot(browser, "dashboard-stuck-cell", 1400, 1000)
-        browser.find_element(By.CSS_SELECTOR, "#cell-students button").click()
+        browser.find_element(By.CSS_SELECTOR, "#cell-students button.pick").click()
         until(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#timeline > li")) > 3)
         shoot(browser, "dashboard-student", 1400, 1000)
+        open_page(browser, base_url + "/", "ja")
+        shoot(browser, "dashboard-ja-1400", 1400, 1000)
         browser.set_window_size(800, 1000)
         open_page(browser, base_url + "/")
         shoot(browser, "dashboard-800", 800, 1400)
+        open_page(browser, base_url + "/", "ja")
+        shoot(browser, "dashboard-ja-800", 800, 1400)
     finally:
         browser.quit()
 
