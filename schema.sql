@@ -69,6 +69,9 @@ CREATE INDEX IF NOT EXISTS cell_runs_failing_idx ON cell_runs (course_id, notebo
 -- One notebook's or one cell's rows: the progress grid and the one-cell view.
 CREATE INDEX IF NOT EXISTS cell_runs_cell_idx ON cell_runs (notebook_path, cell_key);
 
+-- Each student's latest run: where the progress view says they are now.
+CREATE INDEX IF NOT EXISTS cell_runs_latest_idx ON cell_runs (student_id, last_event_id);
+
 -- The class view adds up cell_runs per cell when read: a second summary of them is not kept.
 DROP TABLE IF EXISTS cell_totals;
 

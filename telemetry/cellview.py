@@ -124,16 +124,34 @@ async def cells(storage: Storage, params: Mapping[str, Any]) -> list[dict]:
     return cell_documents(totals, failing)[: params["limit"]]
 
 
-# Per notebook: the students who ran a cell of it, and those whose latest run is in it.
+# A student `s` of the team asked for, if any: the progress queries start from students.
+STUDENT_IN_TEAM = "(CAST(:team AS TEXT) IS NULL OR s.team = :team)"
+
+# Per notebook, the students who ran a cell of it. The notebooks come from a skip scan of
+# cell_runs_cell_idx (one probe per notebook), each count from one probe of the primary key per
+# student: grouping all of cell_runs (students x notebooks x cells rows) read every row.
 SELECT_NOTEBOOKS = f"""
-SELECT notebook_path, COUNT(*) AS students_ran,
-       SUM(CASE WHEN latest = newest THEN 1 ELSE 0 END) AS students_here
-FROM (SELECT notebook_path, latest, MAX(latest) OVER (PARTITION BY student_id) AS newest
-      FROM (SELECT r.student_id, r.notebook_path, MAX(r.last_event_id) AS latest
-            FROM cell_runs r WHERE {in_course("r.course_id")} AND {IN_TEAM}
-            GROUP BY r.student_id, r.notebook_path) per_student) per_notebook
-WHERE notebook_path <> ''
-GROUP BY notebook_path"""
+WITH RECURSIVE notebooks (path) AS (
+    SELECT MIN(notebook_path) FROM cell_runs WHERE notebook_path > ''
+    UNION ALL
+    SELECT (SELECT MIN(r.notebook_path) FROM cell_runs r WHERE r.notebook_path > n.path)
+    FROM notebooks n WHERE n.path IS NOT NULL)
+SELECT n.path AS notebook_path,
+       (SELECT COUNT(*) FROM students s WHERE {STUDENT_IN_TEAM} AND EXISTS (
+            SELECT 1 FROM cell_runs r WHERE r.student_id = s.student_id
+              AND r.notebook_path = n.path AND {in_course("r.course_id")})) AS students_ran
+FROM notebooks n WHERE n.path IS NOT NULL"""
+
+# Per notebook, the students whose latest run is in it: one backward probe of
+# cell_runs_latest_idx per student.
+SELECT_STUDENTS_HERE = f"""
+SELECT here AS notebook_path, COUNT(*) AS students_here
+FROM (SELECT (SELECT r.notebook_path FROM cell_runs r
+              WHERE r.student_id = s.student_id AND {in_course("r.course_id")}
+              ORDER BY r.last_event_id DESC LIMIT 1) AS here
+      FROM students s WHERE {STUDENT_IN_TEAM}) latest
+WHERE here IS NOT NULL
+GROUP BY here"""
 
 # One notebook's run summaries, through cell_runs_cell_idx, with their students' names.
 SELECT_NOTEBOOK_RUNS = f"""
@@ -142,14 +160,19 @@ FROM cell_runs r JOIN students s ON s.student_id = r.student_id
 WHERE r.notebook_path = :notebook_path AND {in_course("r.course_id")} AND {IN_TEAM}"""
 
 
-def notebook_documents(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
-    """The notebooks, the one most students are in now first."""
+def notebook_documents(
+    ran: Iterable[Mapping[str, Any]], here: Iterable[Mapping[str, Any]]
+) -> list[dict]:
+    """The notebooks someone ran (SELECT_NOTEBOOKS rows with SELECT_STUDENTS_HERE's), the one
+    most students are in now first."""
+    students_here = {row["notebook_path"]: row["students_here"] for row in here}
     documents = []
-    for row in rows:
+    for row in ran:
         path = row["notebook_path"]
-        documents.append({"notebook_path": path, "notebook_name": notebook_name(path),
-                          "students_ran": row["students_ran"],
-                          "students_here": int(row["students_here"] or 0)})  # fmt: skip
+        if row["students_ran"]:
+            documents.append({"notebook_path": path, "notebook_name": notebook_name(path),
+                              "students_ran": row["students_ran"],
+                              "students_here": students_here.get(path, 0)})  # fmt: skip
     return sorted(documents, key=lambda d: (-d["students_here"], -d["students_ran"],
                                             d["notebook_path"]))  # fmt: skip
 
@@ -186,7 +209,8 @@ def progress_grid(path: str, rows: list[Mapping[str, Any]]) -> tuple[list[dict],
 
 async def progress(storage: Storage, params: Mapping[str, Any]) -> dict:
     """Students × cells of one notebook (the one most students are in, unless asked)."""
-    notebooks = notebook_documents(await storage.rows(SELECT_NOTEBOOKS, with_team(params)))
+    ran = await storage.rows(SELECT_NOTEBOOKS, with_team(params))
+    notebooks = notebook_documents(ran, await storage.rows(SELECT_STUDENTS_HERE, with_team(params)))
     path = params["notebook_path"] or (notebooks[0]["notebook_path"] if notebooks else None)
     rows = []
     if path is not None:

@@ -137,6 +137,18 @@ async def test_progress_of_a_chosen_notebook_and_team(api) -> None:
     assert (empty["notebook_path"], empty["notebooks"], empty["students"]) == (None, [], [])
 
 
+async def test_the_chooser_lists_notebooks_nobody_is_in_now_and_only_the_course_asked(api) -> None:
+    await post(api, run("ada", 1, "ok", course_id="cs1"), run("bob", 1, "ok", course_id="cs1"))
+    await post(api, {**run("ada", 0, "ok", course_id="cs1"), "notebook_path": "next.ipynb"})
+    await post(api, {**run("bob", 0, "ok", course_id="cs1"), "notebook_path": "next.ipynb"})
+    await post(api, {**run("cy", 0, "ok", course_id="cs2"), "notebook_path": "other.ipynb"})
+    body = await read(api, "/api/v1/progress", course_id="cs1")
+    assert body["notebook_path"] == "next.ipynb"
+    assert [
+        (n["notebook_path"], n["students_here"], n["students_ran"]) for n in body["notebooks"]
+    ] == [("next.ipynb", 2, 2), (LAB, 0, 2)]
+
+
 # One cell, every student
 
 
