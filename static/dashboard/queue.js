@@ -3,7 +3,6 @@ import { $, arrange, button, cellLabel, collator, el, formatTime, formatWait, mi
 import { fetchJson, serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { pressHand } from "./rules.js";
-import { t } from "./i18n.js";
 import { state } from "./state.js";
 import { displayName, onTheWay, openStudent } from "./story.js";
 
