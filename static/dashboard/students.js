@@ -5,7 +5,6 @@ import { serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { matchesStudentFilters, onFilterChange } from "./filters.js";
 import { attentionRank, presence, recentErrors, stalledSince } from "./rules.js";
-import { t } from "./i18n.js";
 import { ROWS_PER_FRAME, schedule, state } from "./state.js";
 import { displayName, openStudent } from "./story.js";
 
