@@ -1,6 +1,6 @@
 // The students table: a row per student, redrawn only when that student changed, sorted and
 // filtered on the page, optionally grouped by team.
-import { $, agoNode, arrange, breakable, collator, el, fileName, millis, pathNode } from "./dom.js";
+import { $, agoNode, arrange, breakable, collator, el, fileName, formatTime, millis, pathNode } from "./dom.js";
 import { serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { matchesStudentFilters, onFilterChange } from "./filters.js";
