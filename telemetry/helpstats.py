@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 PAGE_SIZE = 1_000
 
 # Raises from :since in the course, team and scope asked for, through hand_raises_raised_idx.
+# A LEFT JOIN keeps hand_raises the outer side: PostgreSQL's generic plan for this prepared
+# statement (after five runs) guesses one student matches the optional filters, and led
+# with students, probing hand_raises_raised_idx once per student. Every raise has its student.
 RAISES_FROM = f"""
-FROM hand_raises h JOIN students s ON s.student_id = h.student_id
+FROM hand_raises h LEFT JOIN students s ON s.student_id = h.student_id
 LEFT JOIN hand_endings x ON x.raise_id = h.raise_id
 WHERE h.raised_at >= :since
   AND {in_course("s.course_id")} AND (CAST(:team AS TEXT) IS NULL OR s.team = :team)
