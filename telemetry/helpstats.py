@@ -23,16 +23,28 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 1_000
 
-# Raises from :since, in raise_id pages after :after, through hand_raises_raised_idx.
-SELECT_RAISES = f"""
-SELECT h.raise_id, h.student_id, s.name, s.team, s.course_id, h.raised_at, h.last_beat_at,
-       h.state, h.on_my_way_by, h.on_my_way_at, x.ended_at, x.ended_how, x.ended_by
-FROM hand_raises h JOIN students s ON s.student_id = h.student_id
+# Raises from :since in the course, team and scope asked for, through hand_raises_raised_idx.
+# A LEFT JOIN keeps hand_raises the outer side: PostgreSQL's generic plan for this prepared
+# statement (after five runs) guesses one student matches the optional filters, and led
+# with students, probing hand_raises_raised_idx once per student. Every raise has its student.
+RAISES_FROM = f"""
+FROM hand_raises h LEFT JOIN students s ON s.student_id = h.student_id
 LEFT JOIN hand_endings x ON x.raise_id = h.raise_id
-WHERE h.raised_at >= :since AND h.raise_id > :after
+WHERE h.raised_at >= :since
   AND {in_course("s.course_id")} AND (CAST(:team AS TEXT) IS NULL OR s.team = :team)
-  AND {RAISED_IN_SCOPE}
-ORDER BY h.raise_id LIMIT :limit"""
+  AND {RAISED_IN_SCOPE}"""
+RAISE_FIELDS = """h.raise_id, h.student_id, s.name, s.team, s.course_id, h.raised_at,
+       h.last_beat_at, h.state, h.on_my_way_by, h.on_my_way_at, x.ended_at, x.ended_how,
+       x.ended_by"""
+# Oldest first after :after (the CSV), newest first before :before_id (the JSON's pages).
+SELECT_RAISES = (
+    f"SELECT {RAISE_FIELDS} {RAISES_FROM} AND h.raise_id > :after ORDER BY h.raise_id LIMIT :limit"
+)
+SELECT_NEWEST_RAISES = f"""SELECT {RAISE_FIELDS} {RAISES_FROM} AND h.raise_id < :before_id
+ORDER BY h.raise_id DESC LIMIT :limit"""
+# Only what the medians need, every raise at once: no formatted times, no documents.
+SELECT_FIGURE_ROWS = f"""SELECT h.student_id, s.name, h.raised_at, h.last_beat_at, h.state,
+       h.on_my_way_by, h.on_my_way_at, x.ended_at, x.ended_how, x.ended_by {RAISES_FROM}"""
 
 RAISE_COLUMNS = (
     "raise_id student_id name team course_id raised_at on_my_way_at on_my_way_by ended_at "
@@ -56,12 +68,19 @@ def ending(row: Mapping[str, Any], now: dt.datetime) -> tuple[Any, str | None]:
     return row["last_beat_at"], "timeout" if row["state"] == "up" else row["state"]
 
 
-def raise_document(row: Mapping[str, Any], now: dt.datetime) -> dict:
-    """One raise with its wait (to on my way, else to a dismissal) and its time up."""
+def answer_and_end(row: Mapping[str, Any], now: dt.datetime) -> tuple[Any, Any, Any, Any]:
+    """(answered_at, answered_by, ended_at, ended_how) of a raise: answered by "on my way",
+    else by a dismissal."""
     ended_at, how = ending(row, now)
     answered_at, answered_by = row["on_my_way_at"], row["on_my_way_by"]
     if answered_at is None and how == "dismissed":
         answered_at, answered_by = ended_at, row["ended_by"]
+    return answered_at, answered_by, ended_at, how
+
+
+def raise_document(row: Mapping[str, Any], now: dt.datetime) -> dict:
+    """One raise with its wait (to on my way, else to a dismissal) and its time up."""
+    answered_at, answered_by, ended_at, how = answer_and_end(row, now)
     return {
         **{name: row[name] for name in ("raise_id", "student_id", "name", "team", "course_id")},
         "raised_at": format_timestamp(row["raised_at"]),
@@ -77,11 +96,34 @@ def raise_document(row: Mapping[str, Any], now: dt.datetime) -> dict:
     }
 
 
+def raise_figures(row: Mapping[str, Any], now: dt.datetime) -> dict:
+    """Of one raise, only what help_figures reads."""
+    answered_at, answered_by, ended_at, _ = answer_and_end(row, now)
+    return {
+        "student_id": row["student_id"],
+        "name": row["name"],
+        "answered": answered_at is not None,
+        "answered_by": answered_by,
+        "wait_seconds": seconds_between(row["raised_at"], answered_at),
+        "up_seconds": seconds_between(row["raised_at"], ended_at),
+    }
+
+
+def since_params(storage: Storage, params: Mapping[str, Any]) -> dict:
+    return {**params, "since": storage.db_time(params["since"])}
+
+
 async def raises_page(
     storage: Storage, params: Mapping[str, Any], after: int, now: dt.datetime
 ) -> list[dict]:
-    query = {**params, "since": storage.db_time(params["since"]), "after": after}
-    rows = await storage.rows(SELECT_RAISES, {**query, "limit": PAGE_SIZE})
+    """Raises oldest first after raise `after`, a page at a time (the CSV)."""
+    query = {**since_params(storage, params), "after": after, "limit": PAGE_SIZE}
+    return [raise_document(row, now) for row in await storage.rows(SELECT_RAISES, query)]
+
+
+async def newest_raises(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> list:
+    """Raises newest first before `before_id`, `limit` of them."""
+    rows = await storage.rows(SELECT_NEWEST_RAISES, since_params(storage, params))
     return [raise_document(row, now) for row in rows]
 
 
@@ -128,9 +170,6 @@ def help_figures(raises: list[dict]) -> dict:
 
 
 async def help_stats(storage: Storage, params: Mapping[str, Any], now: dt.datetime) -> dict:
-    """Every raise from `since` in the token's courses, and help_figures over them."""
-    raises, after = [], 0
-    while page := await raises_page(storage, params, after, now):
-        raises.extend(page)
-        after = page[-1]["raise_id"]
-    return {"raises": raises, **help_figures(raises)}
+    """help_figures over every raise from `since` in the token's courses."""
+    rows = await storage.rows(SELECT_FIGURE_ROWS, since_params(storage, params))
+    return help_figures([raise_figures(row, now) for row in rows])

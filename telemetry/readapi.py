@@ -165,7 +165,13 @@ parse_cell_detail_query = query_parser(
 )
 parse_export_query = query_parser(**EVENT_FILTERS, tz=zone_param)
 parse_students_export_query = query_parser(course_id=TEXT, team=TEXT, tz=zone_param)
-parse_help_stats_query = query_parser(since=time_param, course_id=TEXT, team=TEXT)
+parse_help_stats_query = query_parser(
+    since=time_param,
+    course_id=TEXT,
+    team=TEXT,
+    limit=int_param(PAGE_LIMIT_DEFAULT, 0, PAGE_LIMIT_MAX),
+    before_id=int_param(INT64_MAX, 1, INT64_MAX),
+)
 parse_help_export_query = query_parser(since=time_param, course_id=TEXT, team=TEXT, tz=zone_param)
 # The streams' filters are free text: only a misspelt name can be refused.
 parse_stream_query = query_parser(
@@ -245,12 +251,19 @@ async def answer_hand(request: Request) -> Response:
 
 
 async def show_help_stats(request: Request) -> Response:
-    """What help took since `since`: per raise, per helper, per student (see helpstats)."""
+    """What help took since `since`: per helper and per student over every raise, and the
+    raises newest first, `limit` of them; `next_before_id` fetches the older page."""
+    storage = service_of(request).storage
     _, params = await authorize_read(request, parse_help_stats_query)
     now = dt.datetime.now(dt.UTC)
-    figures = await read_storage(helpstats.help_stats(service_of(request).storage, params, now))
+    figures = await read_storage(helpstats.help_stats(storage, params, now))
+    raises, next_before_id = [], None
+    if params["limit"]:  # 0: the figures alone, as the queue's median wait asks
+        read = functools.partial(helpstats.newest_raises, storage, now=now)
+        raises, next_before_id = await read_page(read, params, "raise_id")
+    page = {"raises": raises, "next_before_id": next_before_id}
     return JSONResponse({"now": format_timestamp(now), "since": format_timestamp(params["since"]),
-                         **figures})  # fmt: skip
+                         **figures, **page})  # fmt: skip
 
 
 async def list_cells(request: Request) -> Response:

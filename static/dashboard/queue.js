@@ -41,6 +41,7 @@ export function drawQueue() {
 }
 
 // Today's median wait from GET /api/v1/help/stats; "today" is since the browser's midnight.
+// limit=0: the figures without the per-raise rows, which the queue does not show.
 function scheduleMedianWait() {
   if (medianTimer) return;
   medianTimer = setTimeout(async () => {
@@ -49,6 +50,7 @@ function scheduleMedianWait() {
     try {
       const { summary } = await fetchJson("/api/v1/help/stats", {
         since: midnight.toISOString(), course_id: state.filters.course, team: state.filters.team,
+        limit: 0,
       });
       const wait = summary.median_wait_seconds;
       $("#queue-median").textContent = wait === null ? t("queue.median_none")

@@ -95,6 +95,32 @@ async def test_stats_read_from_since_and_the_course_asked_for(class_helped):
     assert (await stats(class_helped, since=since))["summary"]["raises"] == 4
 
 
+async def test_raises_come_newest_first_a_page_at_a_time(class_helped):
+    first = await stats(class_helped, limit=3)
+    assert [document["student_id"] for document in first["raises"]] == ["dee", "cy", "bob"]
+    assert first["summary"]["raises"] == 4  # the figures are over every raise, not the page
+    rest = await stats(class_helped, limit=3, before_id=first["next_before_id"])
+    assert ([document["student_id"] for document in rest["raises"]], rest["next_before_id"]) == (
+        ["ada"], None,
+    )  # fmt: skip
+
+
+async def test_limit_0_gives_the_figures_without_raises(class_helped):
+    body = await stats(class_helped, limit=0)
+    assert (body["raises"], body["next_before_id"]) == ([], None)
+    assert (body["summary"]["raises"], len(body["students"]), len(body["helpers"])) == (4, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("params", "fields"),
+    [({"limit": "1001"}, ["limit"]), ({"limit": "-1", "before_id": "0"}, ["limit", "before_id"]),
+     ({"before_id": "later"}, ["before_id"])],
+)  # fmt: skip
+async def test_a_bad_limit_or_before_id_is_422(api, params, fields):
+    error = assert_error(await api.get("/api/v1/help/stats", params=params), 422, "invalid_query")
+    assert [detail["field"] for detail in error["details"]] == fields
+
+
 @pytest.mark.parametrize("since", ["yesterday", "2026-13-01", "99999-01-01"])
 async def test_a_bad_since_is_422(api, since):
     error = assert_error(await api.get("/api/v1/help/stats", params={"since": since}), 422,
