@@ -63,6 +63,10 @@ def browser(
         yield driver
         if request.node.stash.get(FAILED, False):
             save_evidence(driver, tmp_path)
+        else:
+            uncaught = [entry["message"] for entry in driver.get_log("browser")
+                        if "Uncaught" in entry["message"]]  # fmt: skip
+            assert not uncaught, f"the page threw: {uncaught}"
     finally:
         driver.quit()
 
