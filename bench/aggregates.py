@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import itertools
-import os
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import asyncpg
 import classroom  # bench/classroom.py, beside this script
 import httpx
 import orjson
+from benchlib import machine_line
 from run import PG_ADMIN_DSN, PG_URL, raise_file_limit, reset_database, uvicorn
 
 DATABASE = "telemetry_bench_aggregates"
@@ -158,10 +158,7 @@ async def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     options = parser.parse_args()
     raise_file_limit()
-    print(
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, Python "
-        f"{sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}"
-    )
+    print(machine_line())
     await reset_database(DATABASE)
     url = PG_URL.format(name=DATABASE)
     env = {

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import os
+import sys
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -101,3 +103,11 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] != "cpu":
         sys.exit("usage: benchlib.py cpu NAME=PID[,PID...] ...")
     print(json.dumps(cpu_snapshot(parse_cpu_specs(sys.argv[2:]))))
+
+
+def machine_line() -> str:
+    """When and where a benchmark ran, for the first line of its output."""
+    return (
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, Python "
+        f"{sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}"
+    )

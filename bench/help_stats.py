@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -28,6 +26,7 @@ import asyncpg
 import classroom
 import httpx
 import orjson
+from benchlib import machine_line
 from run import PG_ADMIN_DSN, PG_URL, raise_file_limit, reset_database, uvicorn
 
 ROUNDS = 10
@@ -64,10 +63,7 @@ async def main() -> None:
     parser.add_argument("--calls", type=int, default=100)
     options = parser.parse_args()
     raise_file_limit()
-    print(
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, Python "
-        f"{sys.version.split()[0]}, load average {os.getloadavg()[0]:.2f}"
-    )
+    print(machine_line())
     await reset_database(DATABASE)
     url = PG_URL.format(name=DATABASE)
     env = {"DATABASE_URL": url, "DASHBOARD_TOKENS": f"bench={aggregates.READ_TOKEN}",
