@@ -27,7 +27,7 @@ export function setLanguage(code) {
 export function t(key, params = {}) {
   let text = TABLES[language][key] ?? en[key];
   if (text === undefined) return key;
-  if (typeof text === "object") text = text[new Intl.PluralRules(language).select(params.count)] ?? text.other;
+  if (typeof text === "object") text = text[formats("plural").select(params.count)] ?? text.other;
   return text.replace(/\{(\w+)\}/g, (_, name) => String(params[name] ?? ""));
 }
 
@@ -37,8 +37,20 @@ const AGE_UNITS = [["day", 86400], ["hour", 3600], ["minute", 60], ["second", 1]
 export function ago(date, now = new Date()) {
   const seconds = (new Date(date) - now) / 1000;
   const [unit, size] = AGE_UNITS.find(([, size]) => Math.abs(seconds) >= size) ?? ["second", 1];
-  const format = new Intl.RelativeTimeFormat(language, { numeric: "auto", style: "short" });
-  return format.format(Math.round(seconds / size), unit);
+  return formats("age").format(Math.round(seconds / size), unit);
+}
+
+// Intl formatters are slow to make and a page ages hundreds of times a tick: one per language.
+const FORMATS = {
+  age: (code) => new Intl.RelativeTimeFormat(code, { numeric: "auto", style: "short" }),
+  plural: (code) => new Intl.PluralRules(code),
+};
+const made = new Map();
+
+function formats(kind) {
+  const key = `${kind}:${language}`;
+  if (!made.has(key)) made.set(key, FORMATS[kind](language));
+  return made.get(key);
 }
 
 // Markup names its strings: data-i18n (text), data-i18n-placeholder, -title, -aria-label.

@@ -1,7 +1,7 @@
 // Progress through a notebook: students × cells, each square the student's latest status on
 // that cell, from the server's run summaries (/api/v1/progress), asked for again while runs
 // arrive. A student is past cell k when they ran k or any later cell (the server counts it).
-import { $, button, cellPosition, collator, el, fileName } from "./dom.js";
+import { $, arrange, button, cellPosition, collator, el, fileName } from "./dom.js";
 import { fetchJson } from "./api.js";
 import { t, translatePage } from "./i18n.js";
 import { openOneCell } from "./onecell.js";
@@ -13,6 +13,9 @@ const PROGRESS_REFRESH_MS = 3000;
 const SQUARES = { ok: "✓", error: "✗", none: "·" };
 
 let grid = null; // the last /api/v1/progress answer
+// The table on screen: its notebook and columns, and per student their row and squares. A
+// refresh changes only the squares whose status changed: a class is thousands of squares.
+let drawn = { columns: "", rows: new Map() };
 let chosen = ""; // the notebook the instructor picked; "" lets the server pick
 let dirty = false;
 let loading = false;
@@ -45,7 +48,14 @@ function drawProgress() {
   const empty = grid.students.length === 0;
   $("#progress-empty").hidden = !empty;
   $("#progress-headline").textContent = empty ? "" : headline();
-  $("#progress-grid").replaceChildren(...(empty ? [] : [table()]));
+  const columns = [grid.notebook_path, ...grid.cells.map((cell) => cell.cell_key)].join("\u0000");
+  if (empty || columns !== drawn.columns) {
+    drawn = { columns, rows: new Map() };
+    $("#progress-grid").replaceChildren(...(empty ? [] : [table()]));
+  } else {
+    $("#progress-grid thead tr").replaceChildren(...headCells());
+  }
+  if (!empty) arrange($("#progress-grid tbody"), sortedStudents().map(studentRow));
 }
 
 function drawNotebooks() {
@@ -75,6 +85,11 @@ const pastLine = (cell) => t("progress.past", {
 });
 
 function table() {
+  const thead = el("thead", "", el("tr", "", ...headCells()));
+  return el("table", "progress", thead, el("tbody"));
+}
+
+function headCells() {
   const corner = el("th", "corner", t("progress.student"));
   const heads = grid.cells.map((cell) => {
     const head = button("column", cellPosition(cell.cell_index), () =>
@@ -85,9 +100,7 @@ function table() {
     th.scope = "col";
     return th;
   });
-  const last = el("th", "where", t("progress.furthest"));
-  const thead = el("thead", "", el("tr", "", corner, ...heads, last));
-  return el("table", "progress", thead, el("tbody", "", ...sortedStudents().map(studentRow)));
+  return [corner, ...heads, el("th", "where", t("progress.furthest"))];
 }
 
 function sortedStudents() {
@@ -100,21 +113,36 @@ function sortedStudents() {
 }
 
 function studentRow(student) {
+  let drawnRow = drawn.rows.get(student.student_id);
+  if (!drawnRow) {
+    drawnRow = newRow(student);
+    drawn.rows.set(student.student_id, drawnRow);
+  }
+  student.statuses.forEach((status, index) => {
+    const kind = status ?? "none";
+    const square = drawnRow.squares[index];
+    if (square.dataset.kind === kind) return;
+    square.dataset.kind = kind;
+    square.className = `square ${kind}`;
+    square.textContent = SQUARES[kind];
+    square.title = `${student.name || student.student_id} · ${cellPosition(grid.cells[index].cell_index)}: ${t(`progress.${kind}`)}`;
+  });
+  const furthest = grid.cells[student.furthest];
+  const where = furthest ? t("progress.pastCell", { cell: cellPosition(furthest.cell_index) }) : "";
+  if (drawnRow.where.textContent !== where) drawnRow.where.textContent = where;
+  return drawnRow.row;
+}
+
+function newRow(student) {
   const name = button("pick", student.name || student.student_id, () => openStudent(student.student_id));
   name.title = student.student_id;
   const th = el("th", "", name);
   th.scope = "row";
-  const squares = student.statuses.map((status, index) => {
-    const kind = status ?? "none";
-    const square = el("td", `square ${kind}`, SQUARES[kind]);
-    square.title = `${student.name || student.student_id} · ${cellPosition(grid.cells[index].cell_index)}: ${t(`progress.${kind}`)}`;
-    return square;
-  });
-  const furthest = grid.cells[student.furthest];
-  const where = el("td", "where", furthest ? t("progress.pastCell", { cell: cellPosition(furthest.cell_index) }) : "");
+  const squares = grid.cells.map(() => el("td", "square"));
+  const where = el("td", "where");
   const row = el("tr", "", th, ...squares, where);
   row.dataset.studentId = student.student_id;
-  return row;
+  return { row, squares, where };
 }
 
 export function setUpProgress() {
