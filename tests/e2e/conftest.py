@@ -13,6 +13,7 @@ from selenium.webdriver.chrome.service import Service
 
 from tests.conftest import REDIS_URL, Server
 from tests.e2e.clients import StreamRecorder
+from tests.e2e.pages import Dashboard
 
 # Debian's packages: selenium-manager must never download a browser or a driver.
 CHROMIUM = Path("/usr/bin/chromium")
@@ -127,3 +128,14 @@ def production(postgres_database_url, channel, start_server) -> Callable[..., Se
         "NOTIFICATION_CHANNEL": channel,
     }
     return lambda **extra: start_server(**env, **extra)
+
+
+@pytest.fixture
+def server(start_server, tmp_path):
+    return start_server(DATABASE_URL=f"sqlite:///{tmp_path / 'telemetry.db'}")
+
+
+@pytest.fixture
+def dashboard(browser, server) -> Dashboard:
+    """The page against a fresh server on the SQLite default."""
+    return Dashboard(browser, server)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.e2e.test_dashboard_browser import XSS, Dashboard
+from tests.e2e.pages import XSS, Dashboard
 
 LAB = "week1/lists.ipynb"
 

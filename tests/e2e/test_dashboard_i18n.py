@@ -10,7 +10,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
-from tests.e2e.test_dashboard_browser import Dashboard, camel_case_run, execution, hand
+from tests.e2e.pages import Dashboard, camel_case_run, execution, hand
 
 # Runs in the page: the English table's words (pieces between placeholders, long enough to
 # mean something) that show in the page's visible text.
@@ -33,16 +33,6 @@ Promise.all([import("/static/dashboard/strings/en.js"), import("/static/dashboar
 @pytest.fixture
 def browser_languages() -> str:
     return "ja,en"
-
-
-@pytest.fixture
-def server(start_server, tmp_path):
-    return start_server(DATABASE_URL=f"sqlite:///{tmp_path / 'telemetry.db'}")
-
-
-@pytest.fixture
-def dashboard(browser, server) -> Dashboard:
-    return Dashboard(browser, server)
 
 
 def english_left(dashboard: Dashboard) -> list[str]:

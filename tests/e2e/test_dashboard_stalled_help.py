@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from telemetry.classview import format_timestamp
-from tests.e2e.test_dashboard_browser import Dashboard, execution
+from tests.e2e.pages import Dashboard, execution
 
 TEXTS = {
     "en": {"chip": "stalled", "summary": "1 stalled", "median": "median wait"},

@@ -11,9 +11,10 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from telemetry.application import create_app
-from telemetry.config import Settings
+from telemetry.config import Settings, load_settings
 from telemetry.service import Service
 from telemetry.storage import Storage
+from tests.integration.classes import CLASS, TOKENS
 
 
 @pytest.fixture
@@ -66,4 +67,22 @@ async def api(database_url: str) -> AsyncIterator[ApiClient]:
         transport = httpx.ASGITransport(app=manager.app)
         async with ApiClient(transport=transport, base_url="http://test") as client:
             client.service = app.state.service
+            yield client
+
+
+@pytest.fixture
+async def scoped_api(database_url: str) -> AsyncIterator[ApiClient]:
+    """The app with scoped tokens, and a class of five: each posted a failing run and a help."""
+    tokens = load_settings({"DASHBOARD_TOKENS": TOKENS}).dashboard_tokens
+    app = create_app(Settings(database_url=database_url, dashboard_tokens=tokens))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with ApiClient(transport=transport, base_url="http://test") as client:
+            client.service = app.state.service
+            events = []
+            for student in CLASS:
+                run = {"event_type": "cell_executed", "notebook_path": "w1.ipynb", "cell_id": "c1"}
+                events += [{**student, **run, "status": "error"}, {**student, "event_type": "help"}]
+            response = await client.post("/api/v1/events", json=events)
+            assert response.status_code == 201, response.text
             yield client

@@ -20,52 +20,8 @@ from telemetry.config import Settings, load_settings
 from telemetry.hub import Hub, StreamFilter, deliver_message
 from telemetry.ingest import normalise_batch
 from tests.errors import assert_error
+from tests.integration.classes import CLASS, COURSES_OF, SECRETS, STUDENTS_OF, auth, get_json
 from tests.integration.conftest import ApiClient
-
-SECRETS = {"cs": "cs-secret-1", "both": "both-secret-2", "all": "all-secret-3"}
-TOKENS = f"lee={SECRETS['cs']}:cs101,duo={SECRETS['both']}:cs101+ds200,{SECRETS['all']}"
-# ada and cy are in cs101, bo in ds200, eve in ma300, nobody names a course for ned.
-CLASS = [
-    {"student_id": "ada", "course_id": "cs101"},
-    {"student_id": "cy", "course_id": "cs101"},
-    {"student_id": "bo", "course_id": "ds200"},
-    {"student_id": "eve", "course_id": "ma300"},
-    {"student_id": "ned"},
-]
-STUDENTS_OF = {
-    "cs": {"ada", "cy"},
-    "both": {"ada", "cy", "bo"},
-    "all": {"ada", "cy", "bo", "eve", "ned"},
-}
-COURSES_OF = {"cs": {"cs101"}, "both": {"cs101", "ds200"}}
-
-
-def auth(who: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {SECRETS[who]}"}
-
-
-@pytest.fixture
-async def scoped_api(database_url: str) -> AsyncIterator[ApiClient]:
-    """The app with scoped tokens, and a class of five: each posted a failing run and a help."""
-    tokens = load_settings({"DASHBOARD_TOKENS": TOKENS}).dashboard_tokens
-    app = create_app(Settings(database_url=database_url, dashboard_tokens=tokens))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with ApiClient(transport=transport, base_url="http://test") as client:
-            client.service = app.state.service
-            events = []
-            for student in CLASS:
-                run = {"event_type": "cell_executed", "notebook_path": "w1.ipynb", "cell_id": "c1"}
-                events += [{**student, **run, "status": "error"}, {**student, "event_type": "help"}]
-            response = await client.post("/api/v1/events", json=events)
-            assert response.status_code == 201, response.text
-            yield client
-
-
-async def get_json(api: ApiClient, who: str, path: str, **params: str) -> dict:
-    response = await api.get(path, params=params, headers=auth(who))
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def csv_students(response: httpx.Response, column: str) -> set[str]:

@@ -7,8 +7,7 @@ import pytest
 
 from telemetry.forgetting import erase_student
 from tests.errors import assert_error
-from tests.integration.test_access import auth, get_json, scoped_api  # noqa: F401
-from tests.integration.test_classview import post
+from tests.integration.classes import auth, get_json, post
 
 LAB = "week1/lists.ipynb"
 
@@ -194,7 +193,7 @@ async def test_one_cell_of_one_team(api) -> None:
 
 
 @pytest.mark.parametrize("who", ["cs", "both", "all"])
-async def test_a_course_token_sees_only_its_course_in_the_cell_views(scoped_api, who) -> None:  # noqa: F811
+async def test_a_course_token_sees_only_its_course_in_the_cell_views(scoped_api, who) -> None:
     expected = {"cs": {"ada", "cy"}, "both": {"ada", "cy", "bo"}}.get(who)
     grid = await get_json(scoped_api, who, "/api/v1/progress")
     detail = await get_json(scoped_api, who, "/api/v1/cells/detail", notebook_path="w1.ipynb",
@@ -205,7 +204,7 @@ async def test_a_course_token_sees_only_its_course_in_the_cell_views(scoped_api,
     assert in_grid == in_detail == (expected or everyone)
 
 
-async def test_asking_the_cell_views_for_another_course_is_a_403(scoped_api) -> None:  # noqa: F811
+async def test_asking_the_cell_views_for_another_course_is_a_403(scoped_api) -> None:
     for path in ("/api/v1/progress", "/api/v1/cells/detail"):
         params = (
             {"course_id": "ds200", "cell_key": "c1"} if "detail" in path else {"course_id": "ds200"}

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from telemetry.hub import StreamFilter
+from tests.integration.classes import age_hands, help_event, help_queue, post, run, students
 
 
 def assert_422(response: httpx.Response, *fields: str) -> None:
@@ -16,47 +17,6 @@ def assert_422(response: httpx.Response, *fields: str) -> None:
     error = response.json()["error"]
     assert (error["status"], error["code"]) == (422, error["code"]) and error["message"]
     assert [detail["field"] for detail in error["details"]] == list(fields)
-
-
-async def post(api, *events: dict) -> list[int]:
-    response = await api.post("/api/v1/events", json=list(events))
-    assert response.status_code == 201, response.text
-    return [receipt["id"] for receipt in response.json()["events"]]
-
-
-def run(student: str, cell: str, status: str, **more) -> dict:
-    return {
-        "student_id": student,
-        "event_type": "cell_executed",
-        "notebook_path": "week1/lists.ipynb",
-        "cell_id": cell,
-        "cell_index": {"c1": 1, "c2": 2, "c3": 3}.get(cell),
-        "status": status,
-        **more,
-    }
-
-
-def help_event(student: str, kind: str = "help", **more) -> dict:
-    return {"student_id": student, "event_type": kind, "notebook_path": "week1/lists.ipynb", **more}
-
-
-async def students(api, **params) -> dict:
-    response = await api.get("/api/v1/students", params=params)
-    assert response.status_code == 200, response.text
-    return {student["student_id"]: student for student in response.json()["students"]}
-
-
-async def help_queue(api, **params) -> dict:
-    response = await api.get("/api/v1/help", params=params)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-async def age_hands(api, seconds: float) -> None:
-    """Move every raise's last beat `seconds` into the past, as if no beat came since."""
-    storage = api.service.storage
-    then = storage.db_time(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds))
-    await storage.database.execute("UPDATE hand_raises SET last_beat_at = :then", {"then": then})
 
 
 # Students

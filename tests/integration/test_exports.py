@@ -10,7 +10,7 @@ import pytest
 
 from telemetry.events import SOURCE_MAX_CHARS
 from tests.errors import assert_error
-from tests.integration.test_classview import post, run
+from tests.integration.classes import post, run
 
 BOM = b"\xef\xbb\xbf"
 

@@ -10,7 +10,7 @@ import pytest
 from telemetry.classview import format_timestamp
 from telemetry.forgetting import erase_student
 from tests.errors import assert_error
-from tests.integration.test_classview import help_event, post
+from tests.integration.classes import help_event, post
 
 
 async def backdate_raise(api, student: str, seconds: float, beat_too: bool = False) -> None:

@@ -8,7 +8,7 @@ from asgi_lifespan import LifespanManager
 
 from telemetry.application import create_app
 from telemetry.config import Settings
-from tests.integration.test_classview import post, run, students
+from tests.integration.classes import post, run, students
 
 
 async def age(api, ids: list[int], minutes: float) -> None:
