@@ -15,7 +15,7 @@ const SQUARES = { ok: "✓", error: "✗", none: "·" };
 let grid = null; // the last /api/v1/progress answer
 // The table on screen: its notebook and columns, and per student their row and squares. A
 // refresh changes only the squares whose status changed: a class is thousands of squares.
-let drawn = { columns: "", rows: new Map() };
+let drawn = { columns: "", rows: new Map(), heads: [] };
 let chosen = ""; // the notebook the instructor picked; "" lets the server pick
 let dirty = false;
 let loading = false;
@@ -50,10 +50,10 @@ function drawProgress() {
   $("#progress-headline").textContent = empty ? "" : headline();
   const columns = [grid.notebook_path, ...grid.cells.map((cell) => cell.cell_key)].join("\u0000");
   if (empty || columns !== drawn.columns) {
-    drawn = { columns, rows: new Map() };
+    drawn = { columns, rows: new Map(), heads: [] };
     $("#progress-grid").replaceChildren(...(empty ? [] : [table()]));
   } else {
-    $("#progress-grid thead tr").replaceChildren(...headCells());
+    updateHeads();
   }
   if (!empty) arrange($("#progress-grid tbody"), sortedStudents().map(studentRow));
 }
@@ -91,16 +91,26 @@ function table() {
 
 function headCells() {
   const corner = el("th", "corner", t("progress.student"));
-  const heads = grid.cells.map((cell) => {
+  const heads = grid.cells.map((cell, index) => {
     const head = button("column", cellPosition(cell.cell_index), () =>
-      openOneCell({ ...cell, notebook_path: grid.notebook_path }));
+      openOneCell({ ...grid.cells[index], notebook_path: grid.notebook_path }));
     head.dataset.cell = cell.cell_key;
-    head.title = `${pastLine(cell)} · ${t("progress.failing", { count: cell.students_failing })}`;
-    const th = el("th", cell.students_failing ? "has-errors" : "", head);
+    const th = el("th", "", head);
     th.scope = "col";
     return th;
   });
+  drawn.heads = heads;
+  updateHeads();
   return [corner, ...heads, el("th", "where", t("progress.furthest"))];
+}
+
+// The columns stay: a refresh changes their counts, never the table's shape.
+function updateHeads() {
+  grid.cells.forEach((cell, index) => {
+    const th = drawn.heads[index];
+    th.classList.toggle("has-errors", cell.students_failing > 0);
+    th.firstChild.title = `${pastLine(cell)} · ${t("progress.failing", { count: cell.students_failing })}`;
+  });
 }
 
 function sortedStudents() {
