@@ -19,7 +19,7 @@ import { refreshCells, markCellsDirty, setUpCells } from "./dashboard/cells.js";
 import { markProgressDirty, refreshProgress, setUpProgress } from "./dashboard/progress.js";
 import { refreshOneCell } from "./dashboard/onecell.js";
 import {
-  activityMinutes, chartDirty, countActivity, drawChart, markChartDirty, setActivity, setUpChart,
+  chartDirty, countActivity, drawChart, markChartDirty, fetchActivity, setActivity, setUpChart,
 } from "./dashboard/chart.js";
 import { addToFeed, drawFeed, forgetInFeed, resetFeed, setUpFeed } from "./dashboard/feed.js";
 import {
@@ -142,9 +142,6 @@ function forget(erased) {
 
 // The team filter narrows the server's views too: the chart, the cells, the progress grid.
 const inTeam = (event) => !state.filters.team || event.team === state.filters.team;
-const fetchActivity = () => fetchJson("api/v1/activity", {
-  course_id: state.filters.course, team: state.filters.team, minutes: activityMinutes(),
-});
 
 async function narrowToTeam() {
   const generation = state.generation;

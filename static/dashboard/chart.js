@@ -112,14 +112,17 @@ export function drawChart() {
   $("#activity-chart").replaceChildren(chart);
 }
 
+// The series the chart shows: the course and team picked, over the range picked.
+export const fetchActivity = () => fetchJson("api/v1/activity", {
+  course_id: state.filters.course, team: state.filters.team, minutes: activityMinutes(),
+});
+
 async function showHours(chosen) {
   hours = chosen;
   localStorage.setItem(SAVED_HOURS, String(hours));
   drawRangeSwitch();
   const generation = state.generation;
-  const answer = await fetchJson("api/v1/activity", {
-    course_id: state.filters.course, team: state.filters.team, minutes: activityMinutes(),
-  }).catch(() => null);
+  const answer = await fetchActivity().catch(() => null);
   if (answer && generation === state.generation && hours === chosen) setActivity(answer);
   schedule();
 }
