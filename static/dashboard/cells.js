@@ -5,38 +5,24 @@ import { $, button, cellPosition, el, fileName } from "./dom.js";
 import { fetchJson } from "./api.js";
 import { t } from "./i18n.js";
 import { openOneCell, refreshOneCell } from "./onecell.js";
-import { state } from "./state.js";
+import { refresher, state } from "./state.js";
 
 const CELLS_REFRESH_MS = 3000;
 
 let cells = [];
-let dirty = false;
-let loading = false;
 let showOneOffs = false;
 
-export function markCellsDirty() {
-  dirty = true;
-}
-
-export async function refreshCells() {
-  if (loading) return;
-  loading = true;
-  dirty = false;
-  const generation = state.generation;
-  try {
-    const answer = await fetchJson("api/v1/cells", {
-      course_id: state.filters.course, team: state.filters.team,
-    });
-    if (generation !== state.generation) return;
+const answers = refresher(
+  () => fetchJson("api/v1/cells", { course_id: state.filters.course, team: state.filters.team }),
+  (answer) => {
     cells = answer.cells;
     drawCells();
     refreshOneCell();
-  } catch {
-    dirty = true; // try again on the next refresh
-  } finally {
-    loading = false;
-  }
-}
+  },
+  CELLS_REFRESH_MS,
+);
+export const refreshCells = answers.refresh;
+export const markCellsDirty = answers.markDirty;
 
 const errorLine = (top) => `${top.students} × ${top.error}`;
 
@@ -80,5 +66,5 @@ function cellSummary(cell) {
 }
 
 export function setUpCells() {
-  setInterval(() => dirty && refreshCells(), CELLS_REFRESH_MS);
+  answers.start();
 }

@@ -5,7 +5,7 @@ import { $, arrange, button, cellPosition, collator, el, fileName } from "./dom.
 import { fetchJson } from "./api.js";
 import { t, translatePage } from "./i18n.js";
 import { openOneCell } from "./onecell.js";
-import { state } from "./state.js";
+import { refresher, state } from "./state.js";
 import { openStudent } from "./story.js";
 
 const PROGRESS_REFRESH_MS = 3000;
@@ -17,31 +17,19 @@ let grid = null; // the last /api/v1/progress answer
 // refresh changes only the squares whose status changed: a class is thousands of squares.
 let drawn = { columns: "", rows: new Map(), heads: [] };
 let chosen = ""; // the notebook the instructor picked; "" lets the server pick
-let dirty = false;
-let loading = false;
 
-export function markProgressDirty() {
-  dirty = true;
-}
-
-export async function refreshProgress() {
-  if (loading) return;
-  loading = true;
-  dirty = false;
-  const generation = state.generation;
-  try {
-    const answer = await fetchJson("api/v1/progress", {
-      course_id: state.filters.course, team: state.filters.team, notebook_path: chosen,
-    });
-    if (generation !== state.generation) return;
+const answers = refresher(
+  () => fetchJson("api/v1/progress", {
+    course_id: state.filters.course, team: state.filters.team, notebook_path: chosen,
+  }),
+  (answer) => {
     grid = answer;
     drawProgress();
-  } catch {
-    dirty = true; // try again on the next refresh
-  } finally {
-    loading = false;
-  }
-}
+  },
+  PROGRESS_REFRESH_MS,
+);
+export const refreshProgress = answers.refresh;
+export const markProgressDirty = answers.markDirty;
 
 function drawProgress() {
   drawNotebooks();
@@ -162,5 +150,5 @@ export function setUpProgress() {
     refreshProgress();
   });
   $("#progress-sort").addEventListener("change", () => grid && drawProgress());
-  setInterval(() => dirty && refreshProgress(), PROGRESS_REFRESH_MS);
+  answers.start();
 }

@@ -13,6 +13,33 @@ export const state = {
   panel: null, // {kind: "student"|"cell", id, ...}
 };
 
+// A panel's answer from the server, asked for again while runs arrive: one request at a time,
+// at most every `everyMs` once marked dirty, an answer from before a reload dropped, a failure
+// asked for again on the next round.
+export function refresher(ask, apply, everyMs) {
+  let dirty = false;
+  let loading = false;
+  async function refresh() {
+    if (loading) return;
+    loading = true;
+    dirty = false;
+    const generation = state.generation;
+    try {
+      const answer = await ask();
+      if (generation === state.generation) apply(answer);
+    } catch {
+      dirty = true;
+    } finally {
+      loading = false;
+    }
+  }
+  const markDirty = () => {
+    dirty = true;
+  };
+  const start = () => setInterval(() => dirty && refresh(), everyMs);
+  return { refresh, markDirty, start };
+}
+
 // A whole class drawn in one frame is a long task: a first draw is spread over frames.
 export const ROWS_PER_FRAME = 25;
 const DRAW_INTERVAL_MS = 100;
