@@ -273,8 +273,12 @@ class Storage:
 
     def __init__(self, url: str, pool_size: int) -> None:
         self.is_postgres = url.startswith("postgresql")
-        # On PostgreSQL the committer has a connection of its own, one of pool_size.
-        options = {"min_size": 1, "max_size": max(pool_size - 1, 1)} if self.is_postgres else {}
+        # On PostgreSQL the committer has a connection of its own, one of pool_size. The pool
+        # plans each statement for its values: a generic plan of the reads' optional filters,
+        # `(CAST(:x AS TEXT) IS NULL OR …)`, keeps every filter, even those given no value.
+        options = {"min_size": 1, "max_size": max(pool_size - 1, 1),
+                   "server_settings": {"plan_cache_mode": "force_custom_plan"}}  # fmt: skip
+        options = options if self.is_postgres else {}
         self.database = Database(url, **options)
         self._writer: asyncpg.Connection | None = None
         self._dead_incoming_rows = 0
