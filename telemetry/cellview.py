@@ -5,6 +5,7 @@ cell as every student left it. Each reads only the token's courses and the team 
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -127,9 +128,10 @@ async def cells(storage: Storage, params: Mapping[str, Any]) -> list[dict]:
 # A student `s` of the team asked for, if any: the progress queries start from students.
 STUDENT_IN_TEAM = "(CAST(:team AS TEXT) IS NULL OR s.team = :team)"
 
-# Per notebook, the students who ran a cell of it. The notebooks come from a skip scan of
-# cell_runs_cell_idx (one probe per notebook), each count from one probe of the primary key per
-# student: grouping all of cell_runs (students x notebooks x cells rows) read every row.
+# Every notebook with its first run in the scope, if any: a skip scan of cell_runs_cell_idx (one
+# probe per notebook), then that notebook's rows in the index's order until one is in the scope. Counting each
+# notebook's students probed every student for every notebook, and an EXISTS here is planned
+# as a join that reads all of cell_runs.
 SELECT_NOTEBOOKS = f"""
 WITH RECURSIVE notebooks (path) AS (
     SELECT MIN(notebook_path) FROM cell_runs WHERE notebook_path > ''
@@ -137,86 +139,96 @@ WITH RECURSIVE notebooks (path) AS (
     SELECT (SELECT MIN(r.notebook_path) FROM cell_runs r WHERE r.notebook_path > n.path)
     FROM notebooks n WHERE n.path IS NOT NULL)
 SELECT n.path AS notebook_path,
-       (SELECT COUNT(*) FROM students s WHERE {STUDENT_IN_TEAM} AND EXISTS (
-            SELECT 1 FROM cell_runs r WHERE r.student_id = s.student_id
-              AND r.notebook_path = n.path AND {in_course("r.course_id")})) AS students_ran
+       (SELECT r.student_id FROM cell_runs r
+        WHERE r.notebook_path = n.path AND {in_course("r.course_id")} AND {IN_TEAM}
+        ORDER BY r.cell_key LIMIT 1) AS first_student
 FROM notebooks n WHERE n.path IS NOT NULL"""
 
 # Per notebook, the students whose latest run is in it: one backward probe of
-# cell_runs_latest_idx per student.
+# cell_runs_latest_idx per student (those with no run make a group of None).
 SELECT_STUDENTS_HERE = f"""
 SELECT here AS notebook_path, COUNT(*) AS students_here
 FROM (SELECT (SELECT r.notebook_path FROM cell_runs r
               WHERE r.student_id = s.student_id AND {in_course("r.course_id")}
               ORDER BY r.last_event_id DESC LIMIT 1) AS here
       FROM students s WHERE {STUDENT_IN_TEAM}) latest
-WHERE here IS NOT NULL
 GROUP BY here"""
 
-# One notebook's run summaries, through cell_runs_cell_idx, with their students' names.
-SELECT_NOTEBOOK_RUNS = f"""
-SELECT r.student_id, s.name, s.team, r.cell_key, r.cell_id, r.cell_index, r.last_status
-FROM cell_runs r JOIN students s ON s.student_id = r.student_id
-WHERE r.notebook_path = :notebook_path AND {in_course("r.course_id")} AND {IN_TEAM}"""
+NOTEBOOK_RUN_FILTERS = f"""r.notebook_path = :notebook_path AND {in_course("r.course_id")}
+    AND {IN_TEAM}"""
+
+# One notebook's cells, each with its students failing there now.
+SELECT_NOTEBOOK_CELLS = f"""
+SELECT r.cell_key, MAX(r.cell_id) AS cell_id, MAX(r.cell_index) AS cell_index,
+       COUNT(*) FILTER (WHERE r.last_status = 'error') AS students_failing
+FROM cell_runs r WHERE {NOTEBOOK_RUN_FILTERS}
+GROUP BY r.cell_key"""
+
+# One notebook's students, each with the keys of the cells whose latest run passed and failed:
+# a row per student, not per student and cell, as Python reads rows far slower than SQL.
+SELECT_NOTEBOOK_STUDENTS = f"""
+SELECT s.student_id, s.name, s.team, squares.passed, squares.failed
+FROM (SELECT r.student_id,
+             json_agg(r.cell_key) FILTER (WHERE r.last_status = 'ok') AS passed,
+             json_agg(r.cell_key) FILTER (WHERE r.last_status = 'error') AS failed
+      FROM cell_runs r WHERE {NOTEBOOK_RUN_FILTERS}
+      GROUP BY r.student_id) squares
+JOIN students s ON s.student_id = squares.student_id"""
 
 
 def notebook_documents(
     ran: Iterable[Mapping[str, Any]], here: Iterable[Mapping[str, Any]]
 ) -> list[dict]:
-    """The notebooks someone ran (SELECT_NOTEBOOKS rows with SELECT_STUDENTS_HERE's), the one
-    most students are in now first."""
+    """The notebooks someone in the scope ran (SELECT_NOTEBOOKS rows, with SELECT_STUDENTS_HERE's),
+    the one most students are in now first."""
     students_here = {row["notebook_path"]: row["students_here"] for row in here}
-    documents = []
-    for row in ran:
-        path = row["notebook_path"]
-        if row["students_ran"]:
-            documents.append({"notebook_path": path, "notebook_name": notebook_name(path),
-                              "students_ran": row["students_ran"],
-                              "students_here": students_here.get(path, 0)})  # fmt: skip
-    return sorted(documents, key=lambda d: (-d["students_here"], -d["students_ran"],
-                                            d["notebook_path"]))  # fmt: skip
+    paths = [row["notebook_path"] for row in ran if row["first_student"] is not None]
+    documents = [{"notebook_path": path, "notebook_name": notebook_name(path),
+                  "students_here": students_here.get(path, 0)} for path in paths]  # fmt: skip
+    return sorted(documents, key=lambda d: (-d["students_here"], d["notebook_path"]))
 
 
-def progress_grid(path: str, rows: list[Mapping[str, Any]]) -> tuple[list[dict], list[dict]]:
-    """The notebook's cells by cell_index, and its students, each with their latest status on
-    each cell (ok, error, None: not run) and `furthest`: the position of the last cell they ran.
-    A student is past cell k when they ran k or any later cell."""
-    cells: dict[str, dict] = {}
-    for row in rows:
-        cell = cells.get(row["cell_key"])
-        if cell is None:
-            cells[row["cell_key"]] = cell_fields({**row, "notebook_path": path})
-        elif row["cell_index"] is not None and (cell["cell_index"] or -1) < row["cell_index"]:
-            cell.update(cell_index=row["cell_index"], label=cell_label(path, row["cell_index"]))
-    order = sorted(cells.values(), key=lambda c: (c["cell_index"] is None, c["cell_index"] or 0,
-                                                   c["cell_key"]))  # fmt: skip
-    position = {cell["cell_key"]: n for n, cell in enumerate(order)}
-    students: dict[str, dict] = {}
-    for row in rows:
-        student = students.setdefault(row["student_id"], {
-            "student_id": row["student_id"], "name": row["name"], "team": row["team"],
-            "statuses": [None] * len(order), "furthest": -1})  # fmt: skip
-        at = position[row["cell_key"]]
-        student["statuses"][at] = row["last_status"]
-        student["furthest"] = max(student["furthest"], at)
-    for n, cell in enumerate(order):
-        cell["students_past"] = sum(s["furthest"] >= n for s in students.values())
-        cell["students_failing"] = sum(s["statuses"][n] == "error" for s in students.values())
-    ranked = sorted(students.values(), key=lambda s: (-s["furthest"], s["name"] or "",
-                                                       s["student_id"]))  # fmt: skip
-    return order, ranked
+def progress_grid(
+    path: str, cell_rows: Iterable[Mapping[str, Any]], student_rows: Iterable[Mapping[str, Any]]
+) -> tuple[list[dict], list[dict]]:
+    """The notebook's cells by cell_index (SELECT_NOTEBOOK_CELLS rows), and its students
+    (SELECT_NOTEBOOK_STUDENTS rows), each with their latest status on each cell (ok, error,
+    None: not run) and `furthest`: the position of the last cell they ran. A student is past
+    cell k when they ran k or any later cell."""
+    cells = [{**cell_fields({**row, "notebook_path": path}),
+              "students_failing": row["students_failing"]} for row in cell_rows]  # fmt: skip
+    cells.sort(key=lambda c: (c["cell_index"] is None, c["cell_index"] or 0, c["cell_key"]))
+    position = {cell["cell_key"]: n for n, cell in enumerate(cells)}
+    students = []
+    for row in student_rows:
+        statuses: list[str | None] = [None] * len(cells)
+        for status, keys in (("ok", row["passed"]), ("error", row["failed"])):
+            # A cell first run between the two reads is left for the next answer.
+            for key in orjson.loads(keys or "[]"):
+                if (at := position.get(key)) is not None:
+                    statuses[at] = status
+        furthest = max((n for n, status in enumerate(statuses) if status), default=-1)
+        student = {key: row[key] for key in ("student_id", "name", "team")}
+        students.append({**student, "statuses": statuses, "furthest": furthest})
+    furthest = sorted(student["furthest"] for student in students)
+    for n, cell in enumerate(cells):
+        cell["students_past"] = len(furthest) - bisect.bisect_left(furthest, n)
+    students.sort(key=lambda s: (-s["furthest"], s["name"] or "", s["student_id"]))
+    return cells, students
 
 
 async def progress(storage: Storage, params: Mapping[str, Any]) -> dict:
     """Students × cells of one notebook (the one most students are in, unless asked)."""
     ran = await storage.rows(SELECT_NOTEBOOKS, with_team(params))
-    notebooks = notebook_documents(ran, await storage.rows(SELECT_STUDENTS_HERE, with_team(params)))
+    here = await storage.rows(SELECT_STUDENTS_HERE, with_team(params))
+    notebooks = notebook_documents(ran, here)
     path = params["notebook_path"] or (notebooks[0]["notebook_path"] if notebooks else None)
-    rows = []
+    cell_rows, student_rows = [], []
     if path is not None:
         asked = {**with_team(params), "notebook_path": path}
-        rows = await storage.rows(SELECT_NOTEBOOK_RUNS, asked)
-    cells, students = progress_grid(path or "", rows)
+        cell_rows = await storage.rows(SELECT_NOTEBOOK_CELLS, asked)
+        student_rows = await storage.rows(SELECT_NOTEBOOK_STUDENTS, asked)
+    cells, students = progress_grid(path or "", cell_rows, student_rows)
     return {"notebook_path": path, "notebook_name": notebook_name(path), "notebooks": notebooks,
             "cells": cells, "students": students}  # fmt: skip
 

@@ -83,20 +83,27 @@ def test_a_cell_whose_one_failing_student_failed_once_is_a_one_off() -> None:
 
 
 def test_progress_grid_orders_cells_by_index_and_counts_who_is_past_each() -> None:
-    rows = [
-        {"student_id": s, "name": s.upper(), "team": None, "cell_key": k, "cell_id": k,
-         "cell_index": i, "last_status": status}
-        for s, k, i, status in (("a", "z", 0, "ok"), ("a", "y", 3, "error"), ("b", "z", 0, "error"),
-                                ("b", "x", None, "ok"), ("c", "y", 3, "ok"), ("c", "y2", 5, "ok"))
+    cells = [
+        {"cell_key": k, "cell_id": k, "cell_index": i, "students_failing": failing}
+        for k, i, failing in (("x", None, 0), ("y2", 5, 0), ("y", 3, 1), ("z", 0, 1))
+    ]
+    # d's only cell was first run after the cells were read: it shows at the next answer.
+    students = [
+        {"student_id": s, "name": s.upper(), "team": None, "passed": passed, "failed": failed}
+        for s, passed, failed in (("a", '["z"]', '["y"]'), ("b", '["x"]', '["z"]'),
+                                  ("c", '["y", "y2"]', None),
+                                  ("d", '["late"]', "[]"))
     ]  # fmt: skip
-    cells, students = progress_grid("lab.ipynb", rows)
-    assert [(c["cell_key"], c["students_past"]) for c in cells] == [
-        ("z", 3), ("y", 3), ("y2", 2), ("x", 1)
+    cells, students = progress_grid("lab.ipynb", cells, students)
+    assert [(c["cell_key"], c["label"], c["students_past"]) for c in cells] == [
+        ("z", "[0] lab.ipynb", 3), ("y", "[3] lab.ipynb", 3), ("y2", "[5] lab.ipynb", 2),
+        ("x", "[?] lab.ipynb", 1),
     ]  # fmt: skip
     assert [(s["student_id"], s["statuses"], s["furthest"]) for s in students] == [
         ("b", ["error", None, None, "ok"], 3),
         ("c", [None, "ok", "ok", None], 2),
         ("a", ["ok", "error", None, None], 1),
+        ("d", [None, None, None, None], -1),
     ]
 
 
