@@ -15,7 +15,13 @@ const SQUARES = { ok: "✓", error: "✗", none: "·" };
 let grid = null; // the last /api/v1/progress answer
 // The table on screen: its notebook and columns, and per student their row and squares. A
 // refresh changes only the squares whose status changed: a class is thousands of squares.
-let drawn = { columns: "", rows: new Map(), heads: [] };
+let drawn = { columns: "", rows: new Map(), heads: [], spacers: {} };
+// Only the rows in view, and a few either side, are in the table; spacer rows stand for the
+// rest. Laying out every row of a class on each refresh made frames too long to scroll by.
+const ROWS_BEYOND_VIEW = 8;
+let ordered = []; // the students in the order chosen, drawn or not
+let rowPitch = 0; // a row's height with its spacing, measured once rows are drawn
+let view = { top: 0, height: 450 }; // the grid's scroll position and height, as last read
 let chosen = ""; // the notebook the instructor picked; "" lets the server pick
 
 const answers = refresher(
@@ -32,18 +38,56 @@ export const refreshProgress = answers.refresh;
 export const markProgressDirty = answers.markDirty;
 
 function drawProgress() {
+  readView(); // before anything changes, so that reading it lays nothing out
   drawNotebooks();
   const empty = grid.students.length === 0;
   $("#progress-empty").hidden = !empty;
   $("#progress-headline").textContent = empty ? "" : headline();
   const columns = [grid.notebook_path, ...grid.cells.map((cell) => cell.cell_key)].join("\u0000");
   if (empty || columns !== drawn.columns) {
-    drawn = { columns, rows: new Map(), heads: [] };
+    drawn = { columns, rows: new Map(), heads: [], spacers: {} };
     $("#progress-grid").replaceChildren(...(empty ? [] : [table()]));
   } else {
     updateHeads();
   }
-  if (!empty) arrange($("#progress-grid tbody"), sortedStudents().map(studentRow));
+  ordered = empty ? [] : sortedStudents();
+  drawRowsInView();
+}
+
+// Where the grid is scrolled to, and how much of it shows below its heading.
+function readView() {
+  const box = $("#progress-grid");
+  const head = box.querySelector("thead");
+  view = { top: box.scrollTop - (head?.offsetHeight ?? 0), height: box.clientHeight || view.height };
+}
+
+// Measuring a row forces a layout of whatever changed on the page: it is done at the first
+// draw and while scrolling, never on a refresh.
+function drawRowsInView({ measure = false } = {}) {
+  const body = $("#progress-grid tbody");
+  if (!body) return;
+  const pitch = rowPitch || 30; // a guess until rows are drawn
+  const first = Math.max(0, Math.floor(Math.max(0, view.top) / pitch) - ROWS_BEYOND_VIEW);
+  const last = Math.min(ordered.length, first + Math.ceil(view.height / pitch) + 2 * ROWS_BEYOND_VIEW);
+  const rows = ordered.slice(first, last).map(studentRow);
+  arrange(body, [spacer("before", first * pitch), ...rows, spacer("after", (ordered.length - last) * pitch)]);
+  if ((measure || !rowPitch) && rows.length > 1) {
+    const top = (row) => row.getBoundingClientRect().top;
+    const measured = (top(rows.at(-1)) - top(rows[0])) / (rows.length - 1);
+    // Rows are as tall as the font and the language make them: the spacers follow.
+    if (measured > 0 && Math.abs(measured - rowPitch) > 0.1) {
+      rowPitch = measured;
+      drawRowsInView();
+    }
+  }
+}
+
+// A row as tall as the rows it stands for; none when it stands for none.
+function spacer(where, height) {
+  const row = (drawn.spacers[where] ??= el("tr", "spacer", el("td")));
+  row.hidden = height <= 0;
+  row.style.height = `${Math.max(0, height - 2)}px`; // the table's border-spacing adds 2 px
+  return row;
 }
 
 function drawNotebooks() {
@@ -150,5 +194,13 @@ export function setUpProgress() {
     refreshProgress();
   });
   $("#progress-sort").addEventListener("change", () => grid && drawProgress());
+  let scrolling = 0;
+  $("#progress-grid").addEventListener("scroll", () => {
+    scrolling ||= requestAnimationFrame(() => {
+      scrolling = 0;
+      readView();
+      drawRowsInView({ measure: true });
+    });
+  }, { passive: true });
   answers.start();
 }

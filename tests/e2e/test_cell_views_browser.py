@@ -71,7 +71,9 @@ def test_progress_shows_each_students_squares_and_how_far_the_class_is(class_of_
     assert squares(dashboard, "bob") == [("ok", "✓")] * 3
     assert dashboard.element("#progress-headline").text == seen["headline"]
     assert dashboard.element("#progress-sort option:checked").text == seen["sort"]
-    order = dashboard.browser.find_elements(By.CSS_SELECTOR, "#progress-grid tbody tr")
+    order = dashboard.browser.find_elements(
+        By.CSS_SELECTOR, "#progress-grid tbody tr[data-student-id]"
+    )
     assert [row.get_attribute("data-student-id") for row in order] == ["cy", "ada", "bob"]
     # A new student's first run shows in the grid without a reload.
     dashboard.post(run("dee", "Dee", 3, "error"))
@@ -112,3 +114,23 @@ def test_stuck_cells_come_first_and_single_failures_fold_into_one_line(class_of_
     dashboard.click('#stuck-cells button.cell-summary[data-cell="c2"]')
     group = dashboard.element("#cell-panel li.group.error")
     assert head(group) == ("1", "NameError: name 'totl' is not defined")
+
+
+def test_a_class_too_long_for_the_grid_scrolls_to_its_last_student(
+    browser, start_server, tmp_path
+) -> None:
+    dashboard = Dashboard(browser, start_server(DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}"))
+    dashboard.post(*(run(f"s{n:03d}", f"Student {n:03d}", 1 + n // 20, "ok") for n in range(120)))
+    dashboard.open()
+    drawn = "#progress-grid tbody tr[data-student-id]"
+    first = dashboard.wait(lambda: dashboard.browser.find_elements(By.CSS_SELECTOR, drawn))
+    assert first[0].get_attribute("data-student-id") == "s000"  # furthest behind first
+    dashboard.browser.execute_script(
+        "const grid = document.querySelector('#progress-grid'); grid.scrollTop = grid.scrollHeight"
+    )
+    last = dashboard.wait(
+        lambda: dashboard.element('#progress-grid tr[data-student-id="s119"]').is_displayed()
+    )
+    assert last
+    rows = dashboard.browser.find_elements(By.CSS_SELECTOR, drawn)
+    assert "s000" not in [row.get_attribute("data-student-id") for row in rows]
