@@ -33,10 +33,11 @@ function nameButton(student) {
   return pick;
 }
 
-// A new hand pulses the bar a few times (not at all under prefers-reduced-motion, in CSS);
-// restarting the animation needs a style flush, once per new hand.
+// A new hand pulses the bar a few times, not at all for those who asked for less motion. A
+// script animation starts without the style and layout flush that restarting a CSS one needs.
+const PULSE = [{ background: "#8a1c14" }, { background: "#d9381e" }, { background: "#8a1c14" }];
+const lessMotion = matchMedia("(prefers-reduced-motion: reduce)");
+
 function pulse(bar) {
-  bar.classList.remove("pulse");
-  void bar.offsetWidth;
-  bar.classList.add("pulse");
+  if (!lessMotion.matches) bar.animate(PULSE, { duration: 1000, iterations: 3, easing: "ease-in-out" });
 }
