@@ -56,7 +56,7 @@ CHROMIUM_ARGUMENTS = (
 
 # Runs before any script of the page, in every document it loads.
 PROBES = """
-window.__bench = {longTasks: [], rendered: [], arrived: []};
+window.__bench = {longTasks: [], frames: [], rendered: [], arrived: []};
 // Notes when each event reaches the page, before the page's own handler sees it.
 window.EventSource = class extends window.EventSource {
   constructor(...args) {
@@ -72,6 +72,22 @@ new PerformanceObserver((list) => {
     window.__bench.longTasks.push({start: entry.startTime, duration: entry.duration});
   }
 }).observe({type: "longtask", buffered: true});
+// Where a long frame's time went: its scripts, and the style and layout after them.
+new PerformanceObserver((list) => {
+  for (const frame of list.getEntries()) {
+    if (frame.duration <= 50) continue;
+    window.__bench.frames.push({
+      duration: Math.round(frame.duration),
+      styleAndLayout: Math.round(frame.startTime + frame.duration - frame.styleAndLayoutStart),
+      scripts: frame.scripts.map((script) => ({
+        what: `${script.sourceURL.split("/").at(-1)} ${script.sourceFunctionName
+          || script.invoker}`,
+        duration: Math.round(script.duration),
+        forcedLayout: Math.round(script.forcedStyleAndLayoutDuration),
+      })),
+    });
+  }
+}).observe({type: "long-animation-frame", buffered: true});
 document.addEventListener("DOMContentLoaded", () => {
   new MutationObserver((mutations) => {
     const now = Date.now();
@@ -85,8 +101,9 @@ document.addEventListener("DOMContentLoaded", () => {
 });
 """
 COLLECT = (
-    "const b = window.__bench; const out = {longTasks: b.longTasks, rendered: b.rendered,"
-    " arrived: b.arrived}; b.longTasks = []; b.rendered = []; b.arrived = []; return out;"
+    "const b = window.__bench; const out = {longTasks: b.longTasks, frames: b.frames,"
+    " rendered: b.rendered, arrived: b.arrived}; b.longTasks = []; b.frames = [];"
+    " b.rendered = []; b.arrived = []; return out;"
 )
 
 
@@ -223,12 +240,13 @@ async def measure(base_url: str, args: argparse.Namespace) -> dict:
         load = await post_paced(base_url, classroom, args.rate, args.seconds)
         chromium_cpu = cpu_seconds(chromium_pids) - cpu_before
         deadline = time.monotonic() + 10
-        rendered, arrived, steady_tasks = [], [], []
+        rendered, arrived, steady_tasks, frames = [], [], [], []
         while True:  # the last rows, drawn on the next frames
             collected = browser.execute_script(COLLECT)
             rendered += collected["rendered"]
             arrived += collected["arrived"]
             steady_tasks += collected["longTasks"]
+            frames += collected["frames"]
             done = {int(i) for i, _ in rendered} >= set(load["sent"])
             if done or time.monotonic() > deadline:
                 break
@@ -244,6 +262,7 @@ async def measure(base_url: str, args: argparse.Namespace) -> dict:
         "post_failures": load["failures"],
         "long_tasks_while_loading": long_task_figures(loading["longTasks"]),
         "long_tasks_under_load": long_task_figures(steady_tasks),
+        "longest_frames_under_load": sorted(frames, key=lambda f: -f["duration"])[:5],
         "event_to_screen": latency_figures(load["sent"], rendered),
         "event_to_page": latency_figures(load["sent"], arrived),
         "page_to_screen": latency_figures(first_times(arrived), rendered),
@@ -275,6 +294,14 @@ def report(results: dict, storage: str) -> str:
         f"long tasks under load: {tasks['count']}, longest {tasks['max_ms']} ms, "
         f"{tasks['total_ms']} ms in all (target: none over {LONG_TASK_LIMIT_MS} ms: "
         f"{ok(tasks['count'] == 0)})",
+        *(
+            f"  frame of {frame['duration']} ms: style and layout {frame['styleAndLayout']} ms; "
+            + ", ".join(
+                f"{s['what']} {s['duration']} ms (forced layout {s['forcedLayout']} ms)"
+                for s in frame["scripts"]
+            )
+            for frame in results["longest_frames_under_load"][:3]
+        ),
         f"event to screen: {latency['rendered']} of {latency['events']} executions drawn, "
         f"p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms, max {latency['max_ms']} ms "
         f"(target p99 < {LATENCY_TARGET_MS} ms: {ok(latency['p99_ms'] < LATENCY_TARGET_MS)})",
