@@ -66,8 +66,10 @@ CREATE TABLE IF NOT EXISTS cell_runs (
 CREATE INDEX IF NOT EXISTS cell_runs_failing_idx ON cell_runs (course_id, notebook_path)
     WHERE last_status = 'error';
 
--- One notebook's or one cell's rows: the progress grid and the one-cell view.
-CREATE INDEX IF NOT EXISTS cell_runs_cell_idx ON cell_runs (notebook_path, cell_key);
+-- One notebook's or one cell's rows: the progress grid and the one-cell view; with
+-- cell_index, a cell's highest index is one probe.
+DROP INDEX IF EXISTS cell_runs_cell_idx;
+CREATE INDEX IF NOT EXISTS cell_runs_place_idx ON cell_runs (notebook_path, cell_key, cell_index);
 
 -- Each student's latest run: where the progress view says they are now.
 CREATE INDEX IF NOT EXISTS cell_runs_latest_idx ON cell_runs (student_id, last_event_id);

@@ -5,6 +5,7 @@ cell as every student left it. Each reads only the token's courses and the team 
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -128,10 +129,10 @@ async def cells(storage: Storage, params: Mapping[str, Any]) -> list[dict]:
 # A student `s` of the team asked for, if any: the progress queries start from students.
 STUDENT_IN_TEAM = "(CAST(:team AS TEXT) IS NULL OR s.team = :team)"
 
-# Every notebook with its first run in the scope, if any: a skip scan of cell_runs_cell_idx (one
-# probe per notebook), then that notebook's rows in the index's order until one is in the scope. Counting each
-# notebook's students probed every student for every notebook, and an EXISTS here is planned
-# as a join that reads all of cell_runs.
+# Every notebook with its first run in the scope, if any: a skip scan of cell_runs_place_idx
+# (one probe per notebook), then the notebook's rows in the index's order until one is in the
+# scope. Counting each notebook's students probed every student for every notebook, and an
+# EXISTS here is planned as a join that reads all of cell_runs.
 SELECT_NOTEBOOKS = f"""
 WITH RECURSIVE notebooks (path) AS (
     SELECT MIN(notebook_path) FROM cell_runs WHERE notebook_path > ''
@@ -156,13 +157,24 @@ GROUP BY here"""
 
 NOTEBOOK_RUN_FILTERS = f"""r.notebook_path = :notebook_path AND {in_course("r.course_id")}
     AND {IN_TEAM}"""
+ONE_CELL_RUN = f"FROM cell_runs r WHERE {NOTEBOOK_RUN_FILTERS} AND r.cell_key = c.cell_key"
 
-# One notebook's cells, each with its students failing there now.
+# One notebook's cells, each with its first run in the scope (if any), its id and its highest
+# index: a skip scan of cell_runs_place_idx, then a few probes of it per cell. Grouping the
+# notebook's runs by cell read every student's row of every cell.
 SELECT_NOTEBOOK_CELLS = f"""
-SELECT r.cell_key, MAX(r.cell_id) AS cell_id, MAX(r.cell_index) AS cell_index,
-       COUNT(*) FILTER (WHERE r.last_status = 'error') AS students_failing
-FROM cell_runs r WHERE {NOTEBOOK_RUN_FILTERS}
-GROUP BY r.cell_key"""
+WITH RECURSIVE cells (cell_key) AS (
+    SELECT MIN(r.cell_key) FROM cell_runs r WHERE r.notebook_path = :notebook_path
+    UNION ALL
+    SELECT (SELECT MIN(r.cell_key) FROM cell_runs r
+            WHERE r.notebook_path = :notebook_path AND r.cell_key > c.cell_key)
+    FROM cells c WHERE c.cell_key IS NOT NULL)
+SELECT c.cell_key,
+       (SELECT r.student_id {ONE_CELL_RUN} ORDER BY r.cell_index LIMIT 1) AS first_student,
+       (SELECT r.cell_id {ONE_CELL_RUN} ORDER BY r.cell_index LIMIT 1) AS cell_id,
+       (SELECT r.cell_index {ONE_CELL_RUN} AND r.cell_index IS NOT NULL
+        ORDER BY r.cell_index DESC LIMIT 1) AS cell_index
+FROM cells c WHERE c.cell_key IS NOT NULL"""
 
 # One notebook's students, each with the keys of the cells whose latest run passed and failed:
 # a row per student, not per student and cell, as Python reads rows far slower than SQL.
@@ -195,8 +207,8 @@ def progress_grid(
     (SELECT_NOTEBOOK_STUDENTS rows), each with their latest status on each cell (ok, error,
     None: not run) and `furthest`: the position of the last cell they ran. A student is past
     cell k when they ran k or any later cell."""
-    cells = [{**cell_fields({**row, "notebook_path": path}),
-              "students_failing": row["students_failing"]} for row in cell_rows]  # fmt: skip
+    ran = [row for row in cell_rows if row["first_student"] is not None]
+    cells = [{**cell_fields({**row, "notebook_path": path}), "students_failing": 0} for row in ran]
     cells.sort(key=lambda c: (c["cell_index"] is None, c["cell_index"] or 0, c["cell_key"]))
     position = {cell["cell_key"]: n for n, cell in enumerate(cells)}
     students = []
@@ -207,6 +219,7 @@ def progress_grid(
             for key in orjson.loads(keys or "[]"):
                 if (at := position.get(key)) is not None:
                     statuses[at] = status
+                    cells[at]["students_failing"] += status == "error"
         furthest = max((n for n, status in enumerate(statuses) if status), default=-1)
         student = {key: row[key] for key in ("student_id", "name", "team")}
         students.append({**student, "statuses": statuses, "furthest": furthest})
@@ -219,15 +232,20 @@ def progress_grid(
 
 async def progress(storage: Storage, params: Mapping[str, Any]) -> dict:
     """Students × cells of one notebook (the one most students are in, unless asked)."""
-    ran = await storage.rows(SELECT_NOTEBOOKS, with_team(params))
-    here = await storage.rows(SELECT_STUDENTS_HERE, with_team(params))
+    # Each pair of reads runs at once, on two of the pool's connections.
+    scope = with_team(params)
+    ran, here = await asyncio.gather(
+        storage.rows(SELECT_NOTEBOOKS, scope), storage.rows(SELECT_STUDENTS_HERE, scope)
+    )
     notebooks = notebook_documents(ran, here)
     path = params["notebook_path"] or (notebooks[0]["notebook_path"] if notebooks else None)
     cell_rows, student_rows = [], []
     if path is not None:
-        asked = {**with_team(params), "notebook_path": path}
-        cell_rows = await storage.rows(SELECT_NOTEBOOK_CELLS, asked)
-        student_rows = await storage.rows(SELECT_NOTEBOOK_STUDENTS, asked)
+        asked = {**scope, "notebook_path": path}
+        cell_rows, student_rows = await asyncio.gather(
+            storage.rows(SELECT_NOTEBOOK_CELLS, asked),
+            storage.rows(SELECT_NOTEBOOK_STUDENTS, asked),
+        )
     cells, students = progress_grid(path or "", cell_rows, student_rows)
     return {"notebook_path": path, "notebook_name": notebook_name(path), "notebooks": notebooks,
             "cells": cells, "students": students}  # fmt: skip

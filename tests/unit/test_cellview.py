@@ -84,9 +84,10 @@ def test_a_cell_whose_one_failing_student_failed_once_is_a_one_off() -> None:
 
 def test_progress_grid_orders_cells_by_index_and_counts_who_is_past_each() -> None:
     cells = [
-        {"cell_key": k, "cell_id": k, "cell_index": i, "students_failing": failing}
-        for k, i, failing in (("x", None, 0), ("y2", 5, 0), ("y", 3, 1), ("z", 0, 1))
-    ]
+        {"cell_key": k, "cell_id": k, "cell_index": i, "first_student": first}
+        for k, i, first in (("x", None, "b"), ("y2", 5, "c"), ("y", 3, "a"), ("z", 0, "a"),
+                            ("w", 1, None))  # w: no one in the scope ran it
+    ]  # fmt: skip
     # d's only cell was first run after the cells were read: it shows at the next answer.
     students = [
         {"student_id": s, "name": s.upper(), "team": None, "passed": passed, "failed": failed}
@@ -95,9 +96,10 @@ def test_progress_grid_orders_cells_by_index_and_counts_who_is_past_each() -> No
                                   ("d", '["late"]', "[]"))
     ]  # fmt: skip
     cells, students = progress_grid("lab.ipynb", cells, students)
-    assert [(c["cell_key"], c["label"], c["students_past"]) for c in cells] == [
-        ("z", "[0] lab.ipynb", 3), ("y", "[3] lab.ipynb", 3), ("y2", "[5] lab.ipynb", 2),
-        ("x", "[?] lab.ipynb", 1),
+    assert [(c["cell_key"], c["label"], c["students_past"], c["students_failing"])
+            for c in cells] == [
+        ("z", "[0] lab.ipynb", 3, 1), ("y", "[3] lab.ipynb", 3, 1), ("y2", "[5] lab.ipynb", 2, 0),
+        ("x", "[?] lab.ipynb", 1, 0),
     ]  # fmt: skip
     assert [(s["student_id"], s["statuses"], s["furthest"]) for s in students] == [
         ("b", ["error", None, None, "ok"], 3),
