@@ -208,24 +208,28 @@ def progress_grid(
     None: not run) and `furthest`: the position of the last cell they ran. A student is past
     cell k when they ran k or any later cell."""
     ran = [row for row in cell_rows if row["first_student"] is not None]
-    cells = [{**cell_fields({**row, "notebook_path": path}), "students_failing": 0} for row in ran]
+    cells = [cell_fields({**row, "notebook_path": path}) for row in ran]
     cells.sort(key=lambda c: (c["cell_index"] is None, c["cell_index"] or 0, c["cell_key"]))
     position = {cell["cell_key"]: n for n, cell in enumerate(cells)}
+    failing = [0] * len(cells)
     students = []
     for row in student_rows:
+        # A cell first run between the two reads is not in `position`: the next answer has it.
+        passed, failed = ([position[key] for key in orjson.loads(keys or "[]") if key in position]
+                          for keys in (row["passed"], row["failed"]))  # fmt: skip
         statuses: list[str | None] = [None] * len(cells)
-        for status, keys in (("ok", row["passed"]), ("error", row["failed"])):
-            # A cell first run between the two reads is left for the next answer.
-            for key in orjson.loads(keys or "[]"):
-                if (at := position.get(key)) is not None:
-                    statuses[at] = status
-                    cells[at]["students_failing"] += status == "error"
-        furthest = max((n for n, status in enumerate(statuses) if status), default=-1)
+        for at in passed:
+            statuses[at] = "ok"
+        for at in failed:
+            statuses[at] = "error"
+            failing[at] += 1
+        furthest = max(passed + failed, default=-1)
         student = {key: row[key] for key in ("student_id", "name", "team")}
         students.append({**student, "statuses": statuses, "furthest": furthest})
     furthest = sorted(student["furthest"] for student in students)
     for n, cell in enumerate(cells):
         cell["students_past"] = len(furthest) - bisect.bisect_left(furthest, n)
+        cell["students_failing"] = failing[n]
     students.sort(key=lambda s: (-s["furthest"], s["name"] or "", s["student_id"]))
     return cells, students
 
