@@ -7,7 +7,7 @@ import { serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { matchesStudentFilters, onFilterChange } from "./filters.js";
 import { attentionRank, presence, recentErrors, stalledSince } from "./rules.js";
-import { ROWS_PER_FRAME, schedule, state } from "./state.js";
+import { schedule, state } from "./state.js";
 import { displayName, openStudent } from "./story.js";
 
 let sort = { key: "attention", direction: 1 };
@@ -16,6 +16,7 @@ let rebuild = false;
 let drawnOrder = "";
 const rows = new Map(); // student_id -> <tr>
 const groupRows = new Map(); // team -> its heading row
+const ROW_BUDGET_MS = 6; // a frame's time for redrawing rows; the rest wait for the next frame
 
 onFilterChange((kind) => {
   if (kind === "team" || kind === "search") rebuild = true;
@@ -58,16 +59,13 @@ export function forgetRows(ids) {
 export function drawStudents() {
   if (!state.dirty.size && !rebuild) return false;
   const now = serverNow();
-  // Live, a frame has a few dirty rows; after a load, all of them, spread over frames.
-  let budget = ROWS_PER_FRAME;
+  // Live, a frame has a few dirty rows; after a load, all of them, spread over frames by time.
+  const deadline = performance.now() + ROW_BUDGET_MS;
   for (const id of state.dirty) {
-    if (budget === 0) break;
+    if (performance.now() > deadline) break;
     state.dirty.delete(id);
     const student = state.students.get(id);
-    if (student) {
-      drawStudent(student, now);
-      budget -= 1;
-    }
+    if (student) drawStudent(student, now);
   }
   if (state.dirty.size) schedule();
   const visible = [...state.students.values()]
