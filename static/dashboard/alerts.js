@@ -1,7 +1,7 @@
 // The alert bar: while hands are up, their names in queue order, large enough to read from
 // across the room, each opening the student's story. Hidden when no hand is up. The sound on
 // a new hand is Settings' (announceHand), so one hand never beeps twice.
-import { $, button, el } from "./dom.js";
+import { $, button, el, setHidden, setText } from "./dom.js";
 import { t } from "./i18n.js";
 import { queueStudents } from "./queue.js";
 import { displayName, openStudent } from "./story.js";
@@ -17,8 +17,8 @@ export function drawAlerts() {
   if (key === drawnKey) return;
   drawnKey = key;
   const bar = $("#alerts");
-  bar.hidden = hands.length === 0;
-  $("#alerts-count").textContent = t("alerts.count", { count: hands.length });
+  setHidden(bar, hands.length === 0);
+  setText($("#alerts-count"), t("alerts.count", { count: hands.length }));
   $("#alerts-names").replaceChildren(...hands.map((student) => el("li", "", nameButton(student))));
   const isNew = hands.some((student) => !shown.has(raiseKey(student)));
   shown = new Set(hands.map(raiseKey));

@@ -1,7 +1,7 @@
 // Where the class is stuck: the server's per-cell aggregate, asked for again while runs
 // arrive. The server ranks the cells and says which are one-offs (a single student who failed
 // once): those fold into one quiet line, so the cells where students are stuck show first.
-import { $, button, cellPosition, el, fileName } from "./dom.js";
+import { $, button, cellPosition, el, fileName, setHidden } from "./dom.js";
 import { fetchJson } from "./api.js";
 import { t } from "./i18n.js";
 import { openOneCell, refreshOneCell } from "./onecell.js";
@@ -30,7 +30,7 @@ function drawCells() {
   const failing = cells.filter((cell) => cell.students_failing > 0);
   const stuck = failing.filter((cell) => !cell.one_off);
   const oneOffs = failing.filter((cell) => cell.one_off);
-  $("#stuck-empty").hidden = failing.length > 0;
+  setHidden($("#stuck-empty"), failing.length > 0);
   const rows = stuck.map((cell) => el("li", "", cellSummary(cell)));
   if (oneOffs.length) rows.push(el("li", "one-offs", oneOffToggle(oneOffs.length)));
   if (oneOffs.length && showOneOffs) rows.push(...oneOffs.map((cell) => el("li", "one-off", cellSummary(cell))));

@@ -22,6 +22,17 @@ export function button(className, text, onClick) {
   return node;
 }
 
+// Writes only what differs: even an unchanged text or flag, written again, makes the browser
+// restyle and lay out the node, and a draw rewrites every queue item and count.
+export function setText(node, text) {
+  const value = String(text);
+  if (node.textContent !== value) node.textContent = value;
+}
+
+export function setHidden(node, hidden) {
+  if (node.hidden !== hidden) node.hidden = hidden;
+}
+
 export function svg(tag, attributes, text) {
   const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));

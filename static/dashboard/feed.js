@@ -1,6 +1,6 @@
 // The live feed, newest first: held while paused or while an event is open, older events on
 // demand. It keeps at most FEED_LIMIT rows, so a busy class leaves the page responsive.
-import { $, agoNode, button, cellPosition, el, pathNode } from "./dom.js";
+import { $, agoNode, button, cellPosition, el, pathNode, setHidden, setText } from "./dom.js";
 import { fetchJson, serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { learnEvent, matchesFeedFilters, onFilterChange } from "./filters.js";
@@ -145,9 +145,9 @@ function resumeIfFree() {
 function drawPauseNote() {
   const note = $("#feed-paused");
   const why = paused ? "feed.paused" : hasOpenEvent() && "feed.pausedOpen";
-  note.hidden = !why;
+  setHidden(note, !why);
   $("#feed-section").classList.toggle("paused", Boolean(why));
-  if (why) note.textContent = t(why, { count: held.length });
+  if (why) setText(note, t(why, { count: held.length }));
 }
 
 async function loadOlder() {

@@ -1,7 +1,7 @@
 // Progress through a notebook: students × cells, each square the student's latest status on
 // that cell, from the server's run summaries (/api/v1/progress), asked for again while runs
 // arrive. A student is past cell k when they ran k or any later cell (the server counts it).
-import { $, arrange, button, cellPosition, collator, el, fileName } from "./dom.js";
+import { $, arrange, button, cellPosition, collator, el, fileName, setHidden, setText } from "./dom.js";
 import { fetchJson } from "./api.js";
 import { t, translatePage } from "./i18n.js";
 import { openOneCell } from "./onecell.js";
@@ -41,8 +41,8 @@ function drawProgress() {
   readView(); // before anything changes, so that reading it lays nothing out
   drawNotebooks();
   const empty = grid.students.length === 0;
-  $("#progress-empty").hidden = !empty;
-  $("#progress-headline").textContent = empty ? "" : headline();
+  setHidden($("#progress-empty"), !empty);
+  setText($("#progress-headline"), empty ? "" : headline());
   const columns = [grid.notebook_path, ...grid.cells.map((cell) => cell.cell_key)].join("\u0000");
   if (empty || columns !== drawn.columns) {
     drawn = { columns, rows: new Map(), heads: [], spacers: {} };
@@ -85,8 +85,9 @@ function drawRowsInView({ measure = false } = {}) {
 // A row as tall as the rows it stands for; none when it stands for none.
 function spacer(where, height) {
   const row = (drawn.spacers[where] ??= el("tr", "spacer", el("td")));
-  row.hidden = height <= 0;
-  row.style.height = `${Math.max(0, height - 2)}px`; // the table's border-spacing adds 2 px
+  setHidden(row, height <= 0);
+  const rowHeight = `${Math.max(0, height - 2)}px`; // the table's border-spacing adds 2 px
+  if (row.style.height !== rowHeight) row.style.height = rowHeight;
   return row;
 }
 
@@ -171,7 +172,7 @@ function studentRow(student) {
   });
   const furthest = grid.cells[student.furthest];
   const where = furthest ? t("progress.pastCell", { cell: cellPosition(furthest.cell_index) }) : "";
-  if (drawnRow.where.textContent !== where) drawnRow.where.textContent = where;
+  setText(drawnRow.where, where);
   return drawnRow.row;
 }
 

@@ -1,5 +1,7 @@
 // The help queue, first come first served, with each hand's wait ticking on the server's clock.
-import { $, arrange, button, cellLabel, collator, el, formatTime, formatWait, millis } from "./dom.js";
+import {
+  $, arrange, button, cellLabel, collator, el, formatTime, formatWait, millis, setHidden, setText,
+} from "./dom.js";
 import { fetchJson, serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { pressHand } from "./rules.js";
@@ -32,8 +34,8 @@ export function drawQueue() {
   medianAskedFor = medianFor;
   if (key === drawnKey) return;
   drawnKey = key;
-  $("#queue-count").textContent = queue.length ? String(queue.length) : "";
-  $("#queue-empty").hidden = queue.length > 0;
+  setText($("#queue-count"), queue.length ? queue.length : "");
+  setHidden($("#queue-empty"), queue.length > 0);
   const shown = queue.map((student, index) => updateItem(student, index));
   for (const id of items.keys()) if (!queue.some((student) => student.student_id === id)) items.delete(id);
   arrange($("#queue"), shown);
@@ -76,14 +78,14 @@ function updateItem(student, index) {
   const onWay = student.hand_on_my_way;
   parts.item.classList.toggle("on-way", Boolean(onWay));
   parts.item.classList.toggle("focused", focused === student.student_id);
-  parts.position.textContent = String(index + 1);
-  parts.name.textContent = displayName(student);
-  parts.team.textContent = student.team ? ` · ${student.team}` : "";
-  parts.where.textContent = student.last_notebook_path
-    ? cellLabel(student.last_cell_index, student.last_notebook_path) : "";
-  parts.where.title = student.last_notebook_path || "";
-  parts.onWay.textContent = onTheWay(onWay);
-  parts.onMyWay.hidden = Boolean(onWay);
+  setText(parts.position, index + 1);
+  setText(parts.name, displayName(student));
+  setText(parts.team, student.team ? ` · ${student.team}` : "");
+  setText(parts.where, student.last_notebook_path
+    ? cellLabel(student.last_cell_index, student.last_notebook_path) : "");
+  if (parts.where.title !== (student.last_notebook_path || "")) parts.where.title = student.last_notebook_path || "";
+  setText(parts.onWay, onTheWay(onWay));
+  setHidden(parts.onMyWay, Boolean(onWay));
   return parts.item;
 }
 
@@ -117,7 +119,7 @@ function actionButton(label, action, studentId) {
 export function drawWaits(now) {
   for (const wait of document.querySelectorAll("[data-raised-at]")) {
     const raised = millis(wait.dataset.raisedAt);
-    if (raised !== null) wait.textContent = formatWait(now - raised);
+    if (raised !== null) setText(wait, formatWait(now - raised));
   }
 }
 

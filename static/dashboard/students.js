@@ -1,7 +1,8 @@
 // The students table: a row per student, redrawn only when that student changed, sorted and
 // filtered on the page, optionally grouped by team.
 import {
-  $, agoNode, arrange, breakable, collator, el, fileName, formatTime, millis, pathNode,
+  $, agoNode, arrange, breakable, collator, el, fileName, formatTime, millis, pathNode, setHidden,
+  setText,
 } from "./dom.js";
 import { serverNow } from "./api.js";
 import { t } from "./i18n.js";
@@ -81,9 +82,9 @@ export function drawStudents() {
     rebuild = false;
   }
   const total = state.students.size;
-  $("#student-count").textContent = visible.length === total ? total
-    : t("students.shownOf", { shown: visible.length, total });
-  $("#empty").hidden = total > 0 || !state.loaded;
+  setText($("#student-count"), visible.length === total ? total
+    : t("students.shownOf", { shown: visible.length, total }));
+  setHidden($("#empty"), total > 0 || !state.loaded);
   return true;
 }
 

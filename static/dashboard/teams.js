@@ -1,5 +1,5 @@
 // Tallies: the class summary line, and one button per team that shows only its students.
-import { $, button, collator, el } from "./dom.js";
+import { $, button, collator, el, setHidden } from "./dom.js";
 import { serverNow } from "./api.js";
 import { errorsInLastMinutes } from "./chart.js";
 import { setFilter } from "./filters.js";
@@ -8,6 +8,7 @@ import { t } from "./i18n.js";
 import { state } from "./state.js";
 
 let drawnKey = "";
+let drawnSummary = "";
 
 export function drawSummary() {
   const team = state.filters.team;
@@ -21,6 +22,9 @@ export function drawSummary() {
     [counts.stalled, t("summary.stalled", { count: counts.stalled })],
     [counts.struggling, t("summary.struggling")],
   ];
+  const key = JSON.stringify(parts);
+  if (key === drawnSummary) return;
+  drawnSummary = key;
   $("#summary").replaceChildren(...parts.flatMap(([count, text], index) =>
     [...(index ? [" · "] : []), el("strong", "", count), text]));
 }
@@ -38,7 +42,7 @@ export function drawTeams() {
   const key = JSON.stringify([state.filters.team, teams]);
   if (key === drawnKey) return;
   drawnKey = key;
-  $("#teams").hidden = names.length === 0;
+  setHidden($("#teams"), names.length === 0);
   $("#teams").replaceChildren(...teams.map(([name, counts]) => el("li", "", teamButton(name, counts))));
 }
 
