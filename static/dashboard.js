@@ -153,15 +153,17 @@ async function narrowToTeam() {
   schedule();
 }
 
-function draw() {
+// In two frames: what arrived and who needs help, then the tallies.
+function drawFirst() {
   drawOptions();
   drawFeed();
+  drawQueue();
+  drawAlerts();
+}
+
+function drawRest() {
   const changed = drawStudents();
-  if (changed) {
-    drawQueue();
-    drawAlerts();
-    drawTeams();
-  }
+  if (changed) drawTeams();
   if (changed || chartDirty()) drawSummary();
   drawChart();
   drawStudentPanel();
@@ -196,7 +198,7 @@ async function start() {
   setUpCells();
   setUpProgress();
   onFilterChange((kind) => (kind === "course" ? load() : kind === "team" && narrowToTeam()));
-  onDraw(draw);
+  onDraw(drawFirst, drawRest);
   setUpKeys();
   setInterval(tick, TICK_MS);
   load();

@@ -45,23 +45,46 @@ export const ROWS_PER_FRAME = 25;
 const DRAW_INTERVAL_MS = 100;
 
 let frame = 0; // the pending animation frame or timer, 0 when none
+let drawing = false; // a draw's parts are under way
+let again = false; // something asked for a draw while one was under way
 let drawnAt = -Infinity;
-let drawer = () => {};
+let parts = [];
 
-export function onDraw(draw) {
-  drawer = draw;
+// A draw is made of parts, each drawn in its own frame, so that no frame carries all that
+// changed on the page: the first part is what a person must see at once.
+export function onDraw(...drawParts) {
+  parts = drawParts;
 }
 
 // At most one draw per DRAW_INTERVAL_MS, for whatever arrived meanwhile: drawing in every
 // frame at a busy class's event rate kept the main thread mostly busy, for little less delay.
 export function schedule() {
-  if (frame) return;
-  const run = () => {
-    frame = 0;
-    drawnAt = performance.now();
-    drawer();
-  };
+  if (drawing) again = true;
+  if (drawing || frame) return;
+  const start = () => (frame = requestAnimationFrame(() => drawPart(0)));
   const wait = drawnAt + DRAW_INTERVAL_MS - performance.now();
-  if (wait <= 0) frame = requestAnimationFrame(run);
-  else frame = setTimeout(() => (frame = requestAnimationFrame(run)), wait);
+  if (wait <= 0) start();
+  else frame = setTimeout(start, wait);
+}
+
+function drawPart(index) {
+  if (index === 0) {
+    drawing = true;
+    drawnAt = performance.now();
+  }
+  const last = index + 1 === parts.length;
+  try {
+    parts[index]();
+  } finally {
+    frame = last ? 0 : requestAnimationFrame(() => drawPart(index + 1));
+    if (last) finishDraw();
+  }
+}
+
+function finishDraw() {
+  drawing = false;
+  if (again) {
+    again = false;
+    schedule();
+  }
 }
