@@ -5,7 +5,7 @@ import { fetchJson, serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { learnEvent, matchesFeedFilters, onFilterChange } from "./filters.js";
 import { HAND_EVENTS } from "./rules.js";
-import { ROWS_PER_FRAME, schedule, state } from "./state.js";
+import { rowBudget, schedule, state } from "./state.js";
 import { appendExecution, eventHints, eventTypeLabel, openStudent, statusClass } from "./story.js";
 
 const FEED_LIMIT = 200;
@@ -63,19 +63,19 @@ export function drawFeed() {
     backfill = [];
   }
   pending = [];
-  let shown = events.filter(matchesFeedFilters).slice(-FEED_LIMIT);
-  if (shown.length > ROWS_PER_FRAME) {
-    backfill.unshift(...shown.slice(0, -ROWS_PER_FRAME).reverse());
-    backfill.splice(FEED_LIMIT);
-    shown = shown.slice(-ROWS_PER_FRAME);
-  }
-  if (backfill.length) {
-    feed.append(...backfill.splice(0, ROWS_PER_FRAME).map(feedItem));
-    if (backfill.length) schedule();
-  }
+  const inTime = rowBudget();
+  // What arrived goes on top, whole. An emptied feed fills by the row budget, newest first,
+  // and the older rows follow below in the next frames.
+  const arrived = events.filter(matchesFeedFilters).slice(-FEED_LIMIT).reverse();
+  const filling = feed.childElementCount === 0;
+  const rows = [];
+  while (arrived.length && (!filling || !rows.length || inTime())) rows.push(feedItem(arrived.shift()));
+  feed.prepend(...rows);
+  backfill.unshift(...arrived);
+  backfill.splice(FEED_LIMIT);
+  while (backfill.length && inTime()) feed.append(feedItem(backfill.shift()));
+  if (backfill.length) schedule();
   if (held.length) drawPauseNote();
-  if (!shown.length) return;
-  feed.prepend(...shown.reverse().map(feedItem));
   trimFeed(feed);
 }
 

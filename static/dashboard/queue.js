@@ -81,9 +81,9 @@ function updateItem(student, index) {
   setText(parts.position, index + 1);
   setText(parts.name, displayName(student));
   setText(parts.team, student.team ? ` · ${student.team}` : "");
-  setText(parts.where, student.last_notebook_path
-    ? cellLabel(student.last_cell_index, student.last_notebook_path) : "");
-  if (parts.where.title !== (student.last_notebook_path || "")) parts.where.title = student.last_notebook_path || "";
+  const path = student.last_notebook_path || "";
+  setText(parts.where, path ? cellLabel(student.last_cell_index, path) : "");
+  if (parts.where.title !== path) parts.where.title = path;
   setText(parts.onWay, onTheWay(onWay));
   setHidden(parts.onMyWay, Boolean(onWay));
   return parts.item;

@@ -40,9 +40,15 @@ export function refresher(ask, apply, everyMs) {
   return { refresh, markDirty, start };
 }
 
-// A whole class drawn in one frame is a long task: a first draw is spread over frames.
-export const ROWS_PER_FRAME = 25;
 const DRAW_INTERVAL_MS = 100;
+const ROW_BUDGET_MS = 6;
+
+// Rows drawn after a load or a change of filters: as many as ROW_BUDGET_MS of this frame
+// allows, the rest in the next frames. A whole class drawn in one frame is a long task.
+export function rowBudget() {
+  const deadline = performance.now() + ROW_BUDGET_MS;
+  return () => performance.now() < deadline;
+}
 
 let frame = 0; // the pending animation frame or timer, 0 when none
 let drawing = false; // a draw's parts are under way

@@ -8,7 +8,7 @@ import { serverNow } from "./api.js";
 import { t } from "./i18n.js";
 import { matchesStudentFilters, onFilterChange } from "./filters.js";
 import { attentionRank, presence, recentErrors, stalledSince } from "./rules.js";
-import { schedule, state } from "./state.js";
+import { rowBudget, schedule, state } from "./state.js";
 import { displayName, openStudent } from "./story.js";
 
 let sort = { key: "attention", direction: 1 };
@@ -17,7 +17,6 @@ let rebuild = false;
 let drawnOrder = "";
 const rows = new Map(); // student_id -> <tr>
 const groupRows = new Map(); // team -> its heading row
-const ROW_BUDGET_MS = 6; // a frame's time for redrawing rows; the rest wait for the next frame
 
 onFilterChange((kind) => {
   if (kind === "team" || kind === "search") rebuild = true;
@@ -60,10 +59,10 @@ export function forgetRows(ids) {
 export function drawStudents() {
   if (!state.dirty.size && !rebuild) return false;
   const now = serverNow();
-  // Live, a frame has a few dirty rows; after a load, all of them, spread over frames by time.
-  const deadline = performance.now() + ROW_BUDGET_MS;
+  // Live, a frame has a few dirty rows; after a load, all of them, spread over frames.
+  const inTime = rowBudget();
   for (const id of state.dirty) {
-    if (performance.now() > deadline) break;
+    if (!inTime()) break;
     state.dirty.delete(id);
     const student = state.students.get(id);
     if (student) drawStudent(student, now);

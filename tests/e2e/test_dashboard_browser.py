@@ -320,6 +320,21 @@ def test_an_open_event_holds_the_feed_until_it_is_closed(dashboard) -> None:
     assert not note.is_displayed()
 
 
+def feed_ids(dashboard: Dashboard) -> list[int]:
+    items = dashboard.browser.find_elements(By.CSS_SELECTOR, "#feed details.event")
+    return [int(item.get_attribute("data-event-id")) for item in items]
+
+
+def test_a_reloaded_feed_fills_over_frames_newest_first_with_new_events_on_top(dashboard) -> None:
+    history = dashboard.post(*[execution(f"s{n % 40}", "ok", cell_index=n % 9) for n in range(200)])
+    # Four times slower, the page fills its feed over many frames, as on a slow laptop.
+    dashboard.browser.execute_cdp_cmd("Emulation.setCPUThrottlingRate", {"rate": 4})
+    dashboard.open()
+    arrived = dashboard.post(*[execution("late", "error") for _ in range(3)])
+    assert dashboard.wait(lambda: len(feed_ids(dashboard)) == 200, timeout=60)
+    assert feed_ids(dashboard) == sorted(history + arrived, reverse=True)[:200]
+
+
 def student_ids(dashboard: Dashboard) -> list[str]:
     rows = dashboard.browser.find_elements(By.CSS_SELECTOR, "#students tbody tr[data-student-id]")
     return [row.get_attribute("data-student-id") for row in rows]
