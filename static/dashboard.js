@@ -28,7 +28,7 @@ import {
 import { drawAges } from "./dashboard/dom.js";
 import { translatePage } from "./dashboard/i18n.js";
 import { setUpKeys } from "./dashboard/keys.js";
-import { drawQueue, drawWaits } from "./dashboard/queue.js";
+import { drawQueue, drawWaits, queueStudents } from "./dashboard/queue.js";
 import {
   applyEvent, expireHands, isRun, presence, resetStudents, stalledSince,
 } from "./dashboard/rules.js";
@@ -157,8 +157,9 @@ async function narrowToTeam() {
 function drawFirst() {
   drawOptions();
   drawFeed();
-  drawQueue();
-  drawAlerts();
+  const hands = queueStudents(); // the queue and the alert bar show the same hands
+  drawQueue(hands);
+  drawAlerts(hands);
 }
 
 function drawRest() {

@@ -3,7 +3,6 @@
 // a new hand is Settings' (announceHand), so one hand never beeps twice.
 import { $, button, el, setHidden, setText } from "./dom.js";
 import { t } from "./i18n.js";
-import { queueStudents } from "./queue.js";
 import { displayName, openStudent } from "./story.js";
 
 let drawnKey = "";
@@ -11,8 +10,7 @@ let shown = new Set(); // the raises on the bar, by student and time: any other 
 
 const raiseKey = (student) => `${student.student_id}|${student.hand_raised_at}`;
 
-export function drawAlerts() {
-  const hands = queueStudents();
+export function drawAlerts(hands) {
   const key = hands.map((student) => `${raiseKey(student)}|${displayName(student)}`).join("\u0000");
   if (key === drawnKey) return;
   drawnKey = key;

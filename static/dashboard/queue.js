@@ -26,8 +26,7 @@ export function queueStudents() {
 const itemKey = (s) => [s.student_id, s.hand_raised_at, JSON.stringify(s.hand_on_my_way),
   s.last_notebook_path, s.last_cell_index, s.name, s.team].join("|");
 
-export function drawQueue() {
-  const queue = queueStudents();
+export function drawQueue(queue) {
   const key = queue.map(itemKey).join("\u0000");
   const medianFor = [state.filters.course, state.filters.team, key].join("\u0001");
   if (medianFor !== medianAskedFor) scheduleMedianWait();
