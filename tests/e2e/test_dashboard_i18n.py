@@ -67,6 +67,9 @@ def test_the_settings_switch_changes_the_language_and_a_reload_keeps_it(dashboar
     assert dashboard.element("#queue-title").text.startswith("Help queue")
 
 
+PULSES = "return document.getElementById('alerts-flash').getAnimations().map((a) => a.playState)"
+
+
 def alert_names(dashboard: Dashboard) -> list[str]:
     buttons = dashboard.browser.find_elements(By.CSS_SELECTOR, "#alerts button")
     return [button.text for button in buttons]
@@ -78,9 +81,13 @@ def test_the_alert_bar_names_raised_hands_in_queue_order_and_opens_their_story(
     dashboard.open()
     bar = dashboard.element("#alerts")
     assert not bar.is_displayed()  # quiet while no hand is up
+    shown = []
     for student_id, name in (("bob", "Bob"), ("ada", "エイダ"), ("cy", "Cy")):
         dashboard.post(hand(student_id, name))
-    assert dashboard.wait(lambda: alert_names(dashboard) == ["Bob", "エイダ", "Cy"])
+        shown.append(name)
+        assert dashboard.wait(lambda: alert_names(dashboard) == shown)
+        # Each new hand pulses the bar: one pulse, restarted, never two on top of each other.
+        assert dashboard.browser.execute_script(PULSES) == ["running"]
     assert "3名が挙手中" in bar.text
     dashboard.click('#alerts button[data-student-id="ada"]')
     assert dashboard.wait(lambda: dashboard.element("#student-title").text == "エイダ")
