@@ -32,12 +32,17 @@ export function t(key, params = {}) {
 }
 
 const AGE_UNITS = [["day", 86400], ["hour", 3600], ["minute", 60], ["second", 1]];
+const ageTexts = new Map(); // "ja|-2|minute" -> "2 分前"
 
 // An age a person reads: "2分前", "2 min ago". Exact times stay in titles and exports.
 export function ago(date, now = new Date()) {
   const seconds = (new Date(date) - now) / 1000;
   const [unit, size] = AGE_UNITS.find(([, size]) => Math.abs(seconds) >= size) ?? ["second", 1];
-  return formats("age").format(Math.round(seconds / size), unit);
+  const amount = Math.round(seconds / size);
+  // A page ages hundreds of times at once, mostly to the same few texts: each made once.
+  const key = `${language}|${amount}|${unit}`;
+  if (!ageTexts.has(key)) ageTexts.set(key, formats("age").format(amount, unit));
+  return ageTexts.get(key);
 }
 
 // Intl formatters are slow to make and a page ages hundreds of times a tick: one per language.
