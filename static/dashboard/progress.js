@@ -21,7 +21,14 @@ let drawn = { columns: "", rows: new Map(), heads: [], spacers: {} };
 const ROWS_BEYOND_VIEW = 8;
 let ordered = []; // the students in the order chosen, drawn or not
 let rowPitch = 0; // a row's height with its spacing, measured once rows are drawn
-let view = { top: 0, height: 450 }; // the grid's scroll position and height, as last read
+// The grid's scroll position, its height and its heading's, kept current by its scroll
+// events and a ResizeObserver: read on a refresh, they would lay out whatever else the page
+// changed since the last frame.
+const view = { scrollTop: 0, height: 450, head: 0 };
+const sizes = new ResizeObserver((entries) => {
+  for (const entry of entries) view[entry.target.tagName === "THEAD" ? "head" : "height"] = entry.contentRect.height;
+  drawRowsInView(); // before this frame paints, so that a taller grid shows no gap
+});
 let chosen = ""; // the notebook the instructor picked; "" lets the server pick
 
 const answers = refresher(
@@ -38,7 +45,6 @@ export const refreshProgress = answers.refresh;
 export const markProgressDirty = answers.markDirty;
 
 function drawProgress() {
-  readView(); // before anything changes, so that reading it lays nothing out
   drawNotebooks();
   const empty = grid.students.length === 0;
   setHidden($("#progress-empty"), !empty);
@@ -46,19 +52,16 @@ function drawProgress() {
   const columns = [grid.notebook_path, ...grid.cells.map((cell) => cell.cell_key)].join("\u0000");
   if (empty || columns !== drawn.columns) {
     drawn = { columns, rows: new Map(), heads: [], spacers: {} };
-    $("#progress-grid").replaceChildren(...(empty ? [] : [table()]));
+    const box = $("#progress-grid");
+    box.replaceChildren(...(empty ? [] : [table()]));
+    sizes.disconnect();
+    sizes.observe(box);
+    if (!empty) sizes.observe(box.querySelector("thead"));
   } else {
     updateHeads();
   }
   ordered = empty ? [] : sortedStudents();
   drawRowsInView();
-}
-
-// Where the grid is scrolled to, and how much of it shows below its heading.
-function readView() {
-  const box = $("#progress-grid");
-  const head = box.querySelector("thead");
-  view = { top: box.scrollTop - (head?.offsetHeight ?? 0), height: box.clientHeight || view.height };
 }
 
 // Measuring a row forces a layout of whatever changed on the page: it is done at the first
@@ -67,7 +70,8 @@ function drawRowsInView({ measure = false } = {}) {
   const body = $("#progress-grid tbody");
   if (!body) return;
   const pitch = rowPitch || 30; // a guess until rows are drawn
-  const first = Math.max(0, Math.floor(Math.max(0, view.top) / pitch) - ROWS_BEYOND_VIEW);
+  const scrolledPast = Math.max(0, view.scrollTop - view.head); // the rows above the view
+  const first = Math.max(0, Math.floor(scrolledPast / pitch) - ROWS_BEYOND_VIEW);
   const last = Math.min(ordered.length, first + Math.ceil(view.height / pitch) + 2 * ROWS_BEYOND_VIEW);
   const rows = ordered.slice(first, last).map(studentRow);
   arrange(body, [spacer("before", first * pitch), ...rows, spacer("after", (ordered.length - last) * pitch)]);
@@ -199,7 +203,7 @@ export function setUpProgress() {
   $("#progress-grid").addEventListener("scroll", () => {
     scrolling ||= requestAnimationFrame(() => {
       scrolling = 0;
-      readView();
+      view.scrollTop = $("#progress-grid").scrollTop;
       drawRowsInView({ measure: true });
     });
   }, { passive: true });
