@@ -16,6 +16,10 @@ benchmark injects before the page's own (never page code) record:
   inserted; the POST's send time is taken just before the request. Both are wall-clock
   milliseconds of one machine (Date.now() and time.time()), so they compare directly.
 
+It also reads, from /proc, the CPU time of all Chromium's processes and of the page's main
+thread (the renderer's, where script, style, layout and paint run): unlike the long tasks, it
+leaves out the time the page waits for a core, so two versions compare with less noise.
+
 With --cpu-slowdown N, Chromium's own CPU throttling runs the page N times slower once it is
 open: a frame of 30 ms becomes a long task at 2, so the count compares how much room two
 versions of the page leave, where at full speed both mostly show none.
